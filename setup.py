@@ -1,0 +1,42 @@
+"""nash-lm: Nash learning from human feedback in JAX/Flax.
+
+The core pins are a tested set: jax/jaxlib 0.10.2 with flax 0.12.8 on Python 3.11. jax >= 0.11.1 removed a
+class that flax <= 0.12.8 subclasses, so jax, jaxlib and flax move together or not at all.
+"""
+from setuptools import find_packages, setup
+
+CORE = [
+    "jax==0.10.2",
+    "jaxlib==0.10.2",
+    "flax==0.12.8",
+    "optax==0.2.8",
+    "orbax-checkpoint==0.12.8",
+    "grain==0.2.18",
+    "ml-collections==1.1.0",
+    "absl-py>=2.1",
+    "numpy>=1.26,<3",
+    "scipy>=1.11",
+    "matplotlib>=3.8",
+    "tqdm>=4.66",
+    "flatbuffers>=24.3",  # jax.export serialization
+]
+
+EXTRAS = {
+    "test": ["pytest>=8", "pytest-timeout>=2.3"],
+    # Checkpoint import/export against Hugging Face (torch: the CPU wheel 2.13.0 only).
+    "hf": ["safetensors>=0.4", "tokenizers>=0.19", "transformers>=4.44", "torch==2.13.0"],
+    # Optional data adapters (pull in TensorFlow).
+    "seqio": ["seqio", "tensorflow-datasets"],
+    "tpu": ["jax[tpu]==0.10.2"],
+    "cuda": ["jax[cuda12]==0.10.2"],
+}
+
+setup(
+    name="nash-lm",
+    version="0.1.0",
+    description="Nash learning from human feedback (Nash-MD, Nash-MD-PG, follow-ups) in JAX/Flax",
+    python_requires=">=3.11,<3.12",
+    packages=find_packages(include=["nash_lm", "nash_lm.*"]),
+    install_requires=CORE,
+    extras_require=EXTRAS,
+)
