@@ -1,0 +1,77 @@
+"""The train state and its shardings.
+
+`TrainState(step, rng, policy, opt_state, ema, ref)` is one pytree. `policy`, `ema` and `ref` have the same
+structure and are placed by the *same* sharding tree (from `nash_lm.parallel.param_shardings`); the optimizer
+state's parameter-shaped parts (Adam moments) reuse it too and its scalars (counts) are replicated. `ema` and
+`ref` are None in stages that do not use them.
+
+`split_frozen` separates the frozen reference from the mutable part, because the compiled step donates the
+mutable part (policy, optimizer state, EMA, step, rng) and must never donate the reference.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import NamedSharding, PartitionSpec
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array  # int32 [], optimizer steps taken
+    rng: jax.Array  # uint32 [2], raw PRNG key data
+    policy: Any  # trained parameters (an LM, or a preference/reward model in judge stages)
+    opt_state: Any
+    ema: Any = None  # EMA of the policy parameters (Nash-EMA-PG), else None
+    ref: Any = None  # frozen reference mu (policy-optimisation stages), else None
+
+    def mutable(self) -> "TrainState":
+        return self.replace(ref=None)
+
+
+def make_optimizer(st) -> optax.GradientTransformation:
+    """AdamW with warmup + constant/linear/cosine schedule and optional global-norm clipping, from a stage."""
+    decay_steps = max(st.steps - st.warmup_steps, 1)
+    if st.lr_schedule == "constant":
+        after = optax.constant_schedule(st.lr)
+    elif st.lr_schedule == "linear":
+        after = optax.linear_schedule(st.lr, 0.0, decay_steps)
+    else:
+        after = optax.cosine_decay_schedule(st.lr, decay_steps)
+    schedule = optax.join_schedules([optax.linear_schedule(0.0, st.lr, st.warmup_steps), after],
+                                    [st.warmup_steps]) if st.warmup_steps else after
+    chain = [optax.clip_by_global_norm(st.grad_clip)] if st.grad_clip > 0 else []
+    chain.append(optax.adamw(schedule, b1=st.b1, b2=st.b2, weight_decay=st.weight_decay))
+    return optax.chain(*chain)
+
+
+def state_shardings(abstract_state: TrainState, param_sharding, tx: optax.GradientTransformation, mesh):
+    """A sharding tree for `abstract_state`: params/EMA/ref by `param_sharding`, optimizer moments likewise."""
+    replicated = NamedSharding(mesh, PartitionSpec())
+    opt_sh = optax.tree_map_params(
+        tx, lambda _, s: s, abstract_state.opt_state, param_sharding,
+        transform_non_params=lambda _: replicated,
+        is_leaf=lambda x: isinstance(x, jax.ShapeDtypeStruct))
+    return TrainState(
+        step=replicated,
+        rng=replicated,
+        policy=param_sharding,
+        opt_state=opt_sh,
+        ema=None if abstract_state.ema is None else param_sharding,
+        ref=None if abstract_state.ref is None else param_sharding,
+    )
+
+
+def init_state(policy, tx, seed: int, *, ema: bool = False, ref=None) -> TrainState:
+    """A fresh state (to be called under jit with out_shardings, or eagerly on already-placed params)."""
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        rng=jax.random.PRNGKey(seed),
+        policy=policy,
+        opt_state=tx.init(policy),
+        ema=jax.tree.map(jnp.copy, policy) if ema else None,
+        ref=ref,
+    )
