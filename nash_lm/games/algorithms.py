@@ -242,7 +242,7 @@ class RunResult:
     iterates: np.ndarray | None  # [steps, (X,) n] when keep_iterates
 
 
-def _resolve(name, tau, hyper):
+def resolve(name, tau, hyper):
     if name not in ALGORITHMS:
         raise ValueError(f"name: unknown algorithm {name!r}; known: {sorted(ALGORITHMS)}")
     algo = ALGORITHMS[name]
@@ -286,7 +286,7 @@ def run(name: str, P, mu, tau, steps: int, **hyper) -> RunResult:
     `pi0` (initial policy) and `keep_iterates` (default True: return every iterate).
     """
     game = core.check_game(P, mu, tau, hyper.get("rho"))
-    algo, h = _resolve(name, game.tau, hyper)
+    algo, h = resolve(name, game.tau, hyper)
     if not isinstance(steps, (int, np.integer)) or steps <= 0:
         raise ValueError(f"steps: must be a positive integer, got {steps!r}")
     pi0 = game.mu if hyper.get("pi0") is None else core.check_policy(game, hyper["pi0"], "pi0")
