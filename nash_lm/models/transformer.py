@@ -1,0 +1,260 @@
+"""The Llama-family decoder in Flax NNX, and its KV cache.
+
+Owns: RMSNorm, rotary position embedding (RoPE), grouped-query attention with a fused q/k/v projection,
+the SwiGLU feed-forward with a fused gate/up projection, the block, the `Transformer` (embedding, blocks,
+final norm, tied or untied LM head), and `KVCache`.
+
+Conventions
+  * Every parameter is an `nnx.Param` in `param_dtype` carrying logical axis names in its `out_sharding`
+    metadata (eager sharding off): embed, mlp, heads, kv, qkv, vocab and, for stacked blocks, layers.
+    `nash_lm.parallel` maps them onto the mesh. Activations get `parallel.constrain` calls
+    (batch, length, act_embed, heads, kv, mlp, vocab), no-ops outside `parallel.activate`.
+  * Compute in `cfg.dtype` (weights are cast at use); attention softmax, norms and logits in float32.
+  * Sequences are [B, T] tokens with a [B, T] mask (1 = real token). Positions are `cumsum(mask) - 1`, so
+    left padding (and holes, as in a concatenated prompt/answer pair) is handled; a query attends to earlier
+    buffer slots holding real tokens (a padded query attends nowhere useful; its output is finite garbage).
+  * Attention is grouped: the fused projection is [embed, kv-heads, group + 2, head_dim], so slot g < group
+    is a query head of that kv head and slots group, group + 1 are its key and value. No head repetition.
+  * Scanned layers (`cfg.scan_layers`): blocks created with `nnx.vmap` (leading 'layers' axis) and run with
+    `lax.scan`; otherwise an `nnx.List` of blocks run in a Python loop. Both use the same per-layer function
+    and the same `KVCache` layout ([n_layers, B, S, n_kv_heads, head_dim]).
+  * `cfg.remat` wraps each block in `jax.checkpoint`, only on the cache-free (training) path.
+
+KV cache: `KVCache(k, v, mask)`; `Transformer(tokens, mask, cache=c, index=i)` writes the new keys/values
+and the token mask at buffer slots [i, i + T) and attends over the whole buffer, so one call with the prompt
+is the prefill and calls with T = 1 are decode steps. Per-token cost depends on the buffer size, not on the
+position.
+"""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from nash_lm.models.config import ModelConfig
+from nash_lm.parallel import constrain
+
+NEG_INF = -1e30
+
+
+def _param(key, shape, std, axes, dtype):
+  value = (std * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
+  return nnx.Param(value, out_sharding=tuple(axes), eager_sharding=False)
+
+
+def _ones(shape, axes, dtype):
+  return nnx.Param(jnp.ones(shape, dtype), out_sharding=tuple(axes), eager_sharding=False)
+
+
+class KVCache(NamedTuple):
+  """Keys/values of all layers, [n_layers, B, S, n_kv_heads, head_dim], and the slot mask [B, S] (int32)."""
+  k: jax.Array
+  v: jax.Array
+  mask: jax.Array
+
+
+def init_cache(cfg: ModelConfig, batch: int, length: int) -> KVCache:
+  """An empty cache with `length` slots, in the compute dtype."""
+  shape = (cfg.n_layers, batch, length, cfg.n_kv_heads, cfg.head_dim)
+  z = jnp.zeros(shape, cfg.compute_dtype)
+  return KVCache(z, z, jnp.zeros((batch, length), jnp.int32))
+
+
+def positions_from_mask(mask: jax.Array, offset: jax.Array | int = 0) -> jax.Array:
+  """Position of each real token: number of real tokens before it (+ offset); padding gets its neighbour's."""
+  mask = mask.astype(jnp.int32)
+  pos = jnp.cumsum(mask, axis=-1) - 1 + jnp.asarray(offset, jnp.int32)[..., None]
+  return jnp.maximum(pos, 0)
+
+
+def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+  """Rotary embedding (rotate-half form) on the last axis of x [B, T, ..., hd] at positions [B, T]."""
+  hd = x.shape[-1]
+  freq = theta ** (-jnp.arange(0, hd // 2, dtype=jnp.float32) * 2.0 / hd)
+  ang = positions.astype(jnp.float32)[..., None] * freq  # [B, T, hd/2]
+  ang = ang.reshape(ang.shape[:2] + (1,) * (x.ndim - 3) + ang.shape[-1:])
+  sin, cos = jnp.sin(ang), jnp.cos(ang)
+  x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x.dtype)
+
+
+class RMSNorm(nnx.Module):
+  def __init__(self, cfg: ModelConfig, axes=("embed",)):
+    self.eps = float(cfg.norm_eps)
+    self.scale = _ones((cfg.d_model,), axes, cfg.weight_dtype)
+
+  def __call__(self, x):
+    dtype = x.dtype
+    x = x.astype(jnp.float32)
+    x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + self.eps)
+    return (x * self.scale[...].astype(jnp.float32)).astype(dtype)
+
+
+class Attention(nnx.Module):
+  """Grouped-query self-attention with a fused q/k/v kernel [embed, kv-heads, group + 2, head_dim]."""
+
+  def __init__(self, cfg: ModelConfig, key):
+    self.cfg = cfg
+    k1, k2 = jax.random.split(key)
+    d, kv, g, hd = cfg.d_model, cfg.n_kv_heads, cfg.group_size, cfg.head_dim
+    self.qkv = _param(k1, (d, kv, g + 2, hd), d ** -0.5, ("embed", "heads", "qkv", "kv"), cfg.weight_dtype)
+    self.out = _param(k2, (kv, g, hd, d), (cfg.n_heads * hd) ** -0.5 / math.sqrt(2 * cfg.n_layers),
+                      ("heads", "qkv", "kv", "embed"), cfg.weight_dtype)
+
+  def __call__(self, x, positions, key_mask, cache_kv=None, index=None):
+    """x [B,T,D]; key_mask [B,S] (S = T without cache). Returns (out [B,T,D], (k_all, v_all) or None)."""
+    cfg = self.cfg
+    dt = cfg.compute_dtype
+    g = cfg.group_size
+    qkv = jnp.einsum("btd,dkgh->btkgh", x, self.qkv[...].astype(dt))
+    qkv = constrain(qkv, ("batch", "length", "heads", "qkv", "kv"))
+    q = rope(qkv[:, :, :, :g], positions, cfg.rope_theta)
+    k = rope(qkv[:, :, :, g], positions, cfg.rope_theta)
+    v = qkv[:, :, :, g + 1]
+    t = x.shape[1]
+    if cache_kv is None:
+      keys, vals, start = k, v, 0
+    else:
+      keys, vals = cache_kv
+      keys = jax.lax.dynamic_update_slice_in_dim(keys, k.astype(keys.dtype), index, axis=1)
+      vals = jax.lax.dynamic_update_slice_in_dim(vals, v.astype(vals.dtype), index, axis=1)
+      start = index
+    keys = constrain(keys, ("batch", "length", "heads", "kv"))
+    vals = constrain(vals, ("batch", "length", "heads", "kv"))
+    s = keys.shape[1]
+    scores = jnp.einsum("btkgh,bskh->bkgts", q, keys, preferred_element_type=jnp.float32)
+    scores = scores * (cfg.head_dim ** -0.5)
+    q_slot = start + jnp.arange(t)[:, None]
+    allowed = (jnp.arange(s)[None, :] <= q_slot)[None] & (key_mask[:, None, :] > 0)  # [B, T, S]
+    scores = jnp.where(allowed[:, None, None], scores, NEG_INF)
+    probs = jax.nn.softmax(scores, axis=-1).astype(dt)
+    o = jnp.einsum("bkgts,bskh->btkgh", probs, vals.astype(dt))
+    o = constrain(o, ("batch", "length", "heads", "qkv", "kv"))
+    out = jnp.einsum("btkgh,kghd->btd", o, self.out[...].astype(dt))
+    return out, (None if cache_kv is None else (keys, vals))
+
+
+class MLP(nnx.Module):
+  """SwiGLU with a fused gate/up kernel [embed, 2, mlp]."""
+
+  def __init__(self, cfg: ModelConfig, key):
+    self.cfg = cfg
+    k1, k2 = jax.random.split(key)
+    self.gate_up = _param(k1, (cfg.d_model, 2, cfg.d_ff), cfg.d_model ** -0.5, ("embed", "qkv", "mlp"),
+                          cfg.weight_dtype)
+    self.down = _param(k2, (cfg.d_ff, cfg.d_model), cfg.d_ff ** -0.5 / math.sqrt(2 * cfg.n_layers),
+                       ("mlp", "embed"), cfg.weight_dtype)
+
+  def __call__(self, x):
+    dt = self.cfg.compute_dtype
+    h = jnp.einsum("btd,dcf->btcf", x, self.gate_up[...].astype(dt))
+    h = constrain(h, ("batch", "length", "qkv", "mlp"))
+    h = jax.nn.silu(h[:, :, 0]) * h[:, :, 1]
+    return jnp.einsum("btf,fd->btd", h, self.down[...].astype(dt))
+
+
+class Block(nnx.Module):
+  def __init__(self, cfg: ModelConfig, key):
+    k1, k2 = jax.random.split(key)
+    self.attn_norm = RMSNorm(cfg)
+    self.attn = Attention(cfg, k1)
+    self.mlp_norm = RMSNorm(cfg)
+    self.mlp = MLP(cfg, k2)
+
+  def __call__(self, x, positions, key_mask, cache_kv=None, index=None):
+    h, new_kv = self.attn(self.attn_norm(x), positions, key_mask, cache_kv, index)
+    x = constrain(x + h, ("batch", "length", "act_embed"))
+    x = constrain(x + self.mlp(self.mlp_norm(x)), ("batch", "length", "act_embed"))
+    return x, new_kv
+
+
+class Transformer(nnx.Module):
+  """Decoder: embedding -> blocks -> final RMSNorm -> (LM head, tied or not) when `lm_head`."""
+
+  def __init__(self, cfg: ModelConfig, key, *, lm_head: bool = True):
+    cfg.validate()
+    self.cfg = cfg
+    self.lm_head = lm_head
+    k_emb, k_blocks, k_head = jax.random.split(key, 3)
+    self.embed = _param(k_emb, (cfg.vocab_size, cfg.d_model), cfg.d_model ** -0.5, ("vocab", "embed"), cfg.weight_dtype)
+    keys = jax.random.split(k_blocks, cfg.n_layers)
+    if cfg.scan_layers:
+      make = nnx.vmap(lambda k: Block(cfg, k), in_axes=0, out_axes=0,
+                      transform_metadata={nnx.PARTITION_NAME: "layers"})
+      self.blocks = make(keys)
+    else:
+      self.blocks = nnx.List([Block(cfg, keys[i]) for i in range(cfg.n_layers)])
+    self.final_norm = RMSNorm(cfg)
+    if lm_head and not cfg.tie_embeddings:
+      self.head = _param(k_head, (cfg.d_model, cfg.vocab_size), cfg.d_model ** -0.5, ("embed", "vocab"),
+                         cfg.weight_dtype)
+
+  def _run_blocks(self, x, positions, key_mask, cache, index):
+    cfg = self.cfg
+
+    def layer(block_state, block_def, x, kv, layer_idx):
+      block = nnx.merge(block_def, block_state)
+      if kv is None:
+        y, _ = block(x, positions, key_mask)
+        return y, None
+      k_all, v_all = kv
+      layer_kv = (jax.lax.dynamic_index_in_dim(k_all, layer_idx, 0, keepdims=False),
+                  jax.lax.dynamic_index_in_dim(v_all, layer_idx, 0, keepdims=False))
+      y, (k_l, v_l) = block(x, positions, key_mask, layer_kv, index)
+      k_all = jax.lax.dynamic_update_index_in_dim(k_all, k_l, layer_idx, 0)
+      v_all = jax.lax.dynamic_update_index_in_dim(v_all, v_l, layer_idx, 0)
+      return y, (k_all, v_all)
+
+    use_remat = cfg.remat and cache is None
+    kv = None if cache is None else (cache.k, cache.v)
+    if cfg.scan_layers:
+      block_def, stacked = nnx.split(self.blocks)
+
+      def body(carry, xs):
+        x, kv = carry
+        block_state, layer_idx = xs
+        return layer(block_state, block_def, x, kv, layer_idx), None
+
+      if use_remat:
+        body = jax.checkpoint(body, prevent_cse=False)
+      (x, kv), _ = jax.lax.scan(body, (x, kv), (stacked, jnp.arange(cfg.n_layers)))
+    else:
+      for i, blk in enumerate(self.blocks):
+        block_def, block_state = nnx.split(blk)
+        fn = lambda st, x, kv, i=i, block_def=block_def: layer(st, block_def, x, kv, i)
+        if use_remat:
+          fn = jax.checkpoint(fn, prevent_cse=False)
+        x, kv = fn(block_state, x, kv)
+    return x, kv
+
+  def __call__(self, tokens, mask, cache: KVCache | None = None, index=None, last_only: bool = False):
+    """tokens, mask [B, T] -> (logits [B,T,V] f32 or hidden [B,T,D] f32, updated cache or None).
+
+    With `cache`, the T tokens go to buffer slots [index, index + T); `last_only` keeps only the last
+    position (the sampler's prefill).
+    """
+    cfg = self.cfg
+    mask = mask.astype(jnp.int32)
+    if cache is None:
+      positions = positions_from_mask(mask)
+      key_mask = mask
+    else:
+      offset = jnp.sum(cache.mask, axis=-1)  # real tokens already in the buffer
+      positions = positions_from_mask(mask, offset)
+      key_mask = jax.lax.dynamic_update_slice_in_dim(cache.mask, mask, index, axis=1)
+    x = jnp.take(self.embed[...], tokens, axis=0).astype(cfg.compute_dtype)
+    x = constrain(x, ("batch", "length", "act_embed"))
+    x, kv = self._run_blocks(x, positions, key_mask, cache, index)
+    if last_only:
+      x = x[:, -1:]
+    x = self.final_norm(x)
+    new_cache = None if cache is None else KVCache(kv[0], kv[1], key_mask)
+    if not self.lm_head:
+      return x.astype(jnp.float32), new_cache
+    w = self.embed[...].T if cfg.tie_embeddings else self.head[...]
+    logits = jnp.einsum("btd,dv->btv", x, w.astype(cfg.compute_dtype), preferred_element_type=jnp.float32)
+    return constrain(logits, ("batch", "length", "vocab")), new_cache

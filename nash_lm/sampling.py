@@ -1,0 +1,205 @@
+"""Batched autoregressive sampling: plain and token-level geometric-mixture, one pure jittable function.
+
+`sample(graphdef, params, prompts, prompt_mask, rng, *, max_new_tokens, eos_id, pad_id, temperature=1.0,
+top_k=0, top_p=1.0, mix_params=None, beta=0.0) -> Samples`
+
+  * prompts [B, Tp] int32, left-padded (prompt_mask 1 on real tokens). One prefill over the prompt fills a
+    KV cache of Tp + max_new_tokens slots (or `cache_len`), then a `lax.while_loop` decodes one token per
+    iteration over that cache, stopping early once every row has emitted `eos_id` (None: never stop early).
+  * Plain mode (mix_params None): token n is drawn from log π_T = log_softmax(policy_logits / T).
+  * Geometric-mixture mode (App. F.1 of Munos et al., the one-step-at-a-time regularised policy): with the
+    second tree μ (reference or EMA, same graphdef) token n is drawn from
+        log π̃ = (1 − β)·log_softmax(policy / T) + β·log_softmax(μ / T) − log C(prefix),
+    and both KV caches advance with the drawn token. β may be a traced scalar (a schedule).
+  * top_k (static int, 0 = off) and top_p (1.0 = off) restrict the sampling distribution after mixing;
+    it is renormalised over the kept tokens.
+  * Sampling is Gumbel-max: argmax(log π̃_unnormalised + G) with G drawn once for the whole decode
+    ([N, B, V], or one [B, V] draw per step when that would exceed `predraw_limit` elements). With β = 0
+    the argmax input is exactly the policy's log-probabilities, with β = 1 exactly μ's, so the same rng
+    gives exactly the tokens of plain sampling from the policy or from μ.
+  * Returns `Samples(tokens, mask, logp_policy, logp_ref, logp_sample)`, all [B, N]: tokens int32 (pad_id
+    after the first EOS), mask int32 (1 up to and including the first EOS), and float32 log-probabilities of
+    the chosen tokens under π_T, μ_T (= π_T when mix_params is None) and the actual sampling distribution
+    (mixture, top-k/top-p, renormalised), all at temperature T; 0 where mask is 0.
+
+The function is pure (no host callbacks, no Python side effects beyond shape checks) and can be called
+inside another `jax.jit` (the training step does). Remat is never applied on this path. Shape errors
+(prompt longer than ModelConfig.max_len, bad arguments) raise ValueError naming the field while tracing,
+i.e. before compiling.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from nash_lm.models import init_cache
+from nash_lm.parallel import constrain
+
+__all__ = ["Samples", "sample", "filter_logits", "sample_jit"]
+
+
+class Samples(NamedTuple):
+  tokens: jax.Array       # [B, N] int32
+  mask: jax.Array         # [B, N] int32, 1 up to and including the first EOS
+  logp_policy: jax.Array  # [B, N] float32, log π_T(token)
+  logp_ref: jax.Array     # [B, N] float32, log μ_T(token) (the policy's when no mix_params)
+  logp_sample: jax.Array  # [B, N] float32, log of the sampling distribution at the token
+
+
+def _is_static(x, value) -> bool:
+  return isinstance(x, (int, float)) and float(x) == value
+
+
+def filter_logits(logits: jax.Array, top_k: int = 0, top_p=1.0) -> jax.Array:
+  """Sets to -inf the tokens outside the top-k and outside the nucleus of mass top_p (keeps ≥ 1 token)."""
+  v = logits.shape[-1]
+  if top_k and top_k < v:
+    kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
+    logits = jnp.where(logits >= kth, logits, -jnp.inf)
+  if not _is_static(top_p, 1.0):
+    order = jnp.argsort(-logits, axis=-1)
+    sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
+    probs = jax.nn.softmax(sorted_logits, axis=-1)
+    mass_before = jnp.cumsum(probs, axis=-1) - probs
+    keep_sorted = mass_before < top_p
+    keep_sorted = keep_sorted.at[..., 0].set(True)
+    keep = jnp.zeros_like(keep_sorted).at[
+        jnp.arange(logits.shape[0])[:, None], order].set(keep_sorted)
+    logits = jnp.where(keep, logits, -jnp.inf)
+  return logits
+
+
+def _check_args(cfg, prompts, prompt_mask, max_new_tokens, eos_id, pad_id, temperature, top_k, top_p, beta,
+                cache_len):
+  if prompts.ndim != 2:
+    raise ValueError(f"prompts: expected [B, Tp], got shape {prompts.shape}")
+  if prompt_mask.shape != prompts.shape:
+    raise ValueError(f"prompt_mask: shape {prompt_mask.shape} differs from prompts {prompts.shape}")
+  if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+    raise ValueError(f"max_new_tokens={max_new_tokens!r}: must be a positive int")
+  total = prompts.shape[1] + max_new_tokens
+  if total > cfg.max_len:
+    raise ValueError(f"prompts: prompt length {prompts.shape[1]} + max_new_tokens {max_new_tokens} = {total} "
+                     f"exceeds ModelConfig.max_len={cfg.max_len}")
+  if cache_len is not None and not total <= cache_len <= cfg.max_len:
+    raise ValueError(f"cache_len={cache_len}: must lie in [prompt length + max_new_tokens = {total}, "
+                     f"max_len = {cfg.max_len}]")
+  if eos_id is not None and not 0 <= eos_id < cfg.vocab_size:
+    raise ValueError(f"eos_id={eos_id}: must be a token id in [0, {cfg.vocab_size}) or None")
+  if not 0 <= pad_id < cfg.vocab_size:
+    raise ValueError(f"pad_id={pad_id}: must be a token id in [0, {cfg.vocab_size})")
+  if isinstance(temperature, (int, float)) and temperature <= 0:
+    raise ValueError(f"temperature={temperature}: must be positive")
+  if not isinstance(top_k, int) or not 0 <= top_k <= cfg.vocab_size:
+    raise ValueError(f"top_k={top_k!r}: must be an int in [0, vocab_size={cfg.vocab_size}] (0 = off)")
+  if isinstance(top_p, (int, float)) and not 0 < top_p <= 1:
+    raise ValueError(f"top_p={top_p}: must lie in (0, 1]")
+  if isinstance(beta, (int, float)) and not 0 <= beta <= 1:
+    raise ValueError(f"beta={beta}: must lie in [0, 1]")
+
+
+def sample(graphdef, params, prompts, prompt_mask, rng, *, max_new_tokens: int, eos_id: int | None,
+           pad_id: int, temperature=1.0, top_k: int = 0, top_p=1.0, mix_params=None, beta=0.0,
+           cache_len: int | None = None, predraw_limit: int = 1 << 24) -> Samples:
+  """Samples `max_new_tokens` tokens after each left-padded prompt; see the module docstring."""
+  model = nnx.merge(graphdef, params)
+  cfg = model.cfg
+  _check_args(cfg, prompts, prompt_mask, max_new_tokens, eos_id, pad_id, temperature, top_k, top_p, beta,
+              cache_len)
+  mixing = mix_params is not None
+  b, tp = prompts.shape
+  n = max_new_tokens
+  v = cfg.vocab_size
+  s = cache_len or tp + n
+  prompts = prompts.astype(jnp.int32)
+  prompt_mask = prompt_mask.astype(jnp.int32)
+  inv_t = 1.0 / jnp.asarray(temperature, jnp.float32)
+
+  def prefill(p):
+    cache = init_cache(cfg, b, s)
+    logits, cache = model_fn(p, prompts, prompt_mask, cache, 0, True)
+    return logits[:, 0], cache
+
+  def model_fn(p, tokens, mask, cache, index, last_only=False):
+    return nnx.merge(graphdef, p)(tokens, mask, cache=cache, index=index, last_only=last_only)
+
+  logits_pol, cache_pol = prefill(params)
+  if mixing:
+    logits_mix, cache_mix = prefill(mix_params)
+  else:
+    logits_mix, cache_mix = None, None
+
+  predraw = n * b * v <= predraw_limit
+  if predraw:
+    gumbel_all = jax.random.gumbel(rng, (n, b, v), jnp.float32)
+
+  def step_noise(i):
+    if predraw:
+      return jax.lax.dynamic_index_in_dim(gumbel_all, i, 0, keepdims=False)
+    return jax.random.gumbel(jax.random.fold_in(rng, i), (b, v), jnp.float32)
+
+  zeros_f = jnp.zeros((b, n), jnp.float32)
+  init = dict(
+      i=jnp.zeros((), jnp.int32),
+      done=jnp.zeros((b,), bool),
+      tokens=jnp.full((b, n), pad_id, jnp.int32),
+      mask=jnp.zeros((b, n), jnp.int32),
+      lp_pol=zeros_f, lp_ref=zeros_f, lp_samp=zeros_f,
+      logits_pol=logits_pol, cache_pol=cache_pol,
+      logits_mix=logits_mix, cache_mix=cache_mix,
+  )
+
+  def cond(st):
+    return (st["i"] < n) & ~jnp.all(st["done"])
+
+  def body(st):
+    i = st["i"]
+    lp_pol = jax.nn.log_softmax(st["logits_pol"] * inv_t, axis=-1)
+    if mixing:
+      lp_ref = jax.nn.log_softmax(st["logits_mix"] * inv_t, axis=-1)
+      unnorm = (1.0 - beta) * lp_pol + beta * lp_ref
+    else:
+      lp_ref = lp_pol
+      unnorm = lp_pol
+    unnorm = filter_logits(unnorm, top_k, top_p)
+    unnorm = constrain(unnorm, ("batch", "vocab"))
+    tok = jnp.argmax(unnorm + step_noise(i), axis=-1).astype(jnp.int32)
+    if mixing or top_k or not _is_static(top_p, 1.0):
+      lp_samp_all = unnorm - jax.nn.logsumexp(unnorm, axis=-1, keepdims=True)
+    else:
+      lp_samp_all = lp_pol
+    pick = lambda lp: jnp.take_along_axis(lp, tok[:, None], axis=-1)[:, 0]
+    live = ~st["done"]
+    tok = jnp.where(live, tok, pad_id)
+    out = dict(st)
+    out["tokens"] = st["tokens"].at[:, i].set(tok)
+    out["mask"] = st["mask"].at[:, i].set(live.astype(jnp.int32))
+    out["lp_pol"] = st["lp_pol"].at[:, i].set(jnp.where(live, pick(lp_pol), 0.0))
+    out["lp_ref"] = st["lp_ref"].at[:, i].set(jnp.where(live, pick(lp_ref), 0.0))
+    out["lp_samp"] = st["lp_samp"].at[:, i].set(jnp.where(live, pick(lp_samp_all), 0.0))
+    out["done"] = st["done"] | (tok == eos_id) if eos_id is not None else st["done"]
+    step_mask = live.astype(jnp.int32)[:, None]
+    logits, out["cache_pol"] = model_fn(params, tok[:, None], step_mask, st["cache_pol"], tp + i)
+    out["logits_pol"] = logits[:, 0]
+    if mixing:
+      logits, out["cache_mix"] = model_fn(mix_params, tok[:, None], step_mask, st["cache_mix"], tp + i)
+      out["logits_mix"] = logits[:, 0]
+    out["i"] = i + 1
+    return out
+
+  st = jax.lax.while_loop(cond, body, init)
+  return Samples(st["tokens"], st["mask"], st["lp_pol"], st["lp_ref"], st["lp_samp"])
+
+
+def sample_jit(**static):
+  """`jax.jit`-compiled `sample` with the keyword arguments in `static` fixed (max_new_tokens, eos_id,
+  pad_id, temperature, top_k, top_p, ...); graphdef is a static argument.
+
+  Returns fn(graphdef, params, prompts, prompt_mask, rng, mix_params=None, beta=0.0) -> Samples.
+  """
+  def fn(graphdef, params, prompts, prompt_mask, rng, mix_params=None, beta=0.0):
+    return sample(graphdef, params, prompts, prompt_mask, rng, mix_params=mix_params, beta=beta, **static)
+  return jax.jit(fn, static_argnums=0)
