@@ -47,31 +47,31 @@ def _hyper(algo_cfg) -> dict:
 
 
 def verdict(gap_last: np.ndarray, gap_avg: np.ndarray) -> str:
-    """A one-phrase description of a run's behaviour from its gap curves."""
+    """A one-phrase description of a run's behaviour from its gap curves (last fifth of the run)."""
     T = len(gap_last)
-    tail = gap_last[-max(T // 5, 2):]
-    final = gap_last[-1]
-    if final < 1e-8:
+    tail = gap_last[-max(T // 5, 3):]
+    if gap_last[-1] < 1e-8:
         return "last iterate converges"
     if tail.max() - tail.min() <= 1e-3 * tail.mean():
         return "settles at a biased point"
-    if final < 0.5 * gap_last[T // 2]:
+    if np.mean(np.diff(tail) < 0) > 0.95:
         return "last iterate converging slowly"
-    if gap_avg[-1] < 0.5 * final:
+    if gap_avg[-1] < 0.5 * gap_last[-1]:
         return "last iterate cycles; average converges"
-    return "no convergence"
+    return "last iterate oscillates"
 
 
-def _plot(path: str, title: str, curves: dict, log_every: int) -> None:
+def _plot(path: str, title: str, curves: dict) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 5))
+    colors = plt.get_cmap("tab20").colors
     for i, (name, (last, avg)) in enumerate(curves.items()):
         steps = np.arange(1, len(last) + 1)
-        color = f"C{i % 10}"
+        color = colors[(2 * i) % 20 if i < 10 else (2 * i + 1) % 20]
         ax.plot(steps, np.maximum(last, 1e-17), color=color, label=name, lw=1.2)
         ax.plot(steps, np.maximum(avg, 1e-17), color=color, ls=":", lw=1.0)
     ax.set_yscale("log")
@@ -115,7 +115,7 @@ def run(config, workdir: str) -> dict:
                     "kl_to_nash": float(m["kl_to_nash"][-1]),
                     "verdict": verdict(m["gap_last"], m["gap_avg"]),
                 })
-            _plot(os.path.join(workdir, f"gap_{key}.png"), f"{key}: tau = {tau}", curves, config.log_every)
+            _plot(os.path.join(workdir, f"gap_{key}.png"), f"{key}: tau = {tau}", curves)
     summary["wall_s"] = time.time() - t0
     with open(os.path.join(workdir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1)
