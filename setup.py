@@ -19,10 +19,16 @@ CORE = [
     "matplotlib>=3.8",
     "tqdm>=4.66",
     "flatbuffers>=24.3",  # jax.export serialization
+    # Data and the embedded tasks: tokenizers (SentencePiece trained in-process, or a Hugging Face
+    # tokenizer.json), safetensors checkpoints, the docstring rater's ROUGE-L.
+    "sentencepiece>=0.2",
+    "tokenizers>=0.19",
+    "safetensors>=0.4",
+    "rouge-score>=0.1.2",
 ]
 
 EXTRAS = {
-    "test": ["pytest>=8", "pytest-timeout>=2.3"],
+    "test": ["pytest>=8", "pytest-timeout>=2.3", "portpicker>=1.6"],
     # Checkpoint import/export against Hugging Face (torch: the CPU wheel 2.13.0 only).
     "hf": ["safetensors>=0.4", "tokenizers>=0.19", "transformers>=4.44", "torch==2.13.0"],
     # Optional data adapters (pull in TensorFlow).
