@@ -234,7 +234,7 @@ def _solve_master(Pks, log_mu, tau, rho, pi_start):
     def obj(v):
         pi, t = unpack(v)
         kl = rho @ _kl_rows(pi, np.exp(log_mu))
-        g = tau * rho[:, None] * (np.log(pi) - log_mu + 1.0)
+        g = tau * rho[:, None] * (np.log(np.maximum(pi, 1e-300)) - log_mu + 1.0)
         return -(t - tau * kl), np.append(chain(pi, g), -1.0)
 
     def cons(v):
