@@ -16,6 +16,8 @@ from ml_collections import config_flags
 # job name -> "module:function"; each function takes (config, workdir) and returns a summary dict.
 JOBS = {
     "games": "nash_lm.games.report:run",
+    "ye_offline": "nash_lm.learning.experiments:run_offline",
+    "ye_online": "nash_lm.learning.experiments:run_online",
 }
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a configs/*.py file.", lock_config=True)
