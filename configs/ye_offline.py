@@ -23,4 +23,5 @@ def get_config():
     c.delta = 0.1                # confidence level of the version space / bonus radius (chi-square calibration)
     c.ridge = 1e-6               # logistic MLE ridge (bonus method)
     c.design_lambda = 1.0        # Sigma = lambda I + sum phi phi^T (bonus method)
+    c.solver_tol = 1e-9          # relative value tolerance of the pessimistic solver (gaps here are >= 1e-6)
     return c

@@ -22,8 +22,8 @@ def get_config():
     c.batches = 12
     c.batch_size = 50
     c.label_budget = 1600        # budget experiment: this many labels split into budget_batches batches
-    c.budget_batches = (1, 2, 4, 8, 16)
-    c.num_seeds = 6
+    c.budget_batches = (1, 2, 4, 8)
+    c.num_seeds = 5
     c.beta = 0.5                 # plausible set: tau KL(pi2 || pi1) <= beta * Gamma(pi1, pi2)
     c.ridge = 1e-6
     c.design_lambda = 1.0

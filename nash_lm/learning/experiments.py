@@ -141,7 +141,8 @@ def run_offline(config, workdir: str) -> dict:
                             t0 = time.time()
                             pi = offline_policy(method, data, mu, tau, delta=float(config.delta),
                                                 ridge=float(config.ridge),
-                                                design_lambda=float(config.design_lambda))[0]
+                                                design_lambda=float(config.design_lambda),
+                                                tol=float(config.solver_tol))[0]
                             row = dict(tau=tau, coverage=coverage, n=n, seed=s, method=method,
                                        half_gap=0.5 * games.duality_gap(P, mu, tau, pi),
                                        kl_to_nash=games.kl_divergence(pi_star, pi),

@@ -178,7 +178,7 @@ def _softmax(z):
     return e / e.sum(-1, keepdims=True)
 
 
-def _inner_oracle(uset, pi1, log_mu, tau, rho, extra_starts=None, iters: int = 500, tol: float = 1e-15):
+def _inner_oracle(uset, pi1, log_mu, tau, rho, extra_starts=None, iters: int = 300, tol: float = 1e-14):
     """min over (Δ ∈ C, π2) of E_ρ[π1ᵀ(P̂+Δ)π2 + τKL(π2‖μ)] by alternating exact minimisation, multi-start."""
     P0 = uset.center
     X, n, _ = P0.shape
@@ -330,12 +330,13 @@ METHODS = ("plugin", "plugin_linear", "version_space", "bonus")
 
 
 def offline_policy(method: str, data: Dataset, mu, tau: float, rho=None, *, beta=None, delta: float = 0.1,
-                   features=None, ridge: float = 1e-6, design_lambda: float = 1.0) -> np.ndarray:
+                   features=None, ridge: float = 1e-6, design_lambda: float = 1.0, tol: float = 1e-12) -> np.ndarray:
     """The max player π̂1 [X, n] of one offline method fitted on `data`.
 
     method: "plugin" (tabular MLE + exact NE), "plugin_linear" (logistic MLE on `features` + exact NE),
     "version_space" (tabular, (a)), "bonus" (linear class on `features`, (b)). features default to the
-    tabular one-hot features; beta defaults to `default_beta(method, ·, delta)`.
+    tabular one-hot features; beta defaults to `default_beta(method, ·, delta)`; tol is the optimality
+    tolerance (relative, in value) of the pessimistic solver.
     """
     X, n = data.num_contexts, data.num_actions
     if method == "plugin":
@@ -344,7 +345,7 @@ def offline_policy(method: str, data: Dataset, mu, tau: float, rho=None, *, beta
         fit = TabularClass(X, n).fit(data)
         K = int(np.count_nonzero(fit.N[_pairs(X, n)]))
         b = default_beta(method, K, delta) if beta is None else float(beta)
-        return pessimistic_equilibrium(VersionSpace(fit.P_hat, fit.N, b), mu, tau, rho).pi
+        return pessimistic_equilibrium(VersionSpace(fit.P_hat, fit.N, b), mu, tau, rho, tol=tol).pi
     if method in ("plugin_linear", "bonus"):
         phi = tabular_features(X, n) if features is None else features
         cls = LinearClass(phi, ridge=ridge, design_lambda=design_lambda)
@@ -352,5 +353,5 @@ def offline_policy(method: str, data: Dataset, mu, tau: float, rho=None, *, beta
         if method == "plugin_linear":
             return plugin_policy(fit.P_hat, mu, tau, rho)
         b = default_beta(method, cls.dim, delta) if beta is None else float(beta)
-        return pessimistic_equilibrium(BonusSet(fit.P_hat, cls.phi, fit.Sigma, b), mu, tau, rho).pi
+        return pessimistic_equilibrium(BonusSet(fit.P_hat, cls.phi, fit.Sigma, b), mu, tau, rho, tol=tol).pi
     raise ValueError(f"method: unknown offline method {method!r}; known: {list(METHODS)}")
