@@ -16,6 +16,7 @@ from ml_collections import config_flags
 # job name -> "module:function"; each function takes (config, workdir) and returns a summary dict.
 JOBS = {
     "games": "nash_lm.games.report:run",
+    "train": "nash_lm.train.loop:run",
     "ye_offline": "nash_lm.learning.experiments:run_offline",
     "ye_online": "nash_lm.learning.experiments:run_online",
 }

@@ -115,8 +115,8 @@ def preference_dataset(cfg: SyntheticConfig, split: str) -> dict:
     rng = _rng(cfg, split, 1)
     data["y"], data["y_mask"] = _random_responses(cfg, rng, cfg.n_examples)
     data["y2"], data["y2_mask"] = _random_responses(cfg, rng, cfg.n_examples)
-    p = np.asarray(synthetic_preference(data["prompt"], data["prompt_mask"], data["y"], data["y_mask"],
-                                        data["y2"], data["y2_mask"]))
+    p = synthetic_preference_numpy(data["prompt"], data["prompt_mask"], data["y"], data["y_mask"], data["y2"],
+                                   data["y2_mask"])
     data["label"] = p.astype(np.float32)
     data["hard_label"] = (rng.uniform(size=p.shape) < p).astype(np.float32)
     return data
@@ -145,9 +145,12 @@ def synthetic_preference(prompt, prompt_mask, y, y_mask, y2, y2_mask, *, a=1.0, 
     return jax.nn.sigmoid(a * diff + b * cyc)
 
 
+_synthetic_preference_jit = jax.jit(synthetic_preference)
+
+
 def synthetic_preference_numpy(prompt, prompt_mask, y, y_mask, y2, y2_mask):
     """The same oracle called as a host (non-JAX) rater: numpy in, numpy out."""
-    return np.asarray(jax.device_get(synthetic_preference(*(np.asarray(t) for t in (
+    return np.asarray(jax.device_get(_synthetic_preference_jit(*(np.asarray(t) for t in (
         prompt, prompt_mask, y, y_mask, y2, y2_mask)))))
 
 

@@ -1,0 +1,47 @@
+"""Tiny end-to-end NLHF pipeline on synthetic data (runs on a CPU in about a minute; used by the tests).
+
+    sft -> pm (preference model) + rm (Bradley-Terry reward model)
+        -> nash_md (Nash-MD-PG, beta 0.125), self_play (beta 0), best_response (beta 1), nash_ema (Nash-EMA-PG),
+           rlhf (KL-regularised PG on rm), ipo (online IPO), ipo_md (IPO-MD), nash_md_oracle (model-free: the
+           synthetic preference oracle, called on the host between two compiled halves)
+
+Run:  python -m nash_lm.main --config=configs/tiny.py --workdir=runs/tiny
+      python -m nash_lm.main --config=configs/tiny.py --workdir=runs/tiny --config.pipeline=sft,pm,nash_md
+"""
+import ml_collections
+
+from nash_lm.train.config import stage
+
+
+def get_config():
+    c = ml_collections.ConfigDict()
+    c.job = "train"
+    c.seed = 0
+    c.peak_tflops = 0.0  # 0: measure a matmul peak in the same run for MFU
+    c.async_checkpoints = True
+    c.data = ml_collections.ConfigDict(dict(kind="synthetic", vocab_size=32, prompt_len=6, response_len=6,
+                                            n_examples=64, seed=0))
+    model = dict(vocab_size=32, d_model=32, n_layers=1, n_heads=2, n_kv_heads=2, d_ff=64, max_len=24)
+    c.model = ml_collections.ConfigDict(model)
+    c.judge_model = ml_collections.ConfigDict(model)
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+    c.rules = ""  # logical-axis rules, e.g. "batch=data+fsdp,embed=fsdp,mlp=tensor"; "" = nash_lm.parallel's
+
+    policy = dict(ref="sft", steps=4, batch_size=8, lr=1e-3, max_new_tokens=6, log_every=2, checkpoint_every=2,
+                  eval_batches=1)
+    c.stages = ml_collections.ConfigDict()
+    c.stages.sft = stage("sft", steps=6, batch_size=8, lr=3e-3, log_every=2, checkpoint_every=3, eval_batches=1)
+    c.stages.pm = stage("preference", steps=4, batch_size=8, lr=3e-3, log_every=2, checkpoint_every=2,
+                        eval_batches=1)
+    c.stages.rm = stage("reward", steps=4, batch_size=8, lr=3e-3, log_every=2, checkpoint_every=2, eval_batches=1)
+    c.stages.nash_md = stage("nash_md_pg", judge="pm", tau=0.1, beta=0.125, **policy)
+    c.stages.self_play = stage("nash_md_pg", judge="pm", tau=0.1, beta=0.0, **policy)
+    c.stages.best_response = stage("nash_md_pg", judge="pm", tau=0.1, beta=1.0, **policy)
+    c.stages.nash_ema = stage("nash_ema_pg", judge="pm", tau=0.1, ema_decay=0.9, **policy)
+    c.stages.rlhf = stage("rlhf", judge="rm", tau=0.05, **policy)
+    c.stages.ipo = stage("online_ipo", judge="pm", tau=1.0, **policy)
+    c.stages.ipo_md = stage("ipo_md", judge="pm", tau=1.0, beta=0.125, **policy)
+    c.stages.nash_md_oracle = stage("nash_md_pg", judge="host_oracle:nash_lm.data.synthetic:synthetic_preference_numpy",
+                                    tau=0.1, beta=0.125, **policy)
+    c.pipeline = "sft,pm,rm,nash_md,self_play,best_response,nash_ema,rlhf,ipo,ipo_md,nash_md_oracle"
+    return c

@@ -1,0 +1,278 @@
+"""The compiled training steps: one `jax.jit` function per stage, with explicit shardings and donation.
+
+A Nash-MD-PG step (`policy_step` with algorithm 'nash_md_pg'), top to bottom, all inside one compiled function:
+
+  1. split the state's RNG;
+  2. `sample_y`: y ~ pi_theta(.|x)                                   (`nash_lm.sampling.sample`, KV-cached decode)
+  3. `sample_y2`: y' ~ token-level mixture of pi_theta and mu        (`sample(..., mix_params=ref, beta=beta)`;
+     beta = 0 samples pi_theta alone (self-play), beta = 1 samples mu alone (best response), Nash-EMA-PG samples
+     the EMA parameters); no gradient flows through either sample;
+  4. `judge`: P(y > y'|x) from the preference head (`nash_lm.models.preference_prob`), or sigmoid(r(y) - r(y'))
+     from a reward model, or a JAX oracle;
+  5. `ref_logprobs`: log mu(y_n | x, y_<n) (`nash_lm.models.lm_logits` of the frozen reference);
+  6. `policy_grad`: log pi_theta(y_n | .) and the loss (`losses.nash_md_pg_loss`: the KL enters each token as a
+     reward-to-go), value_and_grad;
+  7. `optimizer_update` (optax AdamW) and `ema_update` (theta_bar <- d theta_bar + (1 - d) theta).
+
+The mutable part of the state (step, rng, policy, opt_state, ema) is donated; the reference and the judge's
+parameters are a separate, non-donated argument. A `host_oracle` judge (any Python callable) cannot be traced, so
+its stage compiles two halves, `rollout` (steps 1-3) and `update` (steps 5-7), and calls the oracle between them.
+
+Prompts are left-padded (`nash_lm.data.synthetic`), so logits at prompt column P-1 predict response token 0.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from nash_lm import models, sampling
+from nash_lm.data.synthetic import EOS_ID, PAD_ID
+from nash_lm.train import losses
+from nash_lm.train.state import TrainState
+
+scope = jax.named_scope
+
+
+@dataclasses.dataclass(frozen=True)
+class Judge:
+    """How pairs are scored: 'preference' / 'reward' (a trained model), 'oracle' (a JAX function traced into
+    the step) or 'host_oracle' (a Python callable on numpy arrays, called between two compiled halves)."""
+
+    kind: str
+    graphdef: Any = None
+    fn: Callable | None = None
+
+    @property
+    def in_jit(self) -> bool:
+        return self.kind != "host_oracle"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Scoring helpers (pure; shared by the steps and the evaluations)
+
+
+def response_logprobs(graphdef, params, prompt, prompt_mask, response, response_mask, temperature=1.0):
+    """`(logp [B, N], greedy_correct [B, N])`: log pi(y_n | x, y_<n) of the response tokens (masked) under
+    teacher forcing at `temperature`, and whether the argmax prediction equals the token."""
+    p_len, n = prompt.shape[1], response.shape[1]
+    tokens = jnp.concatenate([prompt, response], axis=1)
+    mask = jnp.concatenate([prompt_mask, response_mask], axis=1)
+    logits = models.lm_logits(graphdef, params, tokens, mask)[:, p_len - 1:p_len + n - 1].astype(jnp.float32)
+    logp_all = jax.nn.log_softmax(logits / temperature, axis=-1)
+    logp = jnp.take_along_axis(logp_all, response[..., None], axis=-1)[..., 0]
+    return logp * response_mask, jnp.argmax(logits, axis=-1) == response
+
+
+def sequence_reward(graphdef, params, prompt, prompt_mask, response, response_mask):
+    """Reward-model score `[B]` of prompt + response."""
+    tokens = jnp.concatenate([prompt, response], axis=1)
+    mask = jnp.concatenate([prompt_mask, response_mask], axis=1)
+    return models.reward(graphdef, params, tokens, mask).astype(jnp.float32)
+
+
+def judge_pair(judge: Judge, judge_params, prompt, prompt_mask, y, y_mask, y2, y2_mask):
+    """P(y > y2 | x) `[B]` from an in-jit judge."""
+    if judge.kind == "preference":
+        return models.preference_prob(judge.graphdef, judge_params, prompt, prompt_mask, y, y_mask, y2,
+                                      y2_mask).astype(jnp.float32)
+    if judge.kind == "reward":
+        r1 = sequence_reward(judge.graphdef, judge_params, prompt, prompt_mask, y, y_mask)
+        r2 = sequence_reward(judge.graphdef, judge_params, prompt, prompt_mask, y2, y2_mask)
+        return jax.nn.sigmoid(r1 - r2)
+    if judge.kind == "oracle":
+        return jnp.asarray(judge.fn(prompt, prompt_mask, y, y_mask, y2, y2_mask), jnp.float32)
+    raise ValueError(f"judge kind {judge.kind!r} cannot run inside a compiled step")
+
+
+def _apply_gradients(tx, mut: TrainState, loss_fn, rng, ema_decay=None):
+    """value_and_grad of `loss_fn(params)`, the optimizer update and the EMA update; returns (state, metrics)."""
+    with scope("policy_grad"):
+        (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(mut.policy)
+    grad_norm = optax.global_norm(grads)
+    with scope("optimizer_update"):
+        updates, opt_state = tx.update(grads, mut.opt_state, mut.policy)
+        policy = optax.apply_updates(mut.policy, updates)
+    ema = mut.ema
+    if ema is not None:
+        with scope("ema_update"):
+            ema = optax.incremental_update(policy, ema, step_size=1.0 - ema_decay)
+    metrics = {**metrics, "loss": loss, "grad_norm": grad_norm,
+               "finite": jnp.isfinite(loss) & jnp.isfinite(grad_norm)}
+    new = mut.replace(step=mut.step + 1, rng=rng, policy=policy, opt_state=opt_state, ema=ema)
+    return new, metrics
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# SFT and judge training
+
+
+def sft_step(graphdef, tx, mut: TrainState, frozen, batch):
+    del frozen
+
+    def loss_fn(params):
+        logp, correct = response_logprobs(graphdef, params, batch["prompt"], batch["prompt_mask"],
+                                          batch["response"], batch["response_mask"])
+        return losses.sft_loss(logp, batch["response_mask"], correct)
+
+    return _apply_gradients(tx, mut, loss_fn, mut.rng)
+
+
+def judge_loss(kind: str, graphdef, params, batch, label):
+    if kind == "preference":
+        prob = models.preference_prob(graphdef, params, batch["prompt"], batch["prompt_mask"], batch["y"],
+                                      batch["y_mask"], batch["y2"], batch["y2_mask"]).astype(jnp.float32)
+        return losses.preference_ce_loss(prob, label)
+    r1 = sequence_reward(graphdef, params, batch["prompt"], batch["prompt_mask"], batch["y"], batch["y_mask"])
+    r2 = sequence_reward(graphdef, params, batch["prompt"], batch["prompt_mask"], batch["y2"], batch["y2_mask"])
+    return losses.bradley_terry_loss(r1, r2, label)
+
+
+def judge_step(kind: str, labels: str, graphdef, tx, mut: TrainState, frozen, batch):
+    del frozen
+    label = batch["label"] if labels == "soft" else batch["hard_label"]
+    return _apply_gradients(tx, mut, lambda p: judge_loss(kind, graphdef, p, batch, label), mut.rng)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Policy optimisation: Nash-MD-PG (+ self-play, best response), Nash-EMA-PG, RLHF, online IPO, IPO-MD
+
+
+@dataclasses.dataclass(frozen=True)
+class PolicyHParams:
+    algorithm: str
+    tau: float
+    beta: float = 0.0
+    ema_decay: float = 0.0
+    temperature: float = 1.0
+    max_new_tokens: int = 8
+
+
+def _sample(graphdef, params, batch, key, hp: PolicyHParams, mix_params=None, beta=0.0):
+    out = sampling.sample(graphdef, params, batch["prompt"], batch["prompt_mask"], key,
+                          max_new_tokens=hp.max_new_tokens, eos_id=EOS_ID, pad_id=PAD_ID,
+                          temperature=hp.temperature, mix_params=mix_params, beta=beta)
+    return out.tokens, out.mask.astype(jnp.float32)
+
+
+def _mixture(graphdef, policy, ref, batch, key, hp: PolicyHParams):
+    """A sample of the token-level mixture pi^(1-beta) mu^beta; the end points sample one model alone."""
+    if hp.beta == 0.0:
+        return _sample(graphdef, policy, batch, key, hp)
+    if hp.beta == 1.0:
+        return _sample(graphdef, ref, batch, key, hp)
+    return _sample(graphdef, policy, batch, key, hp, mix_params=ref, beta=hp.beta)
+
+
+def rollout(hp: PolicyHParams, graphdef, mut: TrainState, frozen, batch):
+    """Steps 1-3: `(rng', samples)` with samples {y, y_mask[, y2, y2_mask]}; no gradient flows through them."""
+    ref, _ = frozen
+    rng, k_y, k_y2 = jax.random.split(mut.rng, 3)
+    samples = {}
+    algo = hp.algorithm
+    with scope("sample_y"):
+        if algo == "ipo_md":
+            samples["y"], samples["y_mask"] = _mixture(graphdef, mut.policy, ref, batch, k_y, hp)
+        else:
+            samples["y"], samples["y_mask"] = _sample(graphdef, mut.policy, batch, k_y, hp)
+    if algo != "rlhf":
+        with scope("sample_y2"):
+            if algo == "nash_md_pg" or algo == "ipo_md":
+                samples["y2"], samples["y2_mask"] = _mixture(graphdef, mut.policy, ref, batch, k_y2, hp)
+            elif algo == "nash_ema_pg":
+                samples["y2"], samples["y2_mask"] = _sample(graphdef, mut.ema, batch, k_y2, hp)
+            else:  # online_ipo
+                samples["y2"], samples["y2_mask"] = _sample(graphdef, mut.policy, batch, k_y2, hp)
+    samples = jax.lax.stop_gradient(samples)
+    return rng, samples
+
+
+def score(hp: PolicyHParams, judge: Judge, frozen, batch, samples):
+    """Step 4: P(y > y') `[B]` (or the reward r(y) for RLHF), computed inside the compiled step."""
+    _, judge_params = frozen
+    with scope("judge"):
+        if hp.algorithm == "rlhf":
+            return sequence_reward(judge.graphdef, judge_params, batch["prompt"], batch["prompt_mask"],
+                                   samples["y"], samples["y_mask"])
+        return judge_pair(judge, judge_params, batch["prompt"], batch["prompt_mask"], samples["y"],
+                          samples["y_mask"], samples["y2"], samples["y2_mask"])
+
+
+def update(hp: PolicyHParams, graphdef, tx, mut: TrainState, frozen, batch, samples, judged, rng):
+    """Steps 5-7: reference log-probs, the algorithm's loss, gradients, optimizer and EMA updates."""
+    ref, _ = frozen
+    judged = jax.lax.stop_gradient(judged)
+    prompt, pmask = batch["prompt"], batch["prompt_mask"]
+    y, y_mask = samples["y"], samples["y_mask"]
+    t = hp.temperature
+    with scope("ref_logprobs"):
+        ref_y, _ = response_logprobs(graphdef, ref, prompt, pmask, y, y_mask, t)
+        if hp.algorithm in ("online_ipo", "ipo_md"):
+            ref_y2, _ = response_logprobs(graphdef, ref, prompt, pmask, samples["y2"], samples["y2_mask"], t)
+    ref_y = jax.lax.stop_gradient(ref_y)
+
+    def loss_fn(params):
+        logp_y, _ = response_logprobs(graphdef, params, prompt, pmask, y, y_mask, t)
+        if hp.algorithm in ("nash_md_pg", "nash_ema_pg"):
+            return losses.nash_md_pg_loss(logp_y, ref_y, y_mask, judged, hp.tau)
+        if hp.algorithm == "rlhf":
+            return losses.rlhf_pg_loss(logp_y, ref_y, y_mask, judged, hp.tau)
+        logp_y2, _ = response_logprobs(graphdef, params, prompt, pmask, samples["y2"], samples["y2_mask"], t)
+        return losses.ipo_loss(logp_y, ref_y, y_mask, logp_y2, ref_y2, samples["y2_mask"], judged, hp.tau)
+
+    new, metrics = _apply_gradients(tx, mut, loss_fn, rng, hp.ema_decay if mut.ema is not None else None)
+    metrics["response_len"] = jnp.mean(jnp.sum(y_mask, axis=-1))
+    return new, metrics
+
+
+def policy_step(hp: PolicyHParams, graphdef, judge: Judge, tx, mut: TrainState, frozen, batch):
+    """The whole policy-optimisation step (rollout, judge, update) as one function, for one jax.jit."""
+    rng, samples = rollout(hp, graphdef, mut, frozen, batch)
+    judged = score(hp, judge, frozen, batch, samples)
+    return update(hp, graphdef, tx, mut, frozen, batch, samples, judged, rng)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Evaluations (no donation, fixed keys: they never touch the training trajectory)
+
+
+def eval_sft(graphdef, params, batch):
+    logp, correct = response_logprobs(graphdef, params, batch["prompt"], batch["prompt_mask"], batch["response"],
+                                      batch["response_mask"])
+    return losses.sft_loss(logp, batch["response_mask"], correct)[1]
+
+
+def eval_judge(kind: str, graphdef, params, batch):
+    loss, metrics = judge_loss(kind, graphdef, params, batch, batch["label"])
+    hard_loss, hard = judge_loss(kind, graphdef, params, batch, batch["hard_label"])
+    return {"loss": loss, "accuracy": metrics["accuracy"], "accuracy_vs_sampled_labels": hard["accuracy"]}
+
+
+def eval_policy_rollout(hp: PolicyHParams, graphdef, params, ref, batch, key):
+    """y ~ pi (the trained or the averaged policy), y' ~ mu: the pair that measures improvement over mu."""
+    k1, k2 = jax.random.split(key)
+    y, y_mask = _sample(graphdef, params, batch, k1, dataclasses.replace(hp, temperature=1.0))
+    y2, y2_mask = _sample(graphdef, ref, batch, k2, dataclasses.replace(hp, temperature=1.0))
+    return {"y": y, "y_mask": y_mask, "y2": y2, "y2_mask": y2_mask}
+
+
+def eval_policy(hp: PolicyHParams, graphdef, judge: Judge, params, ref, judge_params, batch, key):
+    """In-jit judge: rollout, P(y > y'), KL, in one compiled evaluation. RLHF's reward model judges as BT."""
+    samples = eval_policy_rollout(hp, graphdef, params, ref, batch, key)
+    if judge.kind == "reward" or hp.algorithm == "rlhf":
+        judge = Judge("reward", graphdef=judge.graphdef)
+    win = judge_pair(judge, judge_params, batch["prompt"], batch["prompt_mask"], samples["y"], samples["y_mask"],
+                     samples["y2"], samples["y2_mask"])
+    return eval_policy_metrics(graphdef, params, ref, batch, samples, win)
+
+
+def eval_policy_metrics(graphdef, params, ref, batch, samples, win_prob):
+    logp, _ = response_logprobs(graphdef, params, batch["prompt"], batch["prompt_mask"], samples["y"],
+                                samples["y_mask"])
+    ref_logp, _ = response_logprobs(graphdef, ref, batch["prompt"], batch["prompt_mask"], samples["y"],
+                                    samples["y_mask"])
+    return {"win_rate_vs_ref": jnp.mean(win_prob), "kl_to_ref": jnp.mean(jnp.sum(logp - ref_logp, axis=-1)),
+            "response_len": jnp.mean(jnp.sum(samples["y_mask"], axis=-1))}
