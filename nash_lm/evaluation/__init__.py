@@ -1,0 +1,1 @@
+"""Evaluation: the pairwise tournament of policies judged by a preference oracle (`tournament`)."""
