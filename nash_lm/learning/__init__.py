@@ -2,8 +2,8 @@
 
     from nash_lm import learning
     data = learning.sample_dataset(P_true, learning.product_behaviour(rho, pi_D), n=1000, rng=rng)
-    fit = learning.TabularClass(X, n).fit(data)                 # MLE
-    pi_hat = learning.offline_policy("version_space", fit, data, mu, tau, rho, beta=1.0)
+    fit = learning.TabularClass(X, n).fit(data)                      # MLE (per-pair win rates)
+    pi_hat = learning.offline_policy("version_space", data, mu, tau, rho)   # or "plugin", "bonus"
 
 Modules:
 - `data`: offline/online datasets of labelled pairs (x, a1, a2, y), behaviour pair distributions, sampling.
