@@ -7,7 +7,7 @@ with plain `jax.jit`, and several parameter trees (policy, reference, EMA) share
 
 Contract (used by `nash_lm.sampling` and `nash_lm.train`):
   ModelConfig                                 frozen dataclass; `.validate()`; `ModelConfig.from_config(cd)`
-  init(cfg, kind, seed) -> (graphdef, params)  kind in {'lm', 'preference', 'reward'}
+  init(cfg, kind, seed, shardings=None) -> (graphdef, params)  kind in {'lm', 'preference', 'reward'}
   abstract_init(cfg, kind) -> (graphdef, abstract params)   shapes only (for shardings before allocating)
   lm_logits(graphdef, params, tokens, mask) -> [B, T, V] float32
       positions from the mask (left padding works), causal attention ignoring padded keys.
@@ -20,6 +20,8 @@ Contract (used by `nash_lm.sampling` and `nash_lm.train`):
 Tokens are int32 [B, T]; masks are 0/1 (any integer or bool dtype) [B, T].
 """
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -49,12 +51,24 @@ def _build(cfg: ModelConfig, kind: str, seed):
   raise ValueError(f"kind={kind!r}: must be one of {KINDS}")
 
 
-def init(cfg: ModelConfig, kind: str = "lm", seed: int = 0):
-  """Builds the model and splits it: (graphdef, params nnx.State). Validates cfg first."""
-  cfg.validate()
-  if kind not in KINDS:
-    raise ValueError(f"kind={kind!r}: must be one of {KINDS}")
-  return nnx.split(_build(cfg, kind, seed), nnx.Param)
+@functools.lru_cache(maxsize=64)
+def _jitted_init(cfg: ModelConfig, kind: str):
+  return jax.jit(lambda key: nnx.state(_build(cfg, kind, key), nnx.Param))
+
+
+def init(cfg: ModelConfig, kind: str = "lm", seed: int = 0, shardings=None):
+  """Builds the model and splits it: (graphdef, params nnx.State). Validates cfg first.
+
+  The parameters are created by one jit-compiled program (much faster than op-by-op creation); with
+  `shardings` (a tree from `nash_lm.parallel.param_shardings`) they are created already sharded.
+  """
+  graphdef, _ = abstract_init(cfg, kind)
+  key = jax.random.key(seed) if isinstance(seed, int) else seed
+  if shardings is None:
+    params = _jitted_init(cfg, kind)(key)
+  else:
+    params = jax.jit(lambda key: nnx.state(_build(cfg, kind, key), nnx.Param), out_shardings=shardings)(key)
+  return graphdef, params
 
 
 def abstract_init(cfg: ModelConfig, kind: str = "lm"):
