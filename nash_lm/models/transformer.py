@@ -246,7 +246,10 @@ class Transformer(nnx.Module):
       offset = jnp.sum(cache.mask, axis=-1)  # real tokens already in the buffer
       positions = positions_from_mask(mask, offset)
       key_mask = jax.lax.dynamic_update_slice_in_dim(cache.mask, mask, index, axis=1)
-    x = jnp.take(self.embed[...], tokens, axis=0).astype(cfg.compute_dtype)
+    # FSDP semantics: gather the (vocab/embed-sharded) table before the lookup; a gather from a table
+    # sharded along the looked-up axis would force XLA into a full rematerialisation.
+    table = constrain(self.embed[...], (None, None))
+    x = jnp.take(table, tokens, axis=0).astype(cfg.compute_dtype)
     x = constrain(x, ("batch", "length", "act_embed"))
     x, kv = self._run_blocks(x, positions, key_mask, cache, index)
     if last_only:
