@@ -23,6 +23,7 @@ import json
 import os
 import shutil
 import signal
+import sys
 import time
 import zlib
 
@@ -79,11 +80,15 @@ def _completed(config, workdir) -> set:
 
 def _check_workdir(config, workdir, order) -> None:
     """Every stage directory that exists must have been written by a config with the same fingerprint."""
-    needed = set(order)
+    needed = []  # inputs before the stages that read them, so the first mismatch reported is the root cause
     for name in order:
         st = config.stages[name]
-        needed |= {st.get(f, "") for f in ("init", "ref", "judge")} & set(config.stages.keys())
-    for name in sorted(needed):
+        for ref in (st.get(f, "") for f in ("init", "ref", "judge")):
+            if ref in config.stages and ref not in needed:
+                needed.append(ref)
+        if name not in needed:
+            needed.append(name)
+    for name in needed:
         path = os.path.join(_stage_dir(workdir, name), "fingerprint.json")
         if not os.path.exists(path):
             continue
@@ -473,21 +478,23 @@ def run(config, workdir: str) -> dict:
     """`train` job: runs `config.pipeline`; returns the summary (also written to WORKDIR/summary.json)."""
     t0 = time.time()
     workdir = os.path.abspath(workdir)
-    mesh, rules, order = prepare(config, workdir)  # raises ValueError before anything is written
-    os.makedirs(workdir, exist_ok=True)
-    _write_json(os.path.join(workdir, "config.json"), cfg_lib.to_jsonable(config))
-    peak = float(config.peak_tflops) * 1e12 if config.peak_tflops > 0 else metrics_lib.measure_peak_flops()
-    logging.info("peak FLOP/s per device for MFU: %.3g (%s)", peak,
-                 "configured" if config.peak_tflops > 0 else "measured")
-    writer = metrics_lib.MetricsWriter(workdir)
     stop = {"flag": False}
 
     def on_sigterm(signum, frame):
         stop["flag"] = True
+        logging.warning("SIGTERM received: the current step will be checkpointed, then the run stops")
 
     previous = signal.signal(signal.SIGTERM, on_sigterm)
+    writer = None
     results = {}
     try:
+        mesh, rules, order = prepare(config, workdir)  # raises ValueError before anything is written
+        os.makedirs(workdir, exist_ok=True)
+        _write_json(os.path.join(workdir, "config.json"), cfg_lib.to_jsonable(config))
+        peak = float(config.peak_tflops) * 1e12 if config.peak_tflops > 0 else metrics_lib.measure_peak_flops()
+        logging.info("peak FLOP/s per device for MFU: %.3g (%s)", peak,
+                     "configured" if config.peak_tflops > 0 else "measured")
+        writer = metrics_lib.MetricsWriter(workdir)
         with parallel.activate(mesh, rules):
             for name in order:
                 done_path = os.path.join(_stage_dir(workdir, name), "done.json")
@@ -498,11 +505,12 @@ def run(config, workdir: str) -> dict:
                 stage = Stage(config, name, workdir, mesh, rules, peak, writer)
                 results[name] = stage.run(lambda: stop["flag"])
     except Preempted as e:
-        writer.close()
+        print(f"preempted: {e}; rerun the same command to resume", file=sys.stderr)
         return {"status": "preempted", "message": str(e)}
     finally:
         signal.signal(signal.SIGTERM, previous)
-        writer.close()
+        if writer is not None:
+            writer.close()
     policy_stages = [n for n in order if results[n]["produces"] == "lm"]
     summary = {
         "status": "complete",
