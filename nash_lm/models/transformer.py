@@ -105,8 +105,13 @@ class Attention(nnx.Module):
     self.out = _param(k2, (kv, g, hd, d), (cfg.n_heads * hd) ** -0.5 / math.sqrt(2 * cfg.n_layers),
                       ("heads", "qkv", "kv", "embed"), cfg.weight_dtype)
 
-  def __call__(self, x, positions, key_mask, cache_kv=None, index=None):
-    """x [B,T,D]; key_mask [B,S] (S = T without cache). Returns (out [B,T,D], (k_all, v_all) or None)."""
+  def __call__(self, x, positions, key_mask, cache_kv=None, index=None, layer=0):
+    """x [B,T,D]; key_mask [B,S] (S = T without cache). Returns (out [B,T,D], (k_all, v_all) or None).
+
+    With a cache, `cache_kv` holds all layers' keys/values [L, B, S, K, hd]: the new keys/values are written
+    in place at [layer, :, index] (a small dynamic-update-slice on the loop-carried buffer, so XLA never
+    copies the cache) and this layer's slice is read back for the attention.
+    """
     cfg = self.cfg
     dt = cfg.compute_dtype
     g = cfg.group_size
@@ -119,9 +124,13 @@ class Attention(nnx.Module):
     if cache_kv is None:
       keys, vals, start = k, v, 0
     else:
-      keys, vals = cache_kv
-      keys = jax.lax.dynamic_update_slice_in_dim(keys, k.astype(keys.dtype), index, axis=1)
-      vals = jax.lax.dynamic_update_slice_in_dim(vals, v.astype(vals.dtype), index, axis=1)
+      k_all, v_all = cache_kv
+      zero = jnp.zeros((), jnp.int32)
+      at = (jnp.asarray(layer, jnp.int32), zero, jnp.asarray(index, jnp.int32), zero, zero)
+      k_all = jax.lax.dynamic_update_slice(k_all, k.astype(k_all.dtype)[None], at)
+      v_all = jax.lax.dynamic_update_slice(v_all, v.astype(v_all.dtype)[None], at)
+      keys = jax.lax.dynamic_index_in_dim(k_all, layer, 0, keepdims=False)
+      vals = jax.lax.dynamic_index_in_dim(v_all, layer, 0, keepdims=False)
       start = index
     keys = constrain(keys, ("batch", "length", "heads", "kv"))
     vals = constrain(vals, ("batch", "length", "heads", "kv"))
@@ -135,7 +144,7 @@ class Attention(nnx.Module):
     o = jnp.einsum("bkgts,bskh->btkgh", probs, vals.astype(dt))
     o = constrain(o, ("batch", "length", "heads", "qkv", "kv"))
     out = jnp.einsum("btkgh,kghd->btd", o, self.out[...].astype(dt))
-    return out, (None if cache_kv is None else (keys, vals))
+    return out, (None if cache_kv is None else (k_all, v_all))
 
 
 class MLP(nnx.Module):
@@ -165,8 +174,8 @@ class Block(nnx.Module):
     self.mlp_norm = RMSNorm(cfg)
     self.mlp = MLP(cfg, k2)
 
-  def __call__(self, x, positions, key_mask, cache_kv=None, index=None):
-    h, new_kv = self.attn(self.attn_norm(x), positions, key_mask, cache_kv, index)
+  def __call__(self, x, positions, key_mask, cache_kv=None, index=None, layer=0):
+    h, new_kv = self.attn(self.attn_norm(x), positions, key_mask, cache_kv, index, layer)
     x = constrain(x + h, ("batch", "length", "act_embed"))
     x = constrain(x + self.mlp(self.mlp_norm(x)), ("batch", "length", "act_embed"))
     return x, new_kv
@@ -201,13 +210,7 @@ class Transformer(nnx.Module):
       if kv is None:
         y, _ = block(x, positions, key_mask)
         return y, None
-      k_all, v_all = kv
-      layer_kv = (jax.lax.dynamic_index_in_dim(k_all, layer_idx, 0, keepdims=False),
-                  jax.lax.dynamic_index_in_dim(v_all, layer_idx, 0, keepdims=False))
-      y, (k_l, v_l) = block(x, positions, key_mask, layer_kv, index)
-      k_all = jax.lax.dynamic_update_index_in_dim(k_all, k_l, layer_idx, 0)
-      v_all = jax.lax.dynamic_update_index_in_dim(v_all, v_l, layer_idx, 0)
-      return y, (k_all, v_all)
+      return block(x, positions, key_mask, kv, index, layer_idx)
 
     use_remat = cfg.remat and cache is None
     kv = None if cache is None else (cache.k, cache.v)
