@@ -92,7 +92,7 @@ def _apply_gradients(tx, mut: TrainState, loss_fn, rng, ema_decay=None):
     """value_and_grad of `loss_fn(params)`, the optimizer update and the EMA update; returns (state, metrics)."""
     with scope("policy_grad"):
         (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(mut.policy)
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     with scope("optimizer_update"):
         updates, opt_state = tx.update(grads, mut.opt_state, mut.policy)
         policy = optax.apply_updates(mut.policy, updates)
