@@ -53,9 +53,10 @@ def test_metrics_jsonl_and_tensorboard(tmp_path):
     w.write("sft", 2, {"loss": 1.5, "kl": 0.25})
     w.write("sft", 4, {"loss": 1.25, "kl": 0.5})
     w.write("pm", 2, {"loss": 0.7})
+    w.write("pm", 2, {"final": True, "eval/accuracy": 0.5})
     w.close()
     lines = [json.loads(x) for x in open(tmp_path / "metrics.jsonl")]
-    assert [(r["stage"], r["step"]) for r in lines] == [("sft", 2), ("sft", 4), ("pm", 2)]
+    assert [(r["stage"], r["step"]) for r in lines] == [("sft", 2), ("sft", 4), ("pm", 2), ("pm", 2)]
 
     Event = _event_class()
     (path,) = glob.glob(str(tmp_path / "tensorboard" / "events.out.tfevents.*"))
@@ -72,7 +73,10 @@ def test_metrics_jsonl_and_tensorboard(tmp_path):
     w = metrics.MetricsWriter(str(tmp_path))
     w.truncate("sft", 2)
     lines = [json.loads(x) for x in open(tmp_path / "metrics.jsonl")]
-    assert [(r["stage"], r["step"]) for r in lines] == [("sft", 2), ("pm", 2)]
+    assert [(r["stage"], r["step"]) for r in lines] == [("sft", 2), ("pm", 2), ("pm", 2)]
+    w.truncate("pm", 2)  # pm finished again: its final evaluation is written anew
+    lines = [json.loads(x) for x in open(tmp_path / "metrics.jsonl")]
+    assert [(r["stage"], r["step"], "final" in r) for r in lines] == [("sft", 2, False), ("pm", 2, False)]
 
 
 def test_forward_flops_closed_form():

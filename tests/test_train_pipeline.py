@@ -283,3 +283,25 @@ def test_incompatible_workdir_is_refused_untouched(uninterrupted):
     assert again.returncode == 0, again.stderr[-2000:]
     assert _summary(uninterrupted)["policy_params_sha256"] == _summary(uninterrupted)["stages"]["nash_ema"][
         "policy_params_sha256"]
+
+
+def test_every_training_config_validates(tmp_path):
+    """configs/*.py with job 'train' pass validation (nothing compiled, nothing written)."""
+    import importlib.util
+
+    from nash_lm.train import loop
+
+    names = []
+    for fname in sorted(os.listdir(os.path.join(ROOT, "configs"))):
+        if not fname.endswith(".py"):
+            continue
+        spec = importlib.util.spec_from_file_location(f"cfg_{fname[:-3]}", os.path.join(ROOT, "configs", fname))
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        config = module.get_config()
+        if config.get("job") != "train":
+            continue
+        loop.prepare(config, str(tmp_path / fname))
+        names.append(fname)
+    assert {"tiny.py", "nlhf_paper.py"} <= set(names)
+    assert not os.listdir(tmp_path)

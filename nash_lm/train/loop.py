@@ -442,7 +442,7 @@ class Stage:
         ckpt_lib.export_params(export + ".partial", tree)
         os.replace(export + ".partial", export)
         evaluation = self.evaluate(mut)
-        self.writer.write(self.name, self.st.steps, {f"eval/{k}": v for k, v in evaluation.items()})
+        self.writer.write(self.name, self.st.steps, {"final": True, **{f"eval/{k}": v for k, v in evaluation.items()}})
         last = {}
         if os.path.exists(self.writer.path):
             with open(self.writer.path) as f:

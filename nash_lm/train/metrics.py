@@ -126,7 +126,8 @@ def _jsonable(v):
 
 
 class MetricsWriter:
-    """`metrics.jsonl` + TensorBoard; `truncate(stage, step)` drops lines of `stage` after `step` (on resume)."""
+    """`metrics.jsonl` + TensorBoard; `truncate(stage, step)` drops the lines of `stage` after `step` and its
+    final-evaluation line (on resume)."""
 
     def __init__(self, workdir: str):
         self.path = os.path.join(workdir, "metrics.jsonl")
@@ -144,7 +145,8 @@ class MetricsWriter:
                 rec = json.loads(line)
             except json.JSONDecodeError:  # a line cut by a kill -9
                 continue
-            if rec.get("stage") == stage and rec.get("step", 0) > after_step:
+            # A final evaluation line is rewritten whenever the stage is finished again.
+            if rec.get("stage") == stage and (rec.get("step", 0) > after_step or rec.get("final")):
                 continue
             keep.append(line if line.endswith("\n") else line + "\n")
         tmp = self.path + ".tmp"
@@ -159,7 +161,8 @@ class MetricsWriter:
         if self._tb is None:
             self._tb = TensorBoardWriter(self._tb_dir)
         self._tb.scalars(int(step), {f"{stage}/{k}": v for k, v in record.items()
-                                     if isinstance(v, (int, float)) and k not in ("step",)})
+                                     if isinstance(v, (int, float)) and not isinstance(v, bool)
+                                     and k not in ("step", "final")})
         return record
 
     def close(self) -> None:
