@@ -22,6 +22,9 @@ top_k=0, top_p=1.0, mix_params=None, beta=0.0) -> Samples`
     the chosen tokens under π_T, μ_T (= π_T when mix_params is None) and the actual sampling distribution
     (mixture, top-k/top-p, renormalised), all at temperature T; 0 where mask is 0.
 
+`sample` = `decode(prefill(...))`; both halves are public (pure, jittable) so that a caller can time or
+schedule them separately (bench/sampling.py times the decode loop alone).
+
 The function is pure (no host callbacks, no Python side effects beyond shape checks) and can be called
 inside another `jax.jit` (the training step does). Remat is never applied on this path. Shape errors
 (prompt longer than ModelConfig.max_len, bad arguments) raise ValueError naming the field while tracing,
@@ -29,16 +32,17 @@ i.e. before compiling.
 """
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from nash_lm.models import init_cache
+from nash_lm.models import KVCache, init_cache
 from nash_lm.parallel import constrain
 
-__all__ = ["Samples", "sample", "filter_logits", "sample_jit"]
+__all__ = ["Samples", "Prefilled", "sample", "prefill", "decode", "filter_logits", "sample_jit"]
 
 
 class Samples(NamedTuple):
@@ -101,36 +105,68 @@ def _check_args(cfg, prompts, prompt_mask, max_new_tokens, eos_id, pad_id, tempe
     raise ValueError(f"beta={beta}: must lie in [0, 1]")
 
 
+class Prefilled(NamedTuple):
+  """The decode loop's starting point: last-position logits [B, V] and KV cache of each tree."""
+  logits_pol: jax.Array
+  cache_pol: KVCache
+  logits_mix: jax.Array | None
+  cache_mix: KVCache | None
+  start: jax.Array  # scalar int32: first cache slot of the completion (the prompt length)
+
+
+def _model_fn(graphdef, p, tokens, mask, cache, index, last_only=False):
+  return nnx.merge(graphdef, p)(tokens, mask, cache=cache, index=index, last_only=last_only)
+
+
+def prefill(graphdef, params, prompts, prompt_mask, *, max_new_tokens: int, mix_params=None,
+            cache_len: int | None = None) -> Prefilled:
+  """Runs the left-padded prompts through the policy (and the second tree) into fresh KV caches."""
+  cfg = nnx.merge(graphdef, params).cfg
+  b, tp = prompts.shape
+  s = cache_len or tp + max_new_tokens
+
+  def one(p):
+    cache = init_cache(cfg, b, s)
+    logits, cache = _model_fn(graphdef, p, prompts.astype(jnp.int32), prompt_mask.astype(jnp.int32), cache, 0,
+                              True)
+    return logits[:, 0], cache
+
+  logits_pol, cache_pol = one(params)
+  logits_mix, cache_mix = one(mix_params) if mix_params is not None else (None, None)
+  return Prefilled(logits_pol, cache_pol, logits_mix, cache_mix, jnp.asarray(tp, jnp.int32))
+
+
 def sample(graphdef, params, prompts, prompt_mask, rng, *, max_new_tokens: int, eos_id: int | None,
            pad_id: int, temperature=1.0, top_k: int = 0, top_p=1.0, mix_params=None, beta=0.0,
            cache_len: int | None = None, predraw_limit: int = 1 << 24) -> Samples:
-  """Samples `max_new_tokens` tokens after each left-padded prompt; see the module docstring."""
-  model = nnx.merge(graphdef, params)
-  cfg = model.cfg
+  """Samples `max_new_tokens` tokens after each left-padded prompt; see the module docstring.
+
+  `cache_len` (default prompt length + max_new_tokens, at most max_len) sets the KV buffer size;
+  `predraw_limit` is the largest [N, B, V] Gumbel-noise array drawn up front.
+  """
+  cfg = nnx.merge(graphdef, params).cfg
   _check_args(cfg, prompts, prompt_mask, max_new_tokens, eos_id, pad_id, temperature, top_k, top_p, beta,
               cache_len)
+  state = prefill(graphdef, params, prompts, prompt_mask, max_new_tokens=max_new_tokens,
+                  mix_params=mix_params, cache_len=cache_len)
+  return decode(graphdef, params, state, rng, max_new_tokens=max_new_tokens, eos_id=eos_id, pad_id=pad_id,
+                temperature=temperature, top_k=top_k, top_p=top_p, mix_params=mix_params, beta=beta,
+                predraw_limit=predraw_limit)
+
+
+def decode(graphdef, params, state: Prefilled, rng, *, max_new_tokens: int, eos_id: int | None, pad_id: int,
+           temperature=1.0, top_k: int = 0, top_p=1.0, mix_params=None, beta=0.0,
+           predraw_limit: int = 1 << 24) -> Samples:
+  """The `lax.while_loop` decode from a `prefill` state (arguments as in `sample`, which checks them)."""
+  cfg = nnx.merge(graphdef, params).cfg
   mixing = mix_params is not None
-  b, tp = prompts.shape
-  n = max_new_tokens
-  v = cfg.vocab_size
-  s = cache_len or tp + n
-  prompts = prompts.astype(jnp.int32)
-  prompt_mask = prompt_mask.astype(jnp.int32)
+  if mixing != (state.cache_mix is not None):
+    raise ValueError("mix_params: must be given to both prefill and decode, or to neither")
+  b, v, n = state.logits_pol.shape[0], cfg.vocab_size, max_new_tokens
+  tp = state.start
   inv_t = 1.0 / jnp.asarray(temperature, jnp.float32)
-
-  def prefill(p):
-    cache = init_cache(cfg, b, s)
-    logits, cache = model_fn(p, prompts, prompt_mask, cache, 0, True)
-    return logits[:, 0], cache
-
-  def model_fn(p, tokens, mask, cache, index, last_only=False):
-    return nnx.merge(graphdef, p)(tokens, mask, cache=cache, index=index, last_only=last_only)
-
-  logits_pol, cache_pol = prefill(params)
-  if mixing:
-    logits_mix, cache_mix = prefill(mix_params)
-  else:
-    logits_mix, cache_mix = None, None
+  model_fn = functools.partial(_model_fn, graphdef)
+  logits_pol, cache_pol, logits_mix, cache_mix = state.logits_pol, state.cache_pol, state.logits_mix, state.cache_mix
 
   predraw = n * b * v <= predraw_limit
   if predraw:
