@@ -19,7 +19,7 @@ DATA = synthetic.SyntheticConfig(vocab_size=32, prompt_len=6, response_len=6, n_
 B = 4
 
 
-def _setup(algorithm, **hp):
+def _setup(algorithm, judge=None, **hp):
     mesh = parallel.make_mesh({"data": 2}, devices=jax.devices()[:2])
     rules = parallel.validate_rules(None, mesh)
     graphdef, policy = models.init(CFG, "lm", 0)
@@ -41,7 +41,8 @@ def _setup(algorithm, **hp):
              for k, v in data.items()}
     batch_sh = jax.tree.map(lambda x: x.sharding, batch)
     hparams = step_lib.PolicyHParams(algorithm=algorithm, max_new_tokens=6, **hp)
-    fn = functools.partial(step_lib.policy_step, hparams, graphdef, step_lib.Judge("preference", pref_graphdef), tx)
+    judge = judge or step_lib.Judge("preference", pref_graphdef)
+    fn = functools.partial(step_lib.policy_step, hparams, graphdef, judge, tx)
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     jitted = jax.jit(fn, in_shardings=(mut_sh, frozen_sh, batch_sh), out_shardings=(mut_sh, replicated),
                      donate_argnums=0)
@@ -109,9 +110,10 @@ def test_reference_stays_frozen_and_policy_moves(nash_md):
     s["mut"] = mut
 
 
-@pytest.mark.parametrize("temperature", [1.0, 0.7])
-def test_sampler_and_scorer_log_probs_agree(temperature):
-    """The teacher-forced log-probs the loss uses equal the sampler's log pi_T of the tokens it drew."""
+def test_sampler_and_scorer_log_probs_agree():
+    """The teacher-forced log-probs the loss uses equal the sampler's log pi_T of the tokens it drew (at a
+    temperature other than 1, where both sides must apply it)."""
+    temperature = 0.7
     graphdef, params = models.init(CFG, "lm", 5)
     data = synthetic.prompt_dataset(DATA, "eval")
     prompt, pmask = jnp.asarray(data["prompt"][:8]), jnp.asarray(data["prompt_mask"][:8])
@@ -125,11 +127,15 @@ def test_sampler_and_scorer_log_probs_agree(temperature):
     assert float(mask.sum()) > 8
 
 
-def test_ema_recursion_closed_form():
-    s = _setup("nash_ema_pg", tau=0.1, ema_decay=0.75)
+def test_ema_recursion_closed_form_with_an_in_jit_oracle():
+    """Nash-EMA-PG judged by a JAX preference oracle traced into the step (the model-free variant):
+    theta_bar_1 = d theta_bar_0 + (1 - d) theta_1."""
+    oracle = step_lib.Judge("oracle", fn=synthetic.synthetic_preference)
+    s = _setup("nash_ema_pg", judge=oracle, tau=0.1, ema_decay=0.75)
     ema0 = [np.asarray(x).copy() for x in jax.tree.leaves(s["mut"].ema)]
     with parallel.activate(s["mesh"], s["rules"]):
-        mut, _ = s["jitted"](s["mut"], s["frozen"], s["batch"])
+        mut, metrics = s["jitted"](s["mut"], s["frozen"], s["batch"])
+    assert 0.0 < float(metrics["pref_mean"]) < 1.0 and bool(metrics["finite"])
     policy1 = [np.asarray(x) for x in jax.tree.leaves(mut.policy)]
     ema1 = [np.asarray(x) for x in jax.tree.leaves(mut.ema)]
     for e0, p1, e1 in zip(ema0, policy1, ema1):
