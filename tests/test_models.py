@@ -263,3 +263,22 @@ def test_sequence_longer_than_max_len_fails_before_compiling():
   x = jnp.zeros((1, 10), jnp.int32)
   with pytest.raises(ValueError, match=r"prompt \+ y \+ y2: length 30"):
     PREF(gp, pp, x, x, x, x, x, x)
+
+
+@pytest.mark.parametrize("name", ["tiny", "llama_1b"])
+def test_model_configs_validate_and_size(name):
+  import importlib.util
+  import pathlib
+  path = pathlib.Path(__file__).parents[1] / "configs" / "model" / f"{name}.py"
+  spec = importlib.util.spec_from_file_location(name, path)
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  c = mod.get_config()
+  cfg = ModelConfig.from_config(c.model)
+  from nash_lm import parallel
+  parallel.validate_rules(c.rules)
+  _, abstract = models.abstract_init(cfg) if name == "tiny" else (None, None)
+  if abstract is not None:
+    assert models.num_params(abstract) == cfg.num_params()
+  if name == "llama_1b":
+    assert 1.0e9 < cfg.num_params() < 1.5e9
