@@ -19,6 +19,8 @@ JOBS = {
     "train": "nash_lm.train.loop:run",
     "ye_offline": "nash_lm.learning.experiments:run_offline",
     "ye_online": "nash_lm.learning.experiments:run_online",
+    "token_game": "nash_lm.tasks.pipeline:run_token_game",
+    "docstrings": "nash_lm.tasks.pipeline:run_docstrings",
 }
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a configs/*.py file.", lock_config=True)

@@ -1,0 +1,397 @@
+"""Jobs of the embedded tasks: the training loop's stages run on task data, then task-specific evaluation.
+
+Two jobs (registered in `nash_lm.main.JOBS`):
+
+- `docstrings` (`configs/docstrings.py`): corpus -> SentencePiece tokenizer -> SFT (mu) -> pairs sampled from mu
+  and labelled by the rater panel -> preference model and Bradley-Terry reward model -> RLHF, self-play,
+  Nash-MD-PG (several beta), best response, Nash-EMA-PG -> the tournament on held-out prompts judged by the rater.
+- `token_game` (`configs/token_game.py`): a lifted non-transitive game on V^L sequences -> SFT of a small
+  transformer on samples of the reference distribution (mu) -> Nash-MD-PG and the other algorithms against the
+  exact preference oracle -> exact evaluation by enumerating every sequence: KL(pi*_tau || pi_theta) and the
+  duality gap of each policy in the game whose reference is the fitted transformer mu_theta, the KL between the
+  token-level and the sequence-level mixture, and the equilibrium each mixture leads to.
+
+Each job's config holds the task fields and a complete training config `config.train` (the schema of
+`nash_lm.train.config`); its `data` entry only sets the array shapes (vocab_size, prompt_len, response_len,
+n_examples) and a seed that is a hash of the task fields, so that stage fingerprints change with the task. The
+stages themselves are the training loop's (`nash_lm.train.loop.Stage`: compiled steps, checkpoints, resume,
+metrics, a progress bar per stage); `TaskStage` only swaps the synthetic arrays for the task's.
+
+Host oracles are named in configs as `host_oracle:nash_lm.tasks.pipeline:oracle`; `oracle` calls the oracle the
+running job installed with `set_oracle` (the rater on token arrays, or the exact token-game preference).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+import os
+import time
+
+import jax
+import ml_collections
+import numpy as np
+from absl import logging
+
+from nash_lm import models, parallel, sampling
+from nash_lm.data import features
+from nash_lm.data import tokenizer as tokenizer_lib
+from nash_lm.evaluation import tournament
+from nash_lm.tasks import docstrings, rater as rater_lib, token_game as tg
+from nash_lm.train import config as cfg_lib
+from nash_lm.train import loop
+from nash_lm.train import metrics as metrics_lib
+
+HOST_ORACLE = "host_oracle:nash_lm.tasks.pipeline:oracle"
+PAD, BOS, EOS = 0, 1, 2
+_ORACLE = {}
+
+
+def set_oracle(fn) -> None:
+    _ORACLE["fn"] = fn
+
+
+def oracle(prompt, prompt_mask, y, y_mask, y2, y2_mask):
+    """The host oracle installed by the running job: P(y > y2 | prompt) [B]."""
+    if "fn" not in _ORACLE:
+        raise RuntimeError("nash_lm.tasks.pipeline.oracle: no oracle installed (run a task job)")
+    return _ORACLE["fn"](prompt, prompt_mask, y, y_mask, y2, y2_mask)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Running loop stages on task arrays
+
+
+class TaskStage(loop.Stage):
+    """A training-loop stage whose data are the task's arrays: provider(kind, split) with kind in
+    {'sft', 'pairs', 'prompts'} and split in {'train', 'eval'}."""
+
+    provider = None
+
+    def _build(self):
+        super()._build()
+        kind = "sft" if self.algorithm == "sft" else ("pairs" if self.is_judge else "prompts")
+        self.train_data = self.provider(kind, "train")
+        self.eval_data = self.provider(kind, "eval")
+        self.batch_sh = {k: self._batch_sharding(v.ndim) for k, v in self.train_data.items()}
+
+
+def _copy(config) -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict(config.to_dict())
+
+
+def train_config(config, task_hash: str, n_examples: int) -> ml_collections.ConfigDict:
+    """The job's training config with data shapes and a task-dependent seed filled in."""
+    cfg = _copy(config.train)
+    cfg.data.n_examples = int(n_examples)
+    cfg.data.seed = int(task_hash[:7], 16)
+    return cfg
+
+
+def run_stages(cfg, workdir: str, names: list[str], provider, peak: float) -> dict:
+    """Runs the named stages of `cfg` in order through the training loop (skipping complete ones)."""
+    cfg = _copy(cfg)
+    cfg.pipeline = ",".join(names)
+    mesh, rules, order = loop.prepare(cfg, workdir)
+    os.makedirs(workdir, exist_ok=True)
+    writer = metrics_lib.MetricsWriter(workdir)
+    results = {}
+    try:
+        with parallel.activate(mesh, rules):
+            for name in order:
+                done = os.path.join(loop._stage_dir(workdir, name), "done.json")
+                if os.path.exists(done):
+                    with open(done) as f:
+                        results[name] = json.load(f)
+                    continue
+                stage = TaskStage(cfg, name, workdir, mesh, rules, peak, writer)
+                stage.provider = provider
+                results[name] = stage.run(lambda: False)
+    finally:
+        writer.close()
+    return results
+
+
+def load_lm(cfg, workdir: str, name: str, key: str = "policy"):
+    """(graphdef, params) of an lm stage's export (key 'policy', or 'ema' for a Nash-EMA-PG stage)."""
+    from nash_lm.train import checkpoint as ckpt_lib
+
+    mesh = parallel.make_mesh(cfg.mesh)
+    rules = parallel.validate_rules(cfg_lib.parse_rules(cfg.rules), mesh)
+    model_cfg = cfg_lib.model_config(cfg, "model")
+    graphdef, abstract, _ = loop.abstract_params(model_cfg, "lm", 0, mesh, rules)
+    keys = ("policy", "ema") if cfg.stages[name].algorithm == "nash_ema_pg" else ("policy",)
+    path = os.path.join(loop._stage_dir(workdir, name), "export")
+    if not os.path.isdir(path):
+        raise ValueError(f"missing stage output {name!r}: {path} does not exist")
+    tree = ckpt_lib.load_params(path, {k: abstract for k in keys})
+    return graphdef, tree[key]
+
+
+def _task_hash(config, fields) -> str:
+    payload = {k: config[k].to_dict() if hasattr(config[k], "to_dict") else config[k] for k in fields}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _write_json(path, obj):
+    with open(path + ".tmp", "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+    os.replace(path + ".tmp", path)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Docstring summarization
+
+
+class TextSampler:
+    """A tournament policy: prompts (strings) -> one sampled completion each, from an lm export."""
+
+    def __init__(self, graphdef, params, tok, prompt_len: int, max_new_tokens: int, temperature: float,
+                 batch_size: int = 256):
+        self.graphdef, self.params, self.tok = graphdef, params, tok
+        self.prompt_len, self.batch_size = prompt_len, batch_size
+        self._fn = _sampler(max_new_tokens, temperature)
+
+    def __call__(self, prompts, seed):
+        rows = [features.encode_prompt(self.tok, p, self.prompt_len) for p in prompts]
+        toks = np.stack([r[0] for r in rows])
+        masks = np.stack([r[1] for r in rows]).astype(np.int32)
+        out = []
+        key = jax.random.PRNGKey(seed)
+        for i in range(0, len(prompts), self.batch_size):
+            key, sub = jax.random.split(key)
+            t, m = _pad_batch(toks[i:i + self.batch_size], masks[i:i + self.batch_size], self.batch_size)
+            s = self._fn(self.graphdef, self.params, t, m, sub)
+            tokens, mask = np.asarray(s.tokens), np.asarray(s.mask)
+            n = min(self.batch_size, len(prompts) - i)
+            out += [features.decode_response(self.tok, tokens[j], mask[j]) for j in range(n)]
+        return out
+
+
+def _pad_batch(t, m, b):
+    if len(t) == b:
+        return t, m
+    reps = b - len(t)
+    return np.concatenate([t, np.repeat(t[:1], reps, 0)]), np.concatenate([m, np.repeat(m[:1], reps, 0)])
+
+
+@functools.lru_cache(maxsize=None)
+def _sampler(max_new_tokens, temperature):
+    return sampling.sample_jit(max_new_tokens=max_new_tokens, eos_id=EOS, pad_id=PAD, temperature=temperature)
+
+
+def _sample_tokens(graphdef, params, prompt, prompt_mask, key, max_new_tokens, temperature, batch_size=256):
+    fn = _sampler(max_new_tokens, temperature)
+    ys, ms = [], []
+    for i in range(0, len(prompt), batch_size):
+        key, sub = jax.random.split(key)
+        t, m = _pad_batch(prompt[i:i + batch_size], prompt_mask[i:i + batch_size].astype(np.int32), batch_size)
+        s = fn(graphdef, params, t, m, sub)
+        n = min(batch_size, len(prompt) - i)
+        ys.append(np.asarray(s.tokens)[:n])
+        ms.append(np.asarray(s.mask)[:n].astype(np.float32))
+    return np.concatenate(ys), np.concatenate(ms)
+
+
+def run_docstrings(config, workdir: str) -> dict:
+    """The `docstrings` job (see the module docstring); returns the summary written to WORKDIR/summary.json."""
+    t0 = time.time()
+    workdir = os.path.abspath(workdir)
+    task = config.task
+    corpus_cfg = docstrings.CorpusConfig(**task.corpus.to_dict()).validate()
+    os.makedirs(workdir, exist_ok=True)
+    cache = os.path.join(workdir, "cache")
+    print("[docstrings] harvesting the standard library's docstrings", flush=True)
+    corpus = docstrings.load(cache, corpus_cfg)
+    train_ex, valid_ex, test_ex = (docstrings.split(corpus, s) for s in docstrings.SPLITS)
+    print(f"[docstrings] corpus: {len(train_ex)} train / {len(valid_ex)} valid / {len(test_ex)} test", flush=True)
+    tcfg = config.train
+    tok = tokenizer_lib.train_sentencepiece([e["prompt"] + "\n" + e["response"] for e in train_ex],
+                                            task.tokenizer_vocab_size, cache)
+    tokenizer_lib.check_fits(tok, tcfg.model.vocab_size)
+    tokenizer_lib.check_fits(tok, tcfg.judge_model.vocab_size, "config.train.judge_model.vocab_size")
+    plen, rlen = int(tcfg.data.prompt_len), int(tcfg.data.response_len)
+    arrays = {
+        ("sft", "train"): features.to_arrays([{"prompt": e["prompt"], "response": e["response"]} for e in train_ex],
+                                             "sft", tok, plen, rlen),
+        ("sft", "eval"): features.to_arrays([{"prompt": e["prompt"], "response": e["response"]} for e in valid_ex],
+                                            "sft", tok, plen, rlen),
+    }
+    arrays[("prompts", "train")] = {k: arrays[("sft", "train")][k] for k in ("prompt", "prompt_mask")}
+    arrays[("prompts", "eval")] = {k: arrays[("sft", "eval")][k] for k in ("prompt", "prompt_mask")}
+    rater = rater_lib.Rater(corpus, noise=task.rater_noise, seed=task.seed)
+    set_oracle(rater_lib.token_oracle(rater, tok, corpus, plen))
+    cfg = train_config(config, _task_hash(config, ("task",)), len(train_ex))
+    provider = lambda kind, split: arrays[(kind, split)]
+    peak = float(cfg.peak_tflops) * 1e12 if cfg.peak_tflops > 0 else metrics_lib.measure_peak_flops()
+    stages = cfg_lib.pipeline(cfg)
+
+    results = run_stages(cfg, workdir, ["sft"], provider, peak)
+    # pairs from mu, labelled by the rater panel (soft label P and a 0/1 draw)
+    gd, mu_params = load_lm(cfg, workdir, "sft")
+    key = jax.random.PRNGKey(task.seed)
+    for split, src in (("train", arrays[("sft", "train")]), ("eval", arrays[("sft", "eval")])):
+        k1, k2, key = jax.random.split(key, 3)
+        y, ym = _sample_tokens(gd, mu_params, src["prompt"], src["prompt_mask"], k1, rlen, 1.0)
+        y2, y2m = _sample_tokens(gd, mu_params, src["prompt"], src["prompt_mask"], k2, rlen, 1.0)
+        p = _ORACLE["fn"](src["prompt"], src["prompt_mask"], y, ym, y2, y2m).astype(np.float32)
+        draw = np.random.default_rng([task.seed, 3, split == "eval"]).uniform(size=p.shape)
+        arrays[("pairs", split)] = {"prompt": src["prompt"], "prompt_mask": src["prompt_mask"], "y": y,
+                                    "y_mask": ym, "y2": y2, "y2_mask": y2m, "label": p,
+                                    "hard_label": (draw < p).astype(np.float32)}
+    print(f"[docstrings] {len(arrays[('pairs', 'train')]['y'])} pairs from mu labelled by the rater "
+          f"(mean P = {float(arrays[('pairs', 'train')]['label'].mean()):.3f})", flush=True)
+    results.update(run_stages(cfg, workdir, [s for s in stages if s != "sft"], provider, peak))
+
+    # the tournament on held-out prompts
+    tconf = task.tournament
+    prompts = [e["prompt"] for e in test_ex]
+    policies = {}
+    for name in [s for s in stages if cfg.stages[s].algorithm not in cfg_lib.JUDGE_ALGORITHMS]:
+        gd, params = load_lm(cfg, workdir, name)
+        label = task.labels.get(name, name) if "labels" in task else name
+        policies[label] = TextSampler(gd, params, tok, plen, rlen, tconf.temperature)
+        if cfg.stages[name].algorithm == "nash_ema_pg":
+            gd, ema = load_lm(cfg, workdir, name, "ema")
+            policies[label + "*"] = TextSampler(gd, ema, tok, plen, rlen, tconf.temperature)
+    judge = rater_lib.Rater(corpus, noise=task.rater_noise, seed=task.seed + 1)
+    result = tournament.run(policies, prompts, judge, samples_per_prompt=tconf.samples_per_prompt,
+                            seed=task.seed, method=tconf.ci_method, references=[e["response"] for e in test_ex],
+                            progress=True)
+    paths = tournament.save(result, os.path.join(workdir, "tournament"))
+    print(tournament.markdown(result), flush=True)
+    summary = {"status": "complete", "wall_time_s": time.time() - t0, "corpus": {s: len(docstrings.split(corpus, s))
+               for s in docstrings.SPLITS}, "tokenizer": tok.path, "tournament": result.to_json(),
+               "files": paths, "stages": {k: v.get("eval", {}) for k, v in results.items()}}
+    _write_json(os.path.join(workdir, "summary.json"), summary)
+    return summary
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Token games
+
+
+def _token_arrays(game: tg.TokenGame, n: int, seed: int, with_response: bool) -> dict:
+    rng = np.random.default_rng(seed)
+    x = rng.integers(0, game.X, size=n)
+    out = {"prompt": np.stack([np.full(n, BOS), 3 + x], 1).astype(np.int32),
+           "prompt_mask": np.ones((n, 2), np.float32)}
+    if with_response:
+        seqs = tg.all_sequences(game.V, game.L)
+        idx = np.array([rng.choice(game.n, p=game.mu[xi]) for xi in x])
+        out["response"] = (3 + seqs[idx]).astype(np.int32)
+        out["response_mask"] = np.ones((n, game.L), np.float32)
+    return out
+
+
+def token_game_oracle(game: tg.TokenGame):
+    """Exact P(y > y2 | x) on token arrays; a response that is not L game tokens loses to a valid one."""
+    V, L = game.V, game.L
+    weights = V ** np.arange(L - 1, -1, -1)
+
+    def index(y, m):
+        y = np.asarray(y)[:, :L] - 3
+        ok = (np.asarray(m)[:, :L] > 0).all(1) & (y >= 0).all(1) & (y < V).all(1) & (np.asarray(y).shape[1] == L)
+        return np.where(ok, (np.clip(y, 0, V - 1) * weights).sum(1), -1)
+
+    def fn(prompt, prompt_mask, y, y_mask, y2, y2_mask):
+        x = np.asarray(prompt)[:, -1] - 3
+        i, j = index(y, y_mask), index(y2, y2_mask)
+        p = game.P[x, np.maximum(i, 0), np.maximum(j, 0)]
+        p = np.where((i < 0) & (j < 0), 0.5, np.where(i < 0, 0.0, np.where(j < 0, 1.0, p)))
+        return p.astype(np.float32)
+
+    return fn
+
+
+def policy_tables(graphdef, params, game: tg.TokenGame) -> tuple[np.ndarray, float]:
+    """Per-context per-prefix log-probs [X, n_prefixes, V] of an lm over the game tokens, and the largest
+    probability mass the model puts on non-game tokens at any prefix."""
+    seqs = tg.all_sequences(game.V, game.L)
+    tables, leak = [], 0.0
+    fn = jax.jit(functools.partial(models.lm_logits, graphdef))
+    for x in range(game.X):
+        tokens = np.concatenate([np.tile([BOS, 3 + x], (len(seqs), 1)), 3 + seqs], 1).astype(np.int32)
+        logits = np.asarray(fn(params, tokens, np.ones_like(tokens)), np.float64)
+        full = logits[:, 1:1 + game.L] - np.log(np.exp(logits[:, 1:1 + game.L]).sum(-1, keepdims=True))
+        leak = max(leak, float(1 - np.exp(full[..., 3:3 + game.V]).sum(-1).min()))
+        tables.append(tg.model_table(logits, game.V, game.L, 2, 3 + np.arange(game.V)))
+    return np.stack(tables), leak
+
+
+def run_token_game(config, workdir: str) -> dict:
+    """The `token_game` job (see the module docstring)."""
+    t0 = time.time()
+    workdir = os.path.abspath(workdir)
+    task = config.task
+    game = tg.lift(task.instance, task.V, task.L, contexts=task.contexts, mapping=task.mapping,
+                   mu_scale=task.mu_scale, seed=task.seed, **task.instance_kwargs.to_dict())
+    tau = float(task.tau)
+    cfg = train_config(config, _task_hash(config, ("task",)), task.n_examples)
+    if cfg.data.vocab_size != 3 + task.V or cfg.data.prompt_len != 2 or cfg.data.response_len != task.L:
+        raise ValueError(f"config.train.data: the token game needs vocab_size {3 + task.V}, prompt_len 2, "
+                         f"response_len {task.L}")
+    if task.contexts > task.V:
+        raise ValueError(f"config.task.contexts: at most V = {task.V} prompts (one token each)")
+    arrays = {("sft", "train"): _token_arrays(game, task.n_examples, task.seed, True),
+              ("sft", "eval"): _token_arrays(game, task.n_examples, task.seed + 1, True)}
+    for split in ("train", "eval"):
+        arrays[("prompts", split)] = {k: arrays[("sft", split)][k] for k in ("prompt", "prompt_mask")}
+    set_oracle(token_game_oracle(game))
+    peak = float(cfg.peak_tflops) * 1e12 if cfg.peak_tflops > 0 else metrics_lib.measure_peak_flops()
+    stages = cfg_lib.pipeline(cfg)
+    results = run_stages(cfg, workdir, stages, lambda kind, split: arrays[(kind, split)], peak)
+
+    # exact evaluation in the game whose reference is the fitted transformer mu_theta
+    gd, mu_params = load_lm(cfg, workdir, "sft")
+    mu_table, mu_leak = policy_tables(gd, mu_params, game)
+    mu_theta = np.exp(tg.sequence_logprobs(mu_table, game.V, game.L))
+    fitted = dataclasses.replace(game, mu=mu_theta, mu_table=mu_table)
+    pi_star = tg.equilibrium(fitted, tau)
+    report = {"game": {"instance": task.instance, "V": task.V, "L": task.L, "contexts": task.contexts,
+                       "tau": tau, "n_sequences": game.n},
+              "sft_fit": {"kl_target_vs_mu_theta": tg.kl(np.log(game.mu), np.log(mu_theta), game.rho),
+                          "non_game_token_mass": mu_leak},
+              "policies": {}}
+    for name in stages:
+        st = cfg.stages[name]
+        keys = ["policy"] + (["ema"] if st.algorithm == "nash_ema_pg" else [])
+        for key in keys:
+            g2, params = load_lm(cfg, workdir, name, key)
+            table, leak = policy_tables(g2, params, game)
+            pi = np.exp(tg.sequence_logprobs(table, game.V, game.L))
+            entry = {"duality_gap": tg.duality_gap(fitted, tau, pi),
+                     "kl_pi_star_vs_pi": tg.kl(np.log(pi_star), np.log(pi), game.rho),
+                     "non_game_token_mass": leak}
+            if "beta" in st and 0 < st.beta < 1:
+                entry["mixture_gap"] = tg.mixture_gap(table, mu_table, st.beta, game.V, game.L, game.rho)
+            report["policies"][name + ("*" if key == "ema" else "")] = entry
+    dg_mu = report["policies"]["sft"]["duality_gap"]
+    for name, entry in report["policies"].items():
+        entry["gap_reduction_vs_mu"] = dg_mu / max(entry["duality_gap"], 1e-300)
+    # the equilibrium each mixture leads to (exact stationary points of Nash-MD-PG on the full class)
+    fixed = {}
+    for beta in task.mixture_betas:
+        row, pis = {}, {}
+        for mix in ("token", "sequence"):
+            fp = tg.mixture_fixed_point(fitted, tau, float(beta), mix, damping=task.fixed_point_damping)
+            pis[mix] = fp["pi"]
+            row[mix] = {"duality_gap": tg.duality_gap(fitted, tau, fp["pi"]), "residual": fp["residual"]}
+        row["kl_token_fp_vs_sequence_fp"] = tg.kl(np.log(pis["token"]), np.log(pis["sequence"]), game.rho)
+        fixed[str(beta)] = row
+    report["mixture_fixed_points"] = fixed
+    report["wall_time_s"] = time.time() - t0
+    report["stages"] = {k: v.get("eval", {}) for k, v in results.items()}
+    _write_json(os.path.join(workdir, "token_game.json"), report)
+    lines = ["| policy | duality gap | reduction vs mu | KL(pi*||pi) | token vs sequence mixture KL |",
+             "|---|---|---|---|---|"]
+    for name, e in report["policies"].items():
+        mg = e.get("mixture_gap", {}).get("kl_token_vs_sequence")
+        lines.append(f"| {name} | {e['duality_gap']:.3e} | {e['gap_reduction_vs_mu']:.1f}x | "
+                     f"{e['kl_pi_star_vs_pi']:.3e} | {'' if mg is None else f'{mg:.2e}'} |")
+    with open(os.path.join(workdir, "token_game.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines), flush=True)
+    logging.info("token game report: %s", os.path.join(workdir, "token_game.json"))
+    return report
