@@ -1,0 +1,169 @@
+"""Multi-host: two local CPU processes (gloo over loopback, via launch/local.py, every process under `timeout`)
+run steps of the tiny pipeline's compiled SFT step on one global mesh (fsdp=2: the batch and the parameters'
+embed axis split across the two processes) and must give the same `policy_params_sha256`, losses and orbax
+round trip as one process holding the same global mesh on 2 devices.
+
+Why two devices: a cross-device sum of two terms is one commutative addition, so the two runs are bitwise
+equal; with four devices gloo's reduction order (within a host, then across) differs from XLA's in-process
+order and the losses agree only to ~1e-7 (measured), so the hashes would differ.
+
+The worker half of this file (`python tests/test_distributed.py worker OUT`) is what each process runs.
+"""
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STEPS = 3
+
+
+def _worker(out: str) -> None:
+  """One process of the run: global batches from process-local rows, compiled steps, orbax save/restore."""
+  from nash_lm import distributed
+
+  multi = distributed.initialize()
+  import jax
+  import numpy as np
+
+  sys.path.insert(0, ROOT)
+  from configs import tiny
+  from nash_lm import parallel
+  from nash_lm.data import synthetic
+  from nash_lm.train import checkpoint as ckpt_lib
+  from nash_lm.train import loop
+  from nash_lm.train import state as state_lib
+
+  config = tiny.get_config()
+  config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 1, 2, 1
+  config.pipeline = "sft"
+  config.stages.sft.steps = STEPS
+  workdir = os.path.join(out, "wd")
+  mesh, rules, _ = loop.prepare(config, workdir)
+  assert mesh.size == 2 and jax.process_count() == (2 if multi else 1)
+  result = {"process_count": jax.process_count(), "losses": []}
+  with parallel.activate(mesh, rules):
+    stage = loop.Stage(config, "sft", workdir, mesh, rules, 1e12, writer=None)
+    stage._build()
+    policy = stage._init_policy()
+    mut = jax.jit(lambda p: state_lib.init_state(p, stage.tx, stage.seed), out_shardings=stage.mut_sh)(policy)
+    train_step = stage._compile()
+    it = synthetic.BatchIterator(stage.train_data, stage.st.batch_size, stage.seed, "train")
+    for _ in range(STEPS):
+      full = next(it)
+      batch = distributed.global_batch_from_full(full, stage.batch_sh)
+      # the same global batch assembled from this host's rows only
+      local = {k: np.asarray(v)[distributed.host_rows(stage.batch_sh[k], v.shape)] for k, v in full.items()}
+      again = distributed.global_batch(local, stage.batch_sh, stage.st.batch_size)
+      for k in full:
+        np.testing.assert_array_equal(distributed.fetch(again[k]), full[k])
+      mut, metrics = train_step(mut, batch)
+      result["losses"].append(float(distributed.fetch(metrics["loss"])))
+    result["policy_params_sha256"] = ckpt_lib.params_sha256(distributed.fetch(mut.policy))
+    result["embed_sharding"] = str(jax.tree.leaves(mut.policy["embed"])[0].sharding.spec)
+
+    # orbax save and restore across processes, into the abstract sharded state
+    ckpt = ckpt_lib.Checkpointer(os.path.join(out, "ckpt"), keep=1, async_save=True)
+    ckpt.save(STEPS, mut, it.get_state(), {"stage": "sft"})
+    ckpt.close()
+    ckpt = ckpt_lib.Checkpointer(os.path.join(out, "ckpt"), keep=1, async_save=True)
+    restored, data_state, _ = ckpt.restore(ckpt.latest_step(), stage.abstract_mut)
+    ckpt.close()
+    result["restored_sha256"] = ckpt_lib.params_sha256(distributed.fetch(restored.policy))
+    result["restored_step"] = int(distributed.fetch(restored.step))
+    result["data_state"] = data_state
+  result["shard_info"] = list(distributed.shard_info(stage.batch_sh["tokens"] if "tokens" in stage.batch_sh
+                                                     else next(iter(stage.batch_sh.values())),
+                                                     stage.st.batch_size))
+  # every process reports its own view; process 0 alone writes the shared result
+  distributed.write_json(os.path.join(out, f"view_{jax.process_index()}.json"), result, sync=False)
+  distributed.write_json(os.path.join(out, "result.json"), result)
+
+
+ENV = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS",)}
+
+
+def _run_single(out):
+  env = {**ENV, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+  for k in ("NASH_LM_COORDINATOR", "NASH_LM_NUM_PROCESSES", "NASH_LM_PROCESS_ID"):
+    env.pop(k, None)
+  r = subprocess.run(["timeout", "300", sys.executable, __file__, "worker", out], env=env, cwd=ROOT,
+                     capture_output=True, text=True)
+  assert r.returncode == 0, r.stderr[-3000:]
+  return json.load(open(os.path.join(out, "result.json")))
+
+
+def _run_two(out):
+  cmd = [sys.executable, os.path.join(ROOT, "launch", "local.py"), "--num_processes=2", "--devices_per_process=1",
+         "--timeout=300", f"--logdir={out}/logs", "--", sys.executable, __file__, "worker", out]
+  r = subprocess.run(cmd, env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=400)
+  logs = ""
+  for i in range(2):
+    p = os.path.join(out, "logs", f"process_{i}.log")
+    logs += f"\n--- process {i}\n" + (open(p).read()[-2500:] if os.path.exists(p) else "")
+  assert r.returncode == 0, r.stderr[-2000:] + logs
+  return json.load(open(os.path.join(out, "result.json")))
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+  one = _run_single(str(tmp_path_factory.mktemp("one")))
+  two_dir = str(tmp_path_factory.mktemp("two"))
+  return one, _run_two(two_dir), two_dir
+
+
+def test_two_processes_match_one_process_on_the_same_global_mesh(runs):
+  one, two, two_dir = runs
+  assert one["process_count"] == 1 and two["process_count"] == 2
+  assert "fsdp" in two["embed_sharding"]  # parameters really are sharded across the two processes
+  assert two["policy_params_sha256"] == one["policy_params_sha256"]
+  assert two["losses"] == pytest.approx(one["losses"], abs=1e-6)
+  assert len(set(one["losses"])) == STEPS  # the steps did change the parameters
+  assert two["restored_sha256"] == two["policy_params_sha256"] == one["restored_sha256"]
+  assert two["restored_step"] == STEPS and two["data_state"] == one["data_state"]
+  assert one["shard_info"] == [0, 1] and two["shard_info"] == [0, 2]
+  # process 0 wrote the shared files; process 1's view file was never written by anyone
+  assert os.path.exists(os.path.join(two_dir, "view_0.json"))
+  assert not os.path.exists(os.path.join(two_dir, "view_1.json"))
+  assert not [f for f in os.listdir(two_dir) if ".tmp." in f]
+
+
+def test_initialize_settings_from_config_and_environment():
+  from nash_lm import distributed
+
+  assert distributed._settings_from(None, {}) is None
+  env = {"NASH_LM_COORDINATOR": "10.0.0.2:1234", "NASH_LM_NUM_PROCESSES": "4", "NASH_LM_PROCESS_ID": "3"}
+  assert distributed._settings_from(None, env) == {"coordinator_address": "10.0.0.2:1234", "num_processes": 4,
+                                                   "process_id": 3}
+  assert distributed._settings_from(None, {"NASH_LM_DISTRIBUTED": "auto"}) == {}
+  cfg = {"distributed": {"coordinator_address": "h:9", "num_processes": 2, "process_id": 0,
+                         "local_device_ids": "0,1"}}
+  assert distributed._settings_from(cfg, {})["local_device_ids"] == [0, 1]
+  bad = [
+      (None, {**env, "NASH_LM_PROCESS_ID": "4"}, "process_id=4 must lie in [0, num_processes=4)"),
+      (None, {"NASH_LM_COORDINATOR": "h:1", "NASH_LM_NUM_PROCESSES": "2"}, "NASH_LM_PROCESS_ID is not"),
+      (None, {**env, "NASH_LM_NUM_PROCESSES": "two"}, "NASH_LM_NUM_PROCESSES='two': must be an integer"),
+      ({"distributed": {"coordinator_address": "nohost"}}, {}, "coordinator_address='nohost' must be host:port"),
+  ]
+  for config, environ, msg in bad:
+    with pytest.raises(ValueError, match=msg.replace("[", r"\[").replace(")", r"\)").replace("(", r"\(")):
+      distributed._settings_from(config, environ)
+
+
+def test_local_launcher_reports_a_failing_process(tmp_path):
+  """A process that fails makes the launcher exit non-zero and kill its peer (which would otherwise wait)."""
+  script = "import os, sys, time; i = int(os.environ['NASH_LM_PROCESS_ID']); time.sleep(300 if i == 0 else 0); sys.exit(3)"
+  t0 = time.monotonic()
+  r = subprocess.run([sys.executable, os.path.join(ROOT, "launch", "local.py"), "--num_processes=2",
+                      "--timeout=60", f"--logdir={tmp_path}", "--", sys.executable, "-c", script],
+                     capture_output=True, text=True, timeout=60)
+  assert r.returncode == 3, r.stderr
+  assert "process 1 exited with 3" in r.stderr
+  assert time.monotonic() - t0 < 30  # process 0 (sleeping 300 s) was killed, not waited for
+
+
+if __name__ == "__main__" and len(sys.argv) == 3 and sys.argv[1] == "worker":
+  _worker(sys.argv[2])
