@@ -41,7 +41,7 @@ def get_config():
                  max_len=plen + 2 * rlen)
     t.model = ml_collections.ConfigDict(model)
     t.judge_model = ml_collections.ConfigDict(model)
-    t.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=1, tensor=1))
+    t.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
     t.rules = ""
     policy = dict(ref="sft", judge="pm", tau=0.008, steps=150, batch_size=32, lr=5e-4, max_new_tokens=rlen,
                   log_every=25, checkpoint_every=150, eval_batches=2)

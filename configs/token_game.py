@@ -39,9 +39,9 @@ def get_config():
     model = dict(vocab_size=3 + V, d_model=32, n_layers=2, n_heads=2, n_kv_heads=2, d_ff=64, max_len=8)
     t.model = ml_collections.ConfigDict(model)
     t.judge_model = ml_collections.ConfigDict(model)
-    t.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=1, tensor=1))
+    t.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
     t.rules = ""
-    policy = dict(ref="sft", judge=HOST_ORACLE, tau=0.2, steps=2000, batch_size=256, lr=1e-4, max_new_tokens=L,
+    policy = dict(ref="sft", judge=HOST_ORACLE, tau=0.2, steps=2000, batch_size=256, lr=2e-4, lr_schedule="cosine", max_new_tokens=L,
                   log_every=250, checkpoint_every=1000, eval_batches=1)
     t.stages = ml_collections.ConfigDict()
     t.stages.sft = stage("sft", steps=600, batch_size=64, lr=3e-3, log_every=100, checkpoint_every=600,
