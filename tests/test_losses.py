@@ -234,7 +234,7 @@ def test_rlhf_expectation_is_the_exact_gradient(game):
             ref = token_logp(mu, jnp.asarray(TOKS)[idx], jnp.asarray(PREFIX_IDX)[idx])
             return rlhf_pg_loss(logp, ref, jnp.asarray(MASK)[idx], reward[idx], TAU)[0]
 
-        return -jax.grad(f)(th := theta)
+        return -jax.grad(f)(theta)
 
     p_y = jnp.exp(seq_logprob(theta))
     ii, jj = (a.ravel() for a in np.meshgrid(np.arange(NY), np.arange(NY), indexing="ij"))

@@ -132,10 +132,6 @@ def prepare(config, workdir):
 # Parameters
 
 
-def _model_kind(algorithm: str) -> str:
-    return cfg_lib.produces(algorithm)
-
-
 def abstract_params(model_cfg, kind: str, seed: int, mesh, rules):
     """(graphdef, abstract params with shardings, a jitted initialiser creating params already sharded)."""
     graphdef, shapes = models.abstract_init(model_cfg, kind)
@@ -166,7 +162,7 @@ class Stage:
         self.peak_flops = peak_flops
         self.writer = writer
         self.seed = _stage_seed(config, name)
-        self.kind = _model_kind(self.algorithm)
+        self.kind = cfg_lib.produces(self.algorithm)  # 'lm', 'preference' or 'reward'
         self.is_policy = self.algorithm in cfg_lib.POLICY_ALGORITHMS
         self.is_judge = self.algorithm in cfg_lib.JUDGE_ALGORITHMS
         self.model_cfg = cfg_lib.model_config(config, "judge_model" if self.is_judge else "model")
@@ -179,7 +175,8 @@ class Stage:
     # -- inputs -------------------------------------------------------------------------------------------------
     def _build(self):
         st, mesh = self.st, self.mesh
-        self.graphdef, self.abstract_policy, initialise = abstract_params(self.model_cfg, self.kind, self.seed, mesh, self.rules)
+        self.graphdef, self.abstract_policy, initialise = abstract_params(self.model_cfg, self.kind, self.seed,
+                                                                           mesh, self.rules)
         self.param_sh = jax.tree.map(lambda a: a.sharding, self.abstract_policy)
         self.tx = state_lib.make_optimizer(st)
         ref = None
@@ -201,8 +198,7 @@ class Stage:
         self.frozen_sh = jax.tree.map(lambda x: x.sharding, self.frozen)
         data_kind = "sft" if self.algorithm == "sft" else ("pairs" if self.is_judge else "prompts")
         self.train_data = synthetic.dataset_for(data_kind, self.data_cfg, "train")
-        self.eval_data = synthetic.dataset_for(data_kind if data_kind != "prompts" else "prompts", self.data_cfg,
-                                               "eval")
+        self.eval_data = synthetic.dataset_for(data_kind, self.data_cfg, "eval")
         self.batch_sh = {k: self._batch_sharding(v.ndim) for k, v in self.train_data.items()}
 
     def _batch_sharding(self, ndim):
