@@ -108,17 +108,21 @@ def test_cli_export_end_to_end(workdir, tmp_path):
   np.testing.assert_array_equal(np.asarray(got["tokens"]), np.asarray(ref.tokens))
 
 
-def test_cli_bad_input_is_one_line(workdir, tmp_path):
+def test_bad_input_is_one_line(workdir, tmp_path):
   cases = [
-      ([f"--workdir={tmp_path}/nowhere", f"--out={tmp_path}/o1"], "no config.json"),
-      ([f"--workdir={workdir}", f"--out={tmp_path}/o2", "--stage=nope"], "--stage=nope: not a stage"),
-      ([f"--workdir={workdir}", f"--out={tmp_path}/o3", "--prompt_len=20", "--max_new_tokens=20"],
+      (dict(workdir=f"{tmp_path}/nowhere", out=f"{tmp_path}/o1"), "no config.json"),
+      (dict(workdir=workdir, out=f"{tmp_path}/o2", stage="nope"), "--stage=nope: not a stage"),
+      (dict(workdir=workdir, out=f"{tmp_path}/o3", prompt_len=20, max_new_tokens=20),
        "exceeds ModelConfig.max_len=24"),
   ]
-  for args, msg in cases:
-    r = subprocess.run([sys.executable, "-m", "nash_lm.export", *args], cwd=ROOT, env=ENV, capture_output=True,
-                       text=True, timeout=120)
-    assert r.returncode == 2, r.stderr[-2000:]
-    err = [line for line in r.stderr.splitlines() if line.startswith("error:")]
-    assert len(err) == 1 and msg in err[0], r.stderr[-2000:]
-    assert not os.path.exists(args[1].split("=", 1)[1])
+  for kwargs, msg in cases:
+    with pytest.raises(ValueError) as e:
+      export.run(**kwargs)
+    assert msg in str(e.value) and "\n" not in str(e.value)
+    assert not os.path.exists(kwargs["out"])
+  # the CLI: one "error:" line and exit code 2
+  r = subprocess.run([sys.executable, "-m", "nash_lm.export", f"--workdir={workdir}", f"--out={tmp_path}/o4",
+                      "--stage=nope"], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
+  assert r.returncode == 2
+  err = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+  assert len(err) == 1 and "--stage=nope: not a stage" in err[0], r.stderr[-2000:]
