@@ -80,10 +80,13 @@ def test_mixture_sampler_matches_exact_token_level_distribution(enum_models, bet
   support = probs > 0
   assert observed[~support].sum() == 0  # nothing outside the top-k / top-p support
   chi = stats.chisquare(observed[support], probs[support] / probs[support].sum() * n)
+  print(f"beta={beta} T={temp} {kw}: n={n}, chi2={chi.statistic:.1f}, dof={support.sum() - 1}, p={chi.pvalue:.3f}")
   assert chi.pvalue > 1e-3, chi
   # Power check: the plain policy's distribution is rejected by the same samples.
   _, pol_probs, *_ = exact_mixture(g, pol, ref, prompt, 0.0, temp)
-  assert stats.chisquare(observed, pol_probs * n).pvalue < 1e-6
+  power = stats.chisquare(observed, pol_probs * n).pvalue
+  print(f"  same samples against the plain policy's distribution: p={power:.1e}")
+  assert power < 1e-6
   # Returned per-token log-probs equal the enumeration's, token by token.
   np.testing.assert_allclose(out.logp_sample, step[idx], atol=2e-5)
   np.testing.assert_allclose(out.logp_policy, pol_step[idx], atol=2e-5)
