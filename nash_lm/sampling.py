@@ -13,10 +13,10 @@ top_k=0, top_p=1.0, mix_params=None, beta=0.0) -> Samples`
     and both KV caches advance with the drawn token. β may be a traced scalar (a schedule).
   * top_k (static int, 0 = off) and top_p (1.0 = off) restrict the sampling distribution after mixing;
     it is renormalised over the kept tokens.
-  * Sampling is Gumbel-max: argmax(log π̃_unnormalised + G) with G drawn once for the whole decode
-    ([N, B, V], or one [B, V] draw per step when that would exceed `predraw_limit` elements). With β = 0
-    the argmax input is exactly the policy's log-probabilities, with β = 1 exactly μ's, so the same rng
-    gives exactly the tokens of plain sampling from the policy or from μ.
+  * Sampling is Gumbel-max: argmax((1 − β)·z_π/T + β·z_μ/T + G) (the mixture up to a per-row constant),
+    with G drawn once for the whole decode ([N, B, V], or one [B, V] draw per step when that would exceed
+    `predraw_limit` elements). With β = 0 the argmax input is exactly the policy's z_π/T + G, with β = 1
+    exactly μ's, so the same rng gives exactly the tokens of plain sampling from the policy or from μ.
   * Returns `Samples(tokens, mask, logp_policy, logp_ref, logp_sample)`, all [B, N]: tokens int32 (pad_id
     after the first EOS), mask int32 (1 up to and including the first EOS), and float32 log-probabilities of
     the chosen tokens under π_T, μ_T (= π_T when mix_params is None) and the actual sampling distribution
@@ -193,29 +193,34 @@ def decode(graphdef, params, state: Prefilled, rng, *, max_new_tokens: int, eos_
 
   def body(st):
     i = st["i"]
-    lp_pol = jax.nn.log_softmax(st["logits_pol"] * inv_t, axis=-1)
+    # Scaled logits z/T; log-softmaxes are only needed at the chosen token (z_tok/T − logsumexp), and the
+    # argmax input skips the per-row normalising constants (argmax and top-k/top-p are shift-invariant).
+    z_pol = st["logits_pol"] * inv_t
     if mixing:
-      lp_ref = jax.nn.log_softmax(st["logits_mix"] * inv_t, axis=-1)
-      unnorm = (1.0 - beta) * lp_pol + beta * lp_ref
+      z_ref = st["logits_mix"] * inv_t
+      unnorm = (1.0 - beta) * z_pol + beta * z_ref  # exactly z_pol at β = 0 and z_ref at β = 1
     else:
-      lp_ref = lp_pol
-      unnorm = lp_pol
+      z_ref = z_pol
+      unnorm = z_pol
     unnorm = filter_logits(unnorm, top_k, top_p)
     unnorm = constrain(unnorm, ("batch", "vocab"))
     tok = jnp.argmax(unnorm + step_noise(i), axis=-1).astype(jnp.int32)
+    pick = lambda z: jnp.take_along_axis(z, tok[:, None], axis=-1)[:, 0]
+    lse = lambda z: jax.nn.logsumexp(z, axis=-1)
+    lp_pol_tok = pick(z_pol) - lse(z_pol)
+    lp_ref_tok = pick(z_ref) - lse(z_ref) if mixing else lp_pol_tok
     if mixing or top_k or not _is_static(top_p, 1.0):
-      lp_samp_all = unnorm - jax.nn.logsumexp(unnorm, axis=-1, keepdims=True)
+      lp_samp_tok = pick(unnorm) - lse(unnorm)
     else:
-      lp_samp_all = lp_pol
-    pick = lambda lp: jnp.take_along_axis(lp, tok[:, None], axis=-1)[:, 0]
+      lp_samp_tok = lp_pol_tok
     live = ~st["done"]
     tok = jnp.where(live, tok, pad_id)
     out = dict(st)
     out["tokens"] = st["tokens"].at[:, i].set(tok)
     out["mask"] = st["mask"].at[:, i].set(live.astype(jnp.int32))
-    out["lp_pol"] = st["lp_pol"].at[:, i].set(jnp.where(live, pick(lp_pol), 0.0))
-    out["lp_ref"] = st["lp_ref"].at[:, i].set(jnp.where(live, pick(lp_ref), 0.0))
-    out["lp_samp"] = st["lp_samp"].at[:, i].set(jnp.where(live, pick(lp_samp_all), 0.0))
+    out["lp_pol"] = st["lp_pol"].at[:, i].set(jnp.where(live, lp_pol_tok, 0.0))
+    out["lp_ref"] = st["lp_ref"].at[:, i].set(jnp.where(live, lp_ref_tok, 0.0))
+    out["lp_samp"] = st["lp_samp"].at[:, i].set(jnp.where(live, lp_samp_tok, 0.0))
     out["done"] = st["done"] | (tok == eos_id) if eos_id is not None else st["done"]
     step_mask = live.astype(jnp.int32)[:, None]
     logits, out["cache_pol"] = model_fn(params, tok[:, None], step_mask, st["cache_pol"], tp + i)

@@ -17,7 +17,7 @@ Conventions
     is a query head of that kv head and slots group, group + 1 are its key and value. No head repetition.
   * Scanned layers (`cfg.scan_layers`): blocks created with `nnx.vmap` (leading 'layers' axis) and run with
     `lax.scan`; otherwise an `nnx.List` of blocks run in a Python loop. Both use the same per-layer function
-    and the same `KVCache` layout ([n_layers, B, S, n_kv_heads, head_dim]).
+    and the same `KVCache` layout ([n_layers, B, n_kv_heads, S, head_dim]).
   * `cfg.remat` wraps each block in `jax.checkpoint`, only on the cache-free (training) path.
 
 KV cache: `KVCache(k, v, mask)`; `Transformer(tokens, mask, cache=c, index=i)` writes the new keys/values
@@ -50,7 +50,10 @@ def _ones(shape, axes, dtype):
 
 
 class KVCache(NamedTuple):
-  """Keys/values of all layers, [n_layers, B, S, n_kv_heads, head_dim], and the slot mask [B, S] (int32)."""
+  """Keys/values of all layers, [n_layers, B, n_kv_heads, S, head_dim], and the slot mask [B, S] (int32).
+
+  Heads before slots, so each (batch, kv-head) block of the buffer is contiguous for the decode step's
+  attention matmuls (no per-step transpose of the cache)."""
   k: jax.Array
   v: jax.Array
   mask: jax.Array
@@ -58,7 +61,7 @@ class KVCache(NamedTuple):
 
 def init_cache(cfg: ModelConfig, batch: int, length: int) -> KVCache:
   """An empty cache with `length` slots, in the compute dtype."""
-  shape = (cfg.n_layers, batch, length, cfg.n_kv_heads, cfg.head_dim)
+  shape = (cfg.n_layers, batch, cfg.n_kv_heads, length, cfg.head_dim)
   z = jnp.zeros(shape, cfg.compute_dtype)
   return KVCache(z, z, jnp.zeros((batch, length), jnp.int32))
 
@@ -120,28 +123,29 @@ class Attention(nnx.Module):
     q = rope(qkv[:, :, :, :g], positions, cfg.rope_theta)
     k = rope(qkv[:, :, :, g], positions, cfg.rope_theta)
     v = qkv[:, :, :, g + 1]
+    k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, K, T, hd]
     t = x.shape[1]
     if cache_kv is None:
       keys, vals, start = k, v, 0
     else:
       k_all, v_all = cache_kv
       zero = jnp.zeros((), jnp.int32)
-      at = (jnp.asarray(layer, jnp.int32), zero, jnp.asarray(index, jnp.int32), zero, zero)
+      at = (jnp.asarray(layer, jnp.int32), zero, zero, jnp.asarray(index, jnp.int32), zero)
       k_all = jax.lax.dynamic_update_slice(k_all, k.astype(k_all.dtype)[None], at)
       v_all = jax.lax.dynamic_update_slice(v_all, v.astype(v_all.dtype)[None], at)
       keys = jax.lax.dynamic_index_in_dim(k_all, layer, 0, keepdims=False)
       vals = jax.lax.dynamic_index_in_dim(v_all, layer, 0, keepdims=False)
       start = index
-    keys = constrain(keys, ("batch", "length", "heads", "kv"))
-    vals = constrain(vals, ("batch", "length", "heads", "kv"))
-    s = keys.shape[1]
-    scores = jnp.einsum("btkgh,bskh->bkgts", q, keys, preferred_element_type=jnp.float32)
+    keys = constrain(keys, ("batch", "heads", "length", "kv"))
+    vals = constrain(vals, ("batch", "heads", "length", "kv"))
+    s = keys.shape[2]
+    scores = jnp.einsum("btkgh,bksh->bkgts", q, keys, preferred_element_type=jnp.float32)
     scores = scores * (cfg.head_dim ** -0.5)
     q_slot = start + jnp.arange(t)[:, None]
     allowed = (jnp.arange(s)[None, :] <= q_slot)[None] & (key_mask[:, None, :] > 0)  # [B, T, S]
     scores = jnp.where(allowed[:, None, None], scores, NEG_INF)
     probs = jax.nn.softmax(scores, axis=-1).astype(dt)
-    o = jnp.einsum("bkgts,bskh->btkgh", probs, vals.astype(dt))
+    o = jnp.einsum("bkgts,bksh->btkgh", probs, vals.astype(dt))
     o = constrain(o, ("batch", "length", "heads", "qkv", "kv"))
     out = jnp.einsum("btkgh,kghd->btd", o, self.out[...].astype(dt))
     return out, (None if cache_kv is None else (k_all, v_all))
