@@ -21,6 +21,18 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 3
 
 
+def _source_hash() -> str:
+  """Hash of the package sources this process imported (the tree is shared with concurrent editors)."""
+  import hashlib
+
+  h = hashlib.sha256()
+  for dirpath, _, files in sorted(os.walk(os.path.join(ROOT, "nash_lm"))):
+    for f in sorted(files):
+      if f.endswith(".py"):
+        h.update(open(os.path.join(dirpath, f), "rb").read())
+  return h.hexdigest()
+
+
 def _worker(out: str) -> None:
   """One process of the run: global batches from process-local rows, compiled steps, orbax save/restore."""
   from nash_lm import distributed
@@ -44,7 +56,7 @@ def _worker(out: str) -> None:
   workdir = os.path.join(out, "wd")
   mesh, rules, _ = loop.prepare(config, workdir)
   assert mesh.size == 2 and jax.process_count() == (2 if multi else 1)
-  result = {"process_count": jax.process_count(), "losses": []}
+  result = {"process_count": jax.process_count(), "losses": [], "source_sha256": _source_hash()}
   with parallel.activate(mesh, rules):
     stage = loop.Stage(config, "sft", workdir, mesh, rules, 1e12, writer=None)
     stage._build()
@@ -118,6 +130,7 @@ def runs(tmp_path_factory):
 def test_two_processes_match_one_process_on_the_same_global_mesh(runs):
   one, two, two_dir = runs
   assert one["process_count"] == 1 and two["process_count"] == 2
+  assert two["source_sha256"] == one["source_sha256"], "nash_lm/ sources changed between the two runs"
   assert "fsdp" in two["embed_sharding"]  # parameters really are sharded across the two processes
   assert two["policy_params_sha256"] == one["policy_params_sha256"]
   assert two["losses"] == pytest.approx(one["losses"], abs=1e-6)
