@@ -1,0 +1,324 @@
+"""Shared machinery of the Nash-MD-PG benchmarks (bench/trl_workload.py, bench/mfu.py, bench/length_scaling.py).
+
+Nothing here re-implements the step: the whole step is `nash_lm.train.step.policy_step` (its three parts
+`rollout`, `score`, `update`, composed exactly as `policy_step` composes them) inside one `jax.jit`, plus a few
+on-device counters (kept tokens and EOS rows of y and y') that the peer's JSON also reports. The phases
+(policy sample, mixture sample, judge, update) can also be compiled one by one, for the time breakdown, from the
+same library functions (`step._sample`, `step._mixture`, `step.score`, `step.update`).
+
+The optimizer is `nash_lm.train.state.make_optimizer` on a `nash_lm.train.config.stage('nash_md_pg', ...)`
+config, and the analytic FLOPs are `nash_lm.train.loop.Stage.step_flops` (one forward = 1x, forward + backward =
+3x; `nash_lm.train.metrics.lm_forward_flops` per pass), split here into the same phases.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+import random
+import resource
+import statistics
+import time
+import types
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from nash_lm import models
+from nash_lm.data.synthetic import BOS_ID, EOS_ID, PAD_ID
+from nash_lm.models import ModelConfig
+from nash_lm.train import config as cfg_lib
+from nash_lm.train import metrics as metrics_lib
+from nash_lm.train import state as state_lib
+from nash_lm.train import step as step_lib
+from nash_lm.train.loop import Stage
+
+
+@dataclasses.dataclass(frozen=True)
+class Workload:
+    """Shapes and hyper-parameters of one Nash-MD-PG benchmark workload (defaults: the TRL peer's workload)."""
+
+    vocab: int = 512
+    d_model: int = 128
+    n_layers: int = 2
+    n_heads: int = 4
+    n_kv_heads: int = 4
+    d_ff: int = 512
+    max_pos: int = 128
+    tie_embeddings: bool = False
+    prompt_len: int = 16  # BOS + 15 random ids in [4, vocab)
+    n_prompts: int = 256
+    new_tokens: int = 32
+    batch: int = 8
+    steps: int = 128
+    mixture_coef: float = 0.5  # paper's beta (weight of the reference in the geometric mixture)
+    kl_coef: float = 0.1  # paper's tau (TRL's `beta`)
+    temperature: float = 1.0
+    lr: float = 1e-5
+    grad_clip: float = 1.0  # transformers.TrainingArguments.max_grad_norm default, which the TRL peer runs with
+    judge: str = "reward"  # 'reward': sigmoid(r(y) - r(y')) as TRL's reward-model path; or 'preference'
+    seed: int = 0
+    dtype: str = "float32"
+
+    def model_config(self) -> ModelConfig:
+        return ModelConfig(vocab_size=self.vocab, d_model=self.d_model, n_layers=self.n_layers,
+                           n_heads=self.n_heads, n_kv_heads=self.n_kv_heads, d_ff=self.d_ff, max_len=self.max_pos,
+                           tie_embeddings=self.tie_embeddings, dtype=self.dtype).validate()
+
+    def stage(self):
+        return cfg_lib.stage("nash_md_pg", steps=self.steps, batch_size=self.batch, lr=self.lr,
+                             lr_schedule="linear", warmup_steps=0, weight_decay=0.0, grad_clip=self.grad_clip,
+                             tau=self.kl_coef, beta=self.mixture_coef, temperature=self.temperature,
+                             max_new_tokens=self.new_tokens)
+
+    def hparams(self) -> step_lib.PolicyHParams:
+        return step_lib.PolicyHParams(algorithm="nash_md_pg", tau=self.kl_coef, beta=self.mixture_coef,
+                                      temperature=self.temperature, max_new_tokens=self.new_tokens)
+
+
+# A tiny workload for smoke runs (CI): one layer, a few tokens, so that compilation stays short.
+SMOKE = Workload(vocab=64, d_model=32, n_layers=1, n_heads=2, n_kv_heads=2, d_ff=64, max_pos=32, prompt_len=4,
+                 n_prompts=16, new_tokens=4, batch=2, steps=3)
+
+
+def make_prompts(w: Workload) -> np.ndarray:
+    """[n_prompts, prompt_len] int32: BOS + random ids in [4, vocab), drawn exactly as the peer draws them
+    (`random.Random(seed)`, `randrange(4, VOCAB)` per token, prompt by prompt)."""
+    rng = random.Random(w.seed)
+    rows = [[BOS_ID] + [rng.randrange(4, w.vocab) for _ in range(w.prompt_len - 1)] for _ in range(w.n_prompts)]
+    return np.asarray(rows, np.int32)
+
+
+def batch_order(w: Workload, steps: int) -> list[np.ndarray]:
+    """Prompt indices of each step: epochs over the prompts, reshuffled each epoch (drop the last partial batch)."""
+    rs = np.random.RandomState(w.seed)
+    out, per_epoch = [], w.n_prompts // w.batch
+    while len(out) < steps:
+        perm = rs.permutation(w.n_prompts)
+        out.extend(perm[i * w.batch:(i + 1) * w.batch] for i in range(per_epoch))
+    return out[:steps]
+
+
+@dataclasses.dataclass
+class Built:
+    w: Workload
+    graphdef: Any
+    judge: step_lib.Judge
+    tx: Any
+    mut: state_lib.TrainState
+    frozen: tuple
+    prompts: np.ndarray
+    n_params: dict
+
+
+def build(w: Workload) -> Built:
+    """Policy (seed), reference = copy of the initial policy, judge model (seed + 1), AdamW, the train state."""
+    cfg = w.model_config()
+    g, policy = models.init(cfg, "lm", seed=w.seed)
+    ref = jax.tree.map(jnp.copy, policy)
+    jg, jparams = models.init(cfg, w.judge, seed=w.seed + 1)
+    tx = state_lib.make_optimizer(w.stage())
+    mut = jax.jit(lambda p: state_lib.init_state(p, tx, w.seed))(policy)
+    jax.block_until_ready((mut, ref, jparams))
+    return Built(w, g, step_lib.Judge(w.judge, graphdef=jg), tx, mut, (ref, jparams), make_prompts(w),
+                 {"policy": models.num_params(policy), "ref": models.num_params(ref),
+                  w.judge: models.num_params(jparams)})
+
+
+def make_batch(b: Built, idx) -> dict:
+    x = b.prompts[np.asarray(idx)]
+    return {"prompt": jnp.asarray(x), "prompt_mask": jnp.ones(x.shape, jnp.int32)}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The whole step (one jit) and its phases (separate jits, for the breakdown)
+
+
+def counted_step(hp, graphdef, judge, tx, mut, frozen, batch):
+    """`step_lib.policy_step` (rollout -> score -> update, the same three calls) + kept-token/EOS counters."""
+    rng, samples = step_lib.rollout(hp, graphdef, mut, frozen, batch)
+    judged = step_lib.score(hp, judge, frozen, batch, samples)
+    new, metrics = step_lib.update(hp, graphdef, tx, mut, frozen, batch, samples, judged, rng)
+    for name in ("y", "y2"):
+        mask = samples[f"{name}_mask"]
+        metrics[f"{name}_tokens"] = jnp.sum(mask).astype(jnp.int32)
+        metrics[f"{name}_eos_rows"] = jnp.sum(
+            jnp.any((samples[name] == EOS_ID) & (mask > 0), axis=-1)).astype(jnp.int32)
+    return new, metrics
+
+
+def compile_step(b: Built):
+    """AOT-compiled whole step with the mutable state donated; returns (fn(mut, batch), compile seconds)."""
+    fn = functools.partial(counted_step, b.w.hparams(), b.graphdef, b.judge, b.tx)
+    batch = make_batch(b, np.arange(b.w.batch))
+    t0 = time.perf_counter()
+    compiled = jax.jit(fn, donate_argnums=0).lower(b.mut, b.frozen, batch).compile()
+    dt = time.perf_counter() - t0
+    return (lambda mut, batch: compiled(mut, b.frozen, batch)), dt
+
+
+def compile_phases(b: Built) -> dict:
+    """Each phase of the step as its own compiled function of (mut, batch) (no donation, so it can be re-run):
+    'sample_policy' (y ~ pi), 'sample_mixture' (y' ~ token-level mixture), 'judge', 'update' (reference
+    log-probs, policy forward + backward, AdamW). Returns {name: (fn, compile_s)}; 'update' and 'judge' take the
+    samples produced by the sampling phases."""
+    hp, g, w = b.w.hparams(), b.graphdef, b.w
+    ref, _ = b.frozen
+    key = jax.random.PRNGKey(1)
+
+    def sample_policy(mut, batch):
+        return step_lib._sample(g, mut.policy, batch, key, hp)
+
+    def sample_plain_ref(mut, batch):  # plain sampling from one model, for the mixture / plain ratio
+        return step_lib._sample(g, ref, batch, key, hp)
+
+    def sample_mixture(mut, batch):
+        return step_lib._mixture(g, mut.policy, ref, batch, key, hp)
+
+    def judge(batch, samples):
+        return step_lib.score(hp, b.judge, b.frozen, batch, samples)
+
+    def update(mut, batch, samples, judged):
+        return step_lib.update(hp, g, b.tx, mut, b.frozen, batch, samples, judged, mut.rng)
+
+    batch = make_batch(b, np.arange(w.batch))
+    out = {}
+    for name, f in (("sample_policy", sample_policy), ("sample_plain_ref", sample_plain_ref),
+                    ("sample_mixture", sample_mixture)):
+        t0 = time.perf_counter()
+        c = jax.jit(f).lower(b.mut, batch).compile()
+        out[name] = (c, time.perf_counter() - t0)
+    y, ym = out["sample_policy"][0](b.mut, batch)
+    y2, y2m = out["sample_mixture"][0](b.mut, batch)
+    samples = {"y": y, "y_mask": ym, "y2": y2, "y2_mask": y2m}
+    t0 = time.perf_counter()
+    cj = jax.jit(judge).lower(batch, samples).compile()
+    out["judge"] = (cj, time.perf_counter() - t0)
+    judged = cj(batch, samples)
+    t0 = time.perf_counter()
+    cu = jax.jit(update).lower(b.mut, batch, samples, judged).compile()
+    out["update"] = (cu, time.perf_counter() - t0)
+    out["_inputs"] = (batch, samples, judged)
+    return out
+
+
+def time_phases(b: Built, phases: dict, repeats: int) -> dict:
+    """Median seconds of each phase over `repeats` interleaved rounds (after one warm-up round)."""
+    batch, samples, judged = phases["_inputs"]
+    calls = {
+        "sample_policy": lambda: phases["sample_policy"][0](b.mut, batch),
+        "sample_plain_ref": lambda: phases["sample_plain_ref"][0](b.mut, batch),
+        "sample_mixture": lambda: phases["sample_mixture"][0](b.mut, batch),
+        "judge": lambda: phases["judge"][0](batch, samples),
+        "update": lambda: phases["update"][0](b.mut, batch, samples, judged),
+    }
+    runs = {k: [] for k in calls}
+    for r in range(repeats + 1):
+        for k, f in calls.items():
+            t0 = time.perf_counter()
+            jax.block_until_ready(f())
+            if r:
+                runs[k].append(time.perf_counter() - t0)
+    return {k: {"median_s": statistics.median(v), "runs_s": [round(x, 5) for x in v]} for k, v in runs.items()}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# FLOPs
+
+
+def phase_flops(w: Workload) -> dict:
+    """Analytic matmul FLOPs per step, by phase; 'step' equals `nash_lm.train.loop.Stage.step_flops`."""
+    m = w.model_config()
+    shape = dict(n_layers=m.n_layers, d_model=m.d_model, n_heads=m.n_heads, n_kv_heads=m.n_kv_heads,
+                 head_dim=m.head_dim, d_ff=m.d_ff, vocab_size=m.vocab_size)
+    bsz, p, n = w.batch, w.prompt_len, w.new_tokens
+
+    def full(t, head=True):
+        return metrics_lib.lm_forward_flops(**shape, tokens=bsz * t, context=(t + 1) / 2, lm_head=head)
+
+    decode = full(p) + metrics_lib.lm_forward_flops(**shape, tokens=bsz * n, context=p + n / 2)
+    judge = {"preference": 2 * full(p + 2 * n, head=False), "reward": 2 * full(p + n, head=False)}[w.judge]
+    out = {"sample_policy": decode, "sample_mixture": 2 * decode, "judge": judge, "update": 4 * full(p + n),
+           "update_policy_fwd_bwd": 3 * full(p + n), "update_ref_fwd": full(p + n)}
+    out["sampling"] = out["sample_policy"] + out["sample_mixture"]
+    out["step"] = out["sampling"] + judge + out["update"]
+    # Cross-check against the training loop's own count (the number reported as MFU during training).
+    stage = types.SimpleNamespace(model_cfg=m, st=w.stage(), data_cfg=types.SimpleNamespace(prompt_len=p, response_len=n),
+                                  algorithm="nash_md_pg", judge=types.SimpleNamespace(kind=w.judge))
+    loop_count = Stage.step_flops(stage)
+    assert abs(loop_count - out["step"]) <= 1e-9 * out["step"], (loop_count, out["step"])
+    return out
+
+
+def matmul_peak(sizes=(512, 1024, 2048), repeats: int = 5, dtype=jnp.float32) -> dict:
+    """f32 matmul rate measured now, in this process (`nash_lm.train.metrics.measure_peak_flops`, best of
+    `repeats` per size); the peak is the best size."""
+    rates = {n: metrics_lib.measure_peak_flops(dtype, n=n, repeats=repeats) for n in sizes}
+    return {"peak_flops": max(rates.values()), "by_size": {str(n): r for n, r in rates.items()}}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Machine and process accounting (the same quantities as the peer's JSON)
+
+
+def proc_stat_s():
+    """Machine-wide CPU seconds (user + nice + system) from /proc/stat."""
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:]]
+    return (v[0] + v[1] + v[2]) / os.sysconf("SC_CLK_TCK")
+
+
+class CpuMeter:
+    """Own CPU seconds (os.times) vs everybody else's (machine-wide /proc/stat minus own) over a region."""
+
+    def __enter__(self):
+        self.load_before = os.getloadavg()[0]
+        self.stat0, self.own0 = proc_stat_s(), os.times()
+        return self
+
+    def __exit__(self, *exc):
+        stat1, own1 = proc_stat_s(), os.times()
+        self.own_cpu_s = (own1.user - self.own0.user) + (own1.system - self.own0.system)
+        self.foreign_cpu_s = max(0.0, (stat1 - self.stat0) - self.own_cpu_s)
+        self.load_after = os.getloadavg()[0]
+        return False
+
+    def record(self) -> dict:
+        return {"own_cpu_s": round(self.own_cpu_s, 2), "foreign_cpu_s_during_run": round(self.foreign_cpu_s, 2),
+                "loadavg_1m_before_after": [round(self.load_before, 2), round(self.load_after, 2)]}
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def versions() -> dict:
+    import platform
+
+    import flax
+    import jaxlib
+
+    return {"jax": jax.__version__, "jaxlib": jaxlib.__version__, "flax": flax.__version__,
+            "python": platform.python_version(), "backend": jax.default_backend(),
+            "device": str(jax.devices()[0].device_kind), "n_devices": len(jax.devices()),
+            "XLA_FLAGS": os.environ.get("XLA_FLAGS", ""), "GLIBC_TUNABLES": os.environ.get("GLIBC_TUNABLES", "")}
+
+
+def train(b: Built, step_fn, steps: int):
+    """Runs `steps` steps of the compiled step from b.mut (donated); returns (mut, per-step seconds, metrics
+    list). Each step is synchronised (block on its metrics) so that step boundaries are real, like the peer's
+    step callback; the batch is put on the device inside the timed loop, like the peer's data loader."""
+    order = batch_order(b.w, steps)
+    mut, times, mets = b.mut, [], []
+    t_prev = time.perf_counter()
+    for s in range(steps):
+        mut, metrics = step_fn(mut, make_batch(b, order[s]))
+        jax.block_until_ready(metrics)
+        t = time.perf_counter()
+        times.append(t - t_prev)
+        t_prev = t
+        mets.append(metrics)
+    b.mut = None  # donated
+    return mut, times, jax.device_get(mets)

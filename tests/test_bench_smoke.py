@@ -1,0 +1,83 @@
+"""Smoke passes of the Nash-MD-PG benchmarks (bench/trl_workload.py, bench/mfu.py, bench/length_scaling.py,
+bench/compare_trl.py) on a tiny model: they run end to end, print the peer's JSON fields, and their FLOP count is
+the training loop's. No timing is asserted (CI machines are shared); the real runs are in BENCHMARKS.md."""
+import json
+import os
+import sys
+
+import pytest
+
+BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench")
+sys.path.insert(0, BENCH)
+
+import compare_trl  # noqa: E402
+import length_scaling  # noqa: E402
+import mfu  # noqa: E402
+import nashmd_bench as nb  # noqa: E402
+import trl_workload  # noqa: E402
+
+PEER_FIELDS = ("prompts_per_s", "gen_tokens_per_s_actual", "gen_tokens_per_s_nominal", "wall_s", "build_s",
+               "first_step_s", "median_step_s", "peak_rss_mib", "own_cpu_s", "foreign_cpu_s_during_run",
+               "eos_rate_policy", "eos_rate_mixture", "gen_tokens_actual", "gen_tokens_nominal", "step_times_s")
+
+
+def test_trl_workload_smoke(capsys):
+    rec = trl_workload.main(["--smoke", "--out", ""])
+    line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert line["prompts_per_s"] == rec["prompts_per_s"] > 0
+    for k in PEER_FIELDS + ("compile_s",):
+        assert k in rec, k
+    w = nb.SMOKE
+    assert rec["steps"] == len(rec["step_times_s"]) == w.steps
+    assert rec["gen_tokens_nominal"] == w.steps * w.batch * 2 * w.new_tokens
+    assert 0 < rec["gen_tokens_actual"] <= rec["gen_tokens_nominal"]
+
+
+def test_peer_workload_shapes():
+    """The default workload is the peer's: 656,000 policy parameters, prompts drawn as the peer draws them."""
+    import random
+
+    from nash_lm.models import ModelConfig
+
+    w = nb.Workload()
+    cfg = w.model_config()
+    assert isinstance(cfg, ModelConfig) and cfg.num_params("lm") == 656_000
+    assert (w.vocab, w.d_model, w.n_layers, w.n_heads, w.d_ff, w.max_pos, w.tie_embeddings) == (
+        512, 128, 2, 4, 512, 128, False)
+    assert (w.prompt_len, w.n_prompts, w.new_tokens, w.batch, w.steps) == (16, 256, 32, 8, 128)
+    assert (w.mixture_coef, w.kl_coef, w.temperature, w.lr, w.dtype) == (0.5, 0.1, 1.0, 1e-5, "float32")
+    prompts = nb.make_prompts(w)
+    rng = random.Random(0)
+    first = [rng.randrange(4, 512) for _ in range(15)]
+    assert prompts.shape == (256, 16) and prompts[0, 0] == 1 and list(prompts[0, 1:]) == first
+    order = nb.batch_order(w, 64)
+    assert sorted(int(i) for b in order[:32] for i in b) == list(range(256))  # one epoch = every prompt once
+
+
+def test_phase_flops_match_training_loop():
+    f = nb.phase_flops(mfu.BIG)  # asserts equality with nash_lm.train.loop.Stage.step_flops inside
+    assert f["step"] == pytest.approx(f["sampling"] + f["judge"] + f["update"])
+    assert f["update"] == pytest.approx(4 / 3 * f["update_policy_fwd_bwd"])
+
+
+def test_mfu_smoke():
+    rec = mfu.main(["--smoke", "--repeats", "1", "--out", ""])
+    for part in ("update", "sampling", "step"):
+        assert rec[part]["mfu"] > 0, part
+    assert rec["sampling"]["tokens_per_s"] > 0 and rec["sampling"]["mixture_over_plain"] > 0
+    assert rec["peak_flops"] > 0
+
+
+def test_length_scaling_smoke():
+    summary = length_scaling.main(["--smoke", "--out", ""])
+    assert summary["lengths"] == [2, 4]
+    assert summary["nash_lm"]["loglog_slope_fit"] == summary["nash_lm"]["loglog_slope_fit"]  # not NaN
+    assert "peer" not in summary
+
+
+def test_compare_helpers():
+    assert compare_trl.last_json('noise\n{"a": 1}\n') == {"a": 1}
+    assert compare_trl.clean({"foreign_cpu_s_during_run": 0.5, "own_cpu_s": 10.0})
+    assert not compare_trl.clean({"foreign_cpu_s_during_run": 2.0, "own_cpu_s": 10.0})
+    g = length_scaling.growth([{"new_tokens": n, "median_step_s": 0.01 * n * n} for n in (32, 64, 128)])
+    assert g["loglog_slope_fit"] == pytest.approx(2.0)
