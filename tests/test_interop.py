@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+import torch  # noqa: E402  (test dependency: torch==2.13.0 CPU)
+import transformers  # noqa: E402  (test dependency: transformers==5.23.0)
 
 from nash_lm import models  # noqa: E402
 from nash_lm.interop import hf, safetensors_io  # noqa: E402
