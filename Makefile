@@ -12,6 +12,7 @@ $(BIN)/python:
 	$(BIN)/pip install -q --upgrade pip
 
 $(VENV)/.installed: setup.py $(BIN)/python
+	$(BIN)/pip install -q torch==2.13.0  # first, so that nothing later can pull a CUDA build
 	$(BIN)/pip install -q -e '.[test]'
 	touch $@
 

@@ -23,16 +23,22 @@ CORE = [
     # tokenizer.json), safetensors checkpoints, the docstring rater's ROUGE-L.
     "sentencepiece>=0.2",
     "tokenizers>=0.19",
-    "safetensors>=0.4",
+    "safetensors>=0.8",
+    "ml-dtypes>=0.5",
+    "portpicker>=1.6",  # free ports for the local multi-process launcher
     "rouge-score>=0.1.2",
 ]
 
+HF = ["transformers==5.23.0", "torch==2.13.0"]  # torch: the CPU wheel 2.13.0 only (any other spec pulls CUDA)
+SEQIO = ["seqio==0.0.20", "tensorflow-datasets==4.9.10"]  # pulls TensorFlow 2.21
+
 EXTRAS = {
-    "test": ["pytest>=8", "pytest-timeout>=2.3", "portpicker>=1.6"],
-    # Checkpoint import/export against Hugging Face (torch: the CPU wheel 2.13.0 only).
-    "hf": ["safetensors>=0.4", "tokenizers>=0.19", "transformers>=4.44", "torch==2.13.0"],
-    # Optional data adapters (pull in TensorFlow).
-    "seqio": ["seqio", "tensorflow-datasets"],
+    # The test suite exercises the Hugging Face round trip, the seqio adapter and the notebook, so it needs all
+    # of them.
+    "test": ["pytest>=8", "pytest-timeout>=2.3", "nbclient==0.11.0", "nbformat==5.11.1",
+             "ipykernel==7.4.0", *HF, *SEQIO],
+    "hf": HF,
+    "seqio": SEQIO,
     "tpu": ["jax[tpu]==0.10.2"],
     "cuda": ["jax[cuda12]==0.10.2"],
 }
