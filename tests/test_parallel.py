@@ -175,3 +175,27 @@ def test_compiled_per_device_parameter_bytes_under_fsdp():
   print(f"total parameter bytes {total}, per device: fsdp {per_device}, replicated {replicated}")
   assert replicated == total
   assert abs(per_device - total / 8) <= 0.02 * total / 8
+
+
+def test_init_directly_into_shardings(mesh222):
+  mesh, rules = mesh222
+  g, ref_params = models.init(CFG, "lm", seed=5)
+  sh = parallel.param_shardings(models.abstract_init(CFG)[1], mesh, rules)
+  _, params = models.init(CFG, "lm", seed=5, shardings=sh)
+  for a, b, s in zip(jax.tree.leaves(params), jax.tree.leaves(ref_params), jax.tree.leaves(sh)):
+    assert a.sharding == s
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_billion_parameter_config_shards_evenly_under_fsdp():
+  """Shapes only (nothing allocated): the ~1B config's per-device parameter bytes on fsdp=8 are total/8."""
+  cfg = ModelConfig(vocab_size=32768, d_model=2048, n_layers=16, n_heads=32, n_kv_heads=8, d_ff=8192,
+                    max_len=2048, dtype="bfloat16", scan_layers=True, remat=True)
+  mesh = parallel.make_mesh({"fsdp": -1})
+  _, abstract = models.abstract_init(cfg)
+  sh = parallel.param_shardings(abstract, mesh)
+  total = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(abstract))
+  per_device = sum(np.prod(s.shard_shape(x.shape)) * x.dtype.itemsize
+                   for x, s in zip(jax.tree.leaves(abstract), jax.tree.leaves(sh)))
+  print(f"1B config: {total / 2**30:.2f} GiB of f32 parameters, {per_device / 2**20:.1f} MiB per device")
+  assert per_device == total // 8
