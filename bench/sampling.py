@@ -3,6 +3,8 @@ time at cache positions 64 and 1024 (the KV cache makes it flat in the position)
 
 Every number is the median of `--repeats` (≥ 5) timed runs after a compile/warm-up run, and every ratio is
 formed from numbers measured in the same process, interleaved, because the machine may be shared and noisy.
+Ratios are given from wall time and, as a check that is less sensitive to other processes on a shared host,
+from this process's CPU time (`time.process_time`).
 
   * throughput: `sample` with B prompts of length 64 and N new tokens (no EOS, so every row decodes N
     tokens); tokens/s = B·N / median wall time (prefill included), for plain sampling and for the mixture
@@ -48,9 +50,14 @@ def machine() -> dict:
               n_devices=len(jax.devices()), jax=jax.__version__, python=platform.python_version())
 
 
+CPU_TIMES: list[float] = []  # process CPU seconds of every timed() call, in call order
+
+
 def timed(fn, *args):
-  t = time.perf_counter()
+  """Wall seconds of one call; its process CPU seconds are appended to CPU_TIMES (robust to other load)."""
+  t, c = time.perf_counter(), time.process_time()
   jax.block_until_ready(fn(*args))
+  CPU_TIMES.append(time.process_time() - c)
   return time.perf_counter() - t
 
 
@@ -88,14 +95,17 @@ def main():
   mix_beta = jnp.float32(0.5)
   timed(plain, g, pol, x, m, rng)
   timed(plain, g, pol, x, m, rng, ref, mix_beta)
-  t_plain, t_mix = [], []
+  t_plain, t_mix, c_plain, c_mix = [], [], [], []
   for _ in range(args.repeats):  # interleaved, so both see the same machine load
     t_plain.append(timed(plain, g, pol, x, m, rng))
+    c_plain.append(CPU_TIMES[-1])
     t_mix.append(timed(plain, g, pol, x, m, rng, ref, mix_beta))
+    c_mix.append(CPU_TIMES[-1])
   tp_, tm_ = statistics.median(t_plain), statistics.median(t_mix)
   rows.append(dict(base, metric="decode_throughput", prompt_len=64, new_tokens=n,
                    plain_tokens_per_s=b * n / tp_, mixture_tokens_per_s=b * n / tm_,
                    plain_s=tp_, mixture_s=tm_, mixture_over_plain=tm_ / tp_, target_ratio_max=2.2,
+                   mixture_over_plain_cpu_time=statistics.median(c_mix) / statistics.median(c_plain),
                    plain_runs_s=t_plain, mixture_runs_s=t_mix))
 
   # ---- per-token decode time at positions 64 and 1024: the decode loop alone, one cache buffer for both
@@ -112,6 +122,7 @@ def main():
     states[(pos, "mixture")] = jax.block_until_ready(pre(pol, x, m, ref))
     full[pos] = (x, m)
   runs = {k: [] for k in states}
+  cpu = {k: [] for k in states}
   fwd = {pos: [] for pos in full}
   for k, st in states.items():  # compile
     timed(dec, pol, st, rng, ref if k[1] == "mixture" else None, mix_beta)
@@ -120,19 +131,24 @@ def main():
   for _ in range(args.repeats):
     for k, st in states.items():
       runs[k].append(timed(dec, pol, st, rng, ref if k[1] == "mixture" else None, mix_beta) / n)
+      cpu[k].append(CPU_TIMES[-1] / n)
     for pos, (x, m) in full.items():
       fwd[pos].append(timed(lm, g, pol, x, m))
   med = {k: statistics.median(v) for k, v in runs.items()}
+  med_cpu = {k: statistics.median(v) for k, v in cpu.items()}
   for mode in ("plain", "mixture"):
     rows.append(dict(base, metric="per_token_decode", mode=mode, cache_len=cache_len, new_tokens=n,
                      per_token_ms_pos64=1e3 * med[(64, mode)], per_token_ms_pos1024=1e3 * med[(1024, mode)],
                      pos1024_over_pos64=med[(1024, mode)] / med[(64, mode)],
+                     pos1024_over_pos64_cpu_time=med_cpu[(1024, mode)] / med_cpu[(64, mode)],
                      decode_tokens_per_s_pos64=b / med[(64, mode)],
                      no_cache_forward_ms_pos64=1e3 * statistics.median(fwd[64]),
                      no_cache_forward_ms_pos1024=1e3 * statistics.median(fwd[1024])))
   rows.append(dict(base, metric="decode_only_mixture_over_plain", cache_len=cache_len,
                    pos64=med[(64, "mixture")] / med[(64, "plain")],
-                   pos1024=med[(1024, "mixture")] / med[(1024, "plain")], target_ratio_max=2.2))
+                   pos1024=med[(1024, "mixture")] / med[(1024, "plain")],
+                   pos64_cpu_time=med_cpu[(64, "mixture")] / med_cpu[(64, "plain")],
+                   pos1024_cpu_time=med_cpu[(1024, "mixture")] / med_cpu[(1024, "plain")], target_ratio_max=2.2))
   os.makedirs(os.path.dirname(args.out), exist_ok=True)
   with open(args.out, "a") as f:
     for r in rows:
