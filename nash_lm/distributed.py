@@ -88,7 +88,10 @@ def _check(kw: dict, where: str) -> None:
 def initialize(config=None, environ=None) -> bool:
   """Starts jax.distributed when configured (see the module docstring); returns True when multi-process."""
   environ = os.environ if environ is None else environ
-  if _STATE["initialized"]:
+  # `python -m nash_lm.distributed` runs this file as __main__, a second copy of the module with its own _STATE,
+  # and `nash_lm.main` then initializes again through the imported copy: jax's own flag covers both.
+  if _STATE["initialized"] or jax.distributed.is_initialized():
+    _STATE["initialized"] = True
     return jax.process_count() > 1
   kw = _settings_from(config, environ)
   if kw is None:

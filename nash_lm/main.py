@@ -2,6 +2,9 @@
 
 Thin by design (all logic lives in importable modules, usable from Colab): it parses the config file with
 ml_collections' `config_flags`, looks up `config.job` in `JOBS` and calls that job's `run(config, workdir)`.
+Multi-host: `jax.distributed` is started here from `config.distributed` or the environment (see
+`nash_lm.distributed`; `launch/local.py` and the pod/SLURM scripts set it), before any device is touched, so
+`python -m nash_lm.main` and `python -m nash_lm.distributed` both work on every host.
 Bad input (an unknown flag or config field, a value out of range) ends with one line on stderr and exit code 2,
 before anything is compiled or written.
 """
@@ -12,6 +15,8 @@ import sys
 
 from absl import flags
 from ml_collections import config_flags
+
+from nash_lm import distributed
 
 # job name -> "module:function"; each function takes (config, workdir) and returns a summary dict.
 JOBS = {
@@ -50,6 +55,10 @@ def main(argv=None) -> dict:
     job = config.get("job")
     if job not in JOBS:
         _fail(f"config.job: unknown job {job!r}; known: {sorted(JOBS)}")
+    try:  # before anything touches devices; a no-op for one process without distributed settings
+        distributed.initialize(config)
+    except ValueError as e:
+        _fail(str(e).splitlines()[0])
     module_name, fn_name = JOBS[job].split(":")
     run = getattr(importlib.import_module(module_name), fn_name)
     try:

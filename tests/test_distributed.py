@@ -1,13 +1,18 @@
 """Multi-host: two local CPU processes (gloo over loopback, via launch/local.py, every process under `timeout`)
-run steps of the tiny pipeline's compiled SFT step on one global mesh (fsdp=2: the batch and the parameters'
-embed axis split across the two processes) and must give the same `policy_params_sha256`, losses and orbax
-round trip as one process holding the same global mesh on 2 devices.
+run the real training job (`python -m nash_lm.distributed --config=configs/tiny.py`, i.e. `nash_lm.train.loop.run`:
+a few SFT steps, then one policy stage judged by the host oracle) on one global mesh (fsdp=2: the batch and the
+parameters' embed axis split across the two processes), and must give the same `policy_params_sha256` in
+summary.json as one process (`python -m nash_lm.main`) holding the same global mesh on 2 devices. Process 0 alone
+writes the JSON files, metrics and TensorBoard events; a second two-process run on the same workdir, started as
+`python -m nash_lm.main` (which initialises jax.distributed from the launcher's environment), skips the finished
+stages.
 
 Why two devices: a cross-device sum of two terms is one commutative addition, so the two runs are bitwise
 equal; with four devices gloo's reduction order (within a host, then across) differs from XLA's in-process
 order and the losses agree only to ~1e-7 (measured), so the hashes would differ.
 
-The worker half of this file (`python tests/test_distributed.py worker OUT`) is what each process runs.
+The worker half of this file (`python tests/test_distributed.py worker OUT`) checks the building blocks
+(per-host global batches, fetch, orbax save/restore of the sharded train state) on each process.
 """
 import json
 import os
@@ -19,6 +24,10 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 3
+# the tiny pipeline cut to a few steps: sft, then one policy stage (host oracle: no judge stage to train)
+JOB_OVERRIDES = ["--config.pipeline=sft,nash_md_oracle", "--config.mesh.data=1", "--config.mesh.fsdp=2",
+                 "--config.mesh.tensor=1", f"--config.stages.sft.steps={STEPS}", "--config.stages.sft.log_every=1",
+                 "--config.stages.nash_md_oracle.steps=2", "--config.peak_tflops=1.0"]
 
 
 def _source_hash() -> str:
@@ -96,28 +105,38 @@ def _worker(out: str) -> None:
 
 
 ENV = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS",)}
+SINGLE_ENV = {**{k: v for k, v in ENV.items() if not k.startswith("NASH_LM_")}, "JAX_PLATFORMS": "cpu",
+              "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
 
 
 def _run_single(out):
-  env = {**ENV, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
-  for k in ("NASH_LM_COORDINATOR", "NASH_LM_NUM_PROCESSES", "NASH_LM_PROCESS_ID"):
-    env.pop(k, None)
-  r = subprocess.run(["timeout", "300", sys.executable, __file__, "worker", out], env=env, cwd=ROOT,
+  r = subprocess.run(["timeout", "300", sys.executable, __file__, "worker", out], env=SINGLE_ENV, cwd=ROOT,
                      capture_output=True, text=True)
   assert r.returncode == 0, r.stderr[-3000:]
   return json.load(open(os.path.join(out, "result.json")))
 
 
-def _run_two(out):
+def _launch_two(out, command, logdir):
   cmd = [sys.executable, os.path.join(ROOT, "launch", "local.py"), "--num_processes=2", "--devices_per_process=1",
-         "--timeout=300", f"--logdir={out}/logs", "--", sys.executable, __file__, "worker", out]
-  r = subprocess.run(cmd, env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=400)
+         "--timeout=420", f"--logdir={logdir}", "--", *command]
+  r = subprocess.run(cmd, env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=480)
   logs = ""
   for i in range(2):
-    p = os.path.join(out, "logs", f"process_{i}.log")
+    p = os.path.join(logdir, f"process_{i}.log")
     logs += f"\n--- process {i}\n" + (open(p).read()[-2500:] if os.path.exists(p) else "")
   assert r.returncode == 0, r.stderr[-2000:] + logs
+  return r
+
+
+def _run_two(out):
+  _launch_two(out, [sys.executable, __file__, "worker", out], f"{out}/logs")
   return json.load(open(os.path.join(out, "result.json")))
+
+
+def _job(workdir, module="nash_lm.distributed"):
+  """The job's command line: `nash_lm.distributed` (the launch scripts' entry point) or `nash_lm.main` (which
+  starts jax.distributed itself from the launcher's environment)."""
+  return ["-m", module, "--config=configs/tiny.py", f"--workdir={workdir}", *JOB_OVERRIDES]
 
 
 @pytest.fixture(scope="module")
@@ -125,6 +144,22 @@ def runs(tmp_path_factory):
   one = _run_single(str(tmp_path_factory.mktemp("one")))
   two_dir = str(tmp_path_factory.mktemp("two"))
   return one, _run_two(two_dir), two_dir
+
+
+@pytest.fixture(scope="module")
+def jobs(tmp_path_factory):
+  """The training job on one process (2 devices) and on two processes (1 device each), same global mesh."""
+  one = str(tmp_path_factory.mktemp("job_one"))
+  source = _source_hash()
+  r = subprocess.run(["timeout", "420", sys.executable, *_job(f"{one}/wd", "nash_lm.main")], env=SINGLE_ENV, cwd=ROOT,
+                     capture_output=True, text=True)
+  assert r.returncode == 0, r.stderr[-3000:]
+  two = str(tmp_path_factory.mktemp("job_two"))
+  _launch_two(two, [sys.executable, *_job(f"{two}/wd")], f"{two}/logs")
+  with open(f"{two}/logs/process_0.log") as f:
+    printed = f.read()
+  assert _source_hash() == source, "nash_lm/ sources changed during the runs"
+  return f"{one}/wd", f"{two}/wd", printed
 
 
 def test_two_processes_match_one_process_on_the_same_global_mesh(runs):
@@ -142,6 +177,56 @@ def test_two_processes_match_one_process_on_the_same_global_mesh(runs):
   assert os.path.exists(os.path.join(two_dir, "view_0.json"))
   assert not os.path.exists(os.path.join(two_dir, "view_1.json"))
   assert not [f for f in os.listdir(two_dir) if ".tmp." in f]
+
+
+def _read(path):
+  with open(path) as f:
+    return json.load(f)
+
+
+def _metrics(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(line) for line in f]
+
+
+def test_training_job_on_two_processes_matches_one_process(jobs):
+  one, two, printed = jobs
+  s1, s2 = _read(f"{one}/summary.json"), _read(f"{two}/summary.json")
+  print("policy_params_sha256: one process", s1["policy_params_sha256"], "two processes", s2["policy_params_sha256"])
+  assert s1["status"] == s2["status"] == "complete" and s2["pipeline"] == ["sft", "nash_md_oracle"]
+  assert s2["policy_params_sha256"] == s1["policy_params_sha256"]
+  for name in ("sft", "nash_md_oracle"):
+    assert s2["stages"][name]["policy_params_sha256"] == s1["stages"][name]["policy_params_sha256"], name
+    assert s2["stages"][name]["steps"] == s1["stages"][name]["steps"]
+  assert s2["stages"]["sft"]["policy_params_sha256"] != s2["policy_params_sha256"]  # the policy stage trained
+  # process 0 printed the hash it saw; the evaluation (sampling + host oracle on fetched arrays) agrees too
+  assert json.dumps({"process_count": 2, "policy_params_sha256": s2["policy_params_sha256"]}) in printed
+  assert s2["final_eval"] == pytest.approx(s1["final_eval"], abs=1e-6)
+  # metrics.jsonl: written once (by process 0), the same steps and losses as one process
+  m1, m2 = _metrics(one), _metrics(two)
+  assert [(r["stage"], r["step"]) for r in m2] == [(r["stage"], r["step"]) for r in m1]
+  assert [r.get("loss") for r in m2] == pytest.approx([r.get("loss") for r in m1], abs=1e-6)
+  assert len(os.listdir(f"{two}/tensorboard")) == 1
+  for name in ("sft", "nash_md_oracle"):
+    assert sorted(os.listdir(f"{two}/stages/{name}")) == ["checkpoints", "done.json", "export", "fingerprint.json"]
+  leftovers = [os.path.join(d, f) for d, _, fs in os.walk(two) for f in fs if ".tmp" in f or "partial" in f]
+  assert not leftovers
+
+
+def test_training_job_on_two_processes_skips_finished_stages(jobs, tmp_path):
+  _, two, _ = jobs
+  before = _read(f"{two}/summary.json")
+  lines = len(_metrics(two))
+  done = {n: os.stat(f"{two}/stages/{n}/done.json").st_mtime_ns for n in ("sft", "nash_md_oracle")}
+  _launch_two(str(tmp_path), [sys.executable, *_job(two, "nash_lm.main")], f"{tmp_path}/logs")
+  after = _read(f"{two}/summary.json")
+  assert after["policy_params_sha256"] == before["policy_params_sha256"]
+  assert after["stages"] == before["stages"] and after["wall_time_s"] != before["wall_time_s"]  # rewritten
+  assert len(_metrics(two)) == lines
+  assert {n: os.stat(f"{two}/stages/{n}/done.json").st_mtime_ns for n in done} == done
+  with open(f"{tmp_path}/logs/process_0.log") as f:
+    log = f.read()
+  assert "sft:" not in log and "nash_md_oracle:" not in log, log[-2000:]  # no progress bar: nothing trained
 
 
 def test_initialize_settings_from_config_and_environment():

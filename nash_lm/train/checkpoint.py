@@ -24,6 +24,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from nash_lm import distributed
+
 
 def _key_str(k) -> str:
     for attr in ("key", "name", "idx"):
@@ -66,7 +68,9 @@ def abstract(tree, shardings=None):
 
 
 def params_sha256(tree) -> str:
-    """SHA-256 over (path, dtype, shape, bytes) of every leaf; independent of device placement and mesh."""
+    """SHA-256 over (path, dtype, shape, bytes) of every leaf; independent of device placement and mesh.
+    Arrays sharded across processes are gathered first (`distributed.fetch`, collective: call on every process)."""
+    tree = distributed.fetch(tree)
     h = hashlib.sha256()
     for path, leaf in sorted(jax.tree_util.tree_flatten_with_path(tree)[0],
                              key=lambda pl: "/".join(_key_str(k) for k in pl[0])):

@@ -15,6 +15,13 @@
    (held-out metrics; for Nash-EMA-PG also the averaged policy), `done.json`.
 4. `WORKDIR/summary.json`: final metrics per stage, wall time, the resolved config hash and
    `policy_params_sha256` of the last policy stage.
+
+Several processes (`nash_lm.distributed`, e.g. `launch/local.py`): every process runs this same code on one
+global mesh. Each feeds only its own rows of every batch (`distributed.global_batch_from_full`); orbax saves,
+restores and exports are collective; reading arrays back (hashes, the host oracle) goes through
+`distributed.fetch`; JSON files, metrics and TensorBoard events are written by process 0 only, and moving
+directories around is process 0's job, followed by a barrier. A SIGTERM on any process stops all of them after
+the same step.
 """
 from __future__ import annotations
 
@@ -32,7 +39,7 @@ import numpy as np
 from absl import logging
 from jax.sharding import NamedSharding, PartitionSpec
 
-from nash_lm import models, parallel
+from nash_lm import distributed, models, parallel
 from nash_lm.data import synthetic
 from nash_lm.train import checkpoint as ckpt_lib
 from nash_lm.train import config as cfg_lib
@@ -55,10 +62,8 @@ def _read_json(path):
 
 
 def _write_json(path, obj):
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-    os.replace(tmp, path)
+    """Process 0 writes (atomically); every process waits until the file is there."""
+    distributed.write_json(path, obj)
 
 
 def _stage_seed(config, name: str) -> int:
@@ -266,10 +271,10 @@ class Stage:
 
         def step(mut, batch):
             rng, samples = rollout(mut, self.frozen, batch)
-            host = {k: np.asarray(v) for k, v in jax.device_get({**batch, **samples}).items()}
+            host = distributed.fetch({**batch, **samples})  # every process judges the whole global batch
             pref = np.asarray(oracle(host["prompt"], host["prompt_mask"], host["y"], host["y_mask"], host["y2"],
                                      host["y2_mask"]), np.float32)
-            return update(mut, self.frozen, batch, samples, jax.device_put(pref, vec_sh), rng)
+            return update(mut, self.frozen, batch, samples, distributed.global_batch_from_full(pref, vec_sh), rng)
 
         return step
 
@@ -310,7 +315,8 @@ class Stage:
 
     # -- the loop -------------------------------------------------------------------------------------------------
     def run(self, stop_flag) -> dict:
-        os.makedirs(self.dir, exist_ok=True)
+        if distributed.is_primary():
+            os.makedirs(self.dir, exist_ok=True)
         _write_json(os.path.join(self.dir, "fingerprint.json"), self.fingerprint)
         self._build()
         st = self.st
@@ -347,10 +353,11 @@ class Stage:
         seqs = 2 if self.is_judge or self.algorithm not in ("sft", "rlhf") else 1
         tokens_per_step = st.batch_size * seqs * (self.data_cfg.prompt_len
                                                   + int(st.get("max_new_tokens", self.data_cfg.response_len)))
-        bar = tqdm(total=st.steps, initial=step, desc=self.name, unit="step", dynamic_ncols=True, leave=False)
+        bar = tqdm(total=st.steps, initial=step, desc=self.name, unit="step", dynamic_ncols=True, leave=False,
+                   disable=not distributed.is_primary())
         t_last, steps_since = time.perf_counter(), 0
         while step < st.steps:
-            batch = jax.device_put(next(iterator), self.batch_sh)
+            batch = distributed.global_batch_from_full(next(iterator), self.batch_sh)
             mut, metrics = train_step(mut, batch)
             step += 1
             steps_since += 1
@@ -380,7 +387,7 @@ class Stage:
                 self.writer.write(self.name, step, {f"eval/{k}": v for k, v in self.evaluate(mut).items()})
             if step % st.checkpoint_every == 0 or step == st.steps:
                 ckpt.save(step, mut, iterator.get_state(), {**meta, "step": step})
-            if stop_flag():
+            if _agreed(stop_flag()):
                 if step % st.checkpoint_every and step != st.steps:
                     ckpt.save(step, mut, iterator.get_state(), {**meta, "step": step}, force=True)
                 ckpt.close()
@@ -395,16 +402,21 @@ class Stage:
         """Held-out metrics: SFT NLL/accuracy; judge accuracy; policy (and averaged policy) win rate vs mu, KL."""
         st = self.st
         it = synthetic.BatchIterator(self.eval_data, st.batch_size, self.seed, "eval")
-        batches = [jax.device_put(next(it), self.batch_sh) for _ in range(st.eval_batches)]
+        batches = [distributed.global_batch_from_full(next(it), self.batch_sh) for _ in range(st.eval_batches)]
         if self._eval_fn is None:
             self._eval_fn = self._build_eval()
         if not self.is_policy:
             return _mean([self._eval_fn(mut.policy, x) for x in batches])
         out = {}
         for label, params in [("", mut.policy)] + ([("ema_", mut.ema)] if mut.ema is not None else []):
-            res = _mean([self._eval_fn(params, x, jax.random.PRNGKey(self.seed + i)) for i, x in enumerate(batches)])
+            res = _mean([self._eval_fn(params, x, self._eval_key(i)) for i, x in enumerate(batches)])
             out.update({f"{label}{k}": v for k, v in res.items()})
         return out
+
+    def _eval_key(self, i):
+        """The fixed evaluation key of batch i, replicated on the mesh (the same on every process)."""
+        key = np.asarray(jax.random.PRNGKey(self.seed + i))
+        return distributed.global_batch_from_full(key, self.replicated)
 
     def _build_eval(self):
         """Evaluation functions, jitted once per stage (fixed keys: evaluation never touches training RNG)."""
@@ -421,24 +433,32 @@ class Stage:
 
         def host_judged(params, batch, key):
             samples = rollout(params, self.ref, batch, key)
-            host = {k: np.asarray(v) for k, v in jax.device_get({**batch, **samples}).items()}
+            host = distributed.fetch({**batch, **samples})
             win = np.asarray(self.judge.fn(host["prompt"], host["prompt_mask"], host["y"], host["y_mask"],
                                            host["y2"], host["y2_mask"]), np.float32)
+            win = distributed.global_batch_from_full(win, self._batch_sharding(1))
             return metrics(params, self.ref, batch, samples, win)
 
         return host_judged
 
     def _finish(self, mut) -> dict:
         export = os.path.join(self.dir, "export")
-        if os.path.exists(export):
-            shutil.rmtree(export)  # an export cut short by a kill; the final checkpoint is complete
+        if distributed.is_primary():  # leftovers of an export cut short by a kill; the final checkpoint is complete
+            for path in (export, export + ".partial"):
+                if os.path.exists(path):
+                    shutil.rmtree(path)
+        distributed.barrier(f"{self.name}:export_clean")
         tree = {"policy": mut.policy}
         if mut.ema is not None:
             tree["ema"] = mut.ema
-        ckpt_lib.export_params(export + ".partial", tree)
-        os.replace(export + ".partial", export)
+        ckpt_lib.export_params(export + ".partial", tree)  # collective: every process writes its shards
+        distributed.barrier(f"{self.name}:exported")
+        if distributed.is_primary():
+            os.replace(export + ".partial", export)
+        distributed.barrier(f"{self.name}:export_renamed")
         evaluation = self.evaluate(mut)
         self.writer.write(self.name, self.st.steps, {"final": True, **{f"eval/{k}": v for k, v in evaluation.items()}})
+        distributed.barrier(f"{self.name}:final_metrics")  # every process reads the file process 0 just appended to
         last = {}
         if os.path.exists(self.writer.path):
             with open(self.writer.path) as f:
@@ -460,6 +480,16 @@ class Stage:
             done["ema_params_sha256"] = ckpt_lib.params_sha256(mut.ema)
         _write_json(os.path.join(self.dir, "done.json"), done)
         return done
+
+
+def _agreed(flag: bool) -> bool:
+    """True on every process when `flag` is True on any (a SIGTERM that reached only some processes must stop
+    all of them after the same step: the checkpoint saves are collective)."""
+    if jax.process_count() == 1:
+        return bool(flag)
+    from jax.experimental import multihost_utils
+
+    return bool(np.any(multihost_utils.process_allgather(np.asarray([bool(flag)]))))
 
 
 def _mean(results: list[dict]) -> dict:
@@ -485,7 +515,8 @@ def run(config, workdir: str) -> dict:
     results = {}
     try:
         mesh, rules, order = prepare(config, workdir)  # raises ValueError before anything is written
-        os.makedirs(workdir, exist_ok=True)
+        if distributed.is_primary():
+            os.makedirs(workdir, exist_ok=True)
         _write_json(os.path.join(workdir, "config.json"), cfg_lib.to_jsonable(config))
         peak = float(config.peak_tflops) * 1e12 if config.peak_tflops > 0 else metrics_lib.measure_peak_flops()
         logging.info("peak FLOP/s per device for MFU: %.3g (%s)", peak,

@@ -5,6 +5,8 @@
   (TFRecord framing with masked CRC-32C, `Event`/`Summary` protobuf messages) is written here directly, so
   `tensorboard --logdir WORKDIR/tensorboard` reads it when TensorBoard is installed elsewhere.
 - On resume the lines of a stage after its restored step are dropped, so the file never holds a step twice.
+- With several processes (`nash_lm.distributed`) only process 0 writes, truncates and mirrors to TensorBoard;
+  every other process's `write` only builds the record it returns.
 - `lm_forward_flops` counts matmul FLOPs analytically (2 per multiply-add; causal attention scores and values
   counted over the attended prefix; the embedding gather excluded, the LM head included). The training step
   cost is the sum of the forwards and backwards it runs (`step.step_flops`).
@@ -24,6 +26,8 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from nash_lm import distributed
 
 # ---------------------------------------------------------------------------------------------------------------
 # TensorBoard event files (no TensorBoard/TensorFlow import)
@@ -135,7 +139,7 @@ class MetricsWriter:
         self._tb_dir = os.path.join(workdir, "tensorboard")
 
     def truncate(self, stage: str, after_step: int) -> None:
-        if not os.path.exists(self.path):
+        if not distributed.is_primary() or not os.path.exists(self.path):
             return
         with open(self.path) as f:
             lines = f.readlines()
@@ -156,6 +160,8 @@ class MetricsWriter:
 
     def write(self, stage: str, step: int, metrics: dict) -> dict:
         record = {"stage": stage, "step": int(step), **{k: _jsonable(v) for k, v in metrics.items()}}
+        if not distributed.is_primary():
+            return record
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
         if self._tb is None:
@@ -190,8 +196,8 @@ def lm_forward_flops(*, n_layers: int, d_model: int, n_heads: int, n_kv_heads: i
 
 
 def measure_peak_flops(dtype=jnp.float32, n: int | None = None, repeats: int = 5) -> float:
-    """Measured FLOP/s of a jitted n x n matmul on the first device (best of `repeats`)."""
-    dev = jax.devices()[0]
+    """Measured FLOP/s of a jitted n x n matmul on this process's first device (best of `repeats`)."""
+    dev = jax.local_devices()[0]
     n = n or (4096 if dev.platform in ("gpu", "tpu") else 512)
     a = jax.device_put(jnp.ones((n, n), dtype), dev)
     f = jax.jit(lambda x: jnp.dot(x, x, preferred_element_type=jnp.float32))
