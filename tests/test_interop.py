@@ -272,3 +272,21 @@ def test_pickled_checkpoints_are_never_loaded(hf_dirs, tmp_path):
     hf.load_pretrained(d)
   assert "never loaded" in _one_line(e)
   assert not os.path.exists(marker)
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_cached_decode_matches_full_forward(hf_dirs, arch):
+  """Prefill + one-token decode steps through the KV cache give the full forward's logits (every variant)."""
+  p = hf.load_pretrained(hf_dirs[arch][0], tokenizer=False)
+  toks = _tokens(b=2, t=9, seed=5)
+  mask = np.ones_like(toks)
+  full = np.asarray(models.lm_logits(p.graphdef, p.params, jnp.asarray(toks), jnp.asarray(mask)))
+  cache = models.init_cache(p.config, 2, 9)
+  logits, cache = models.forward_cached(p.graphdef, p.params, jnp.asarray(toks[:, :6]), jnp.asarray(mask[:, :6]),
+                                        cache, 0)
+  got = [np.asarray(logits)]
+  for i in range(6, 9):
+    logits, cache = models.forward_cached(p.graphdef, p.params, jnp.asarray(toks[:, i:i + 1]),
+                                          jnp.asarray(mask[:, i:i + 1]), cache, i)
+    got.append(np.asarray(logits))
+  np.testing.assert_allclose(np.concatenate(got, axis=1), full, atol=1e-5, rtol=0)

@@ -7,6 +7,10 @@ data, converts the weights to nash-lm's fused layout and returns `(graphdef, par
 directories are read (never a hub) and only safetensors (pickled `*.bin` checkpoints are refused, never
 loaded). Every problem is a `ValueError` (or `FileNotFoundError`) with one line naming what differs.
 
+`check_pretrained(path, config)` runs every one of those checks without reading tensor data (the training loop's
+validation of `init="hf:/dir"` uses it), and `checkpoint_sha256(path)` hashes the checkpoint's files for stage
+fingerprints.
+
 Export (`export_llama(graphdef, params, out_dir)`): Llama-architecture parameters -> `model.safetensors` +
 `config.json` loadable by `transformers.LlamaForCausalLM.from_pretrained(out_dir)`.
 
@@ -30,6 +34,7 @@ needs an untied copy (`tie_embeddings=False`: embed = sqrt(d) * E, head = E^T); 
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -307,18 +312,14 @@ def load_tokenizer(path: str, cfg: ModelConfig, hf: dict):
 # Import / export
 
 
-def load_pretrained(path: str, config: ModelConfig | None = None, *, tokenizer: bool | str = True,
-                    max_len: int | None = None, dtype: str = "float32", param_dtype: str = "float32",
-                    scan_layers: bool = False, shardings=None) -> Pretrained:
-  """Imports a local Llama/Gemma/Qwen2 safetensors checkpoint directory.
-
-  Args:
-    path: directory with config.json, model.safetensors (or an index + shards) and tokenizer.json.
-    config: when given, the checkpoint must match its architecture fields (`ARCH_FIELDS`); its max_len,
-      dtypes, scan_layers and remat are used. Otherwise they come from the arguments below.
-    tokenizer: True -> `path/tokenizer.json` (checked against the model), a path -> that file, False -> none.
-    shardings: optional tree (from `nash_lm.parallel.param_shardings`) to place the parameters.
-  """
+def check_pretrained(path: str, config: ModelConfig | None = None, *, tokenizer: bool | str = True,
+                     max_len: int | None = None, dtype: str = "float32", param_dtype: str = "float32",
+                     scan_layers: bool = False):
+  """Every check of `load_pretrained` without reading any tensor data: config.json (architecture, fields,
+  against `config` when given), the tokenizer and the safetensors headers. Returns (hf dict, architecture,
+  ModelConfig, tokenizer or None); raises a one-line ValueError / FileNotFoundError naming what differs."""
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f"{path}: no such checkpoint directory")
   hf = read_config(path)
   arch = architecture(hf)
   found = model_config_from_hf(hf, max_len=max_len, dtype=dtype, param_dtype=param_dtype,
@@ -334,6 +335,58 @@ def load_pretrained(path: str, config: ModelConfig | None = None, *, tokenizer: 
     tok_path = tokenizer if isinstance(tokenizer, str) else os.path.join(path, "tokenizer.json")
     tok = load_tokenizer(tok_path, cfg, hf)
   check_tensors(path, cfg, arch, tied_in_file)  # headers only: fails before any data is read
+  return hf, arch, cfg, tok
+
+
+def checkpoint_files(path: str) -> list[str]:
+  """The files that determine an import: config.json, the safetensors index (if any) and shards, and
+  tokenizer.json (if present), as absolute paths in a fixed order."""
+  files = [os.path.join(path, "config.json")]
+  index = os.path.join(path, "model.safetensors.index.json")
+  if os.path.exists(index):
+    files.append(index)
+  files += st.checkpoint_files(path)
+  tok = os.path.join(path, "tokenizer.json")
+  if os.path.exists(tok):
+    files.append(tok)
+  return [os.path.abspath(f) for f in files]
+
+
+_HASHES: dict = {}
+
+
+def checkpoint_sha256(path: str) -> str:
+  """SHA-256 over the names and bytes of `checkpoint_files(path)`. Memoised per process on (file, size,
+  mtime) so that validating and fingerprinting a large checkpoint several times reads it once."""
+  files = checkpoint_files(path)
+  key = tuple((f, os.path.getsize(f), os.stat(f).st_mtime_ns) for f in files)
+  if key not in _HASHES:
+    h = hashlib.sha256()
+    for f in files:
+      h.update(os.path.basename(f).encode() + b"\0")
+      with open(f, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 22), b""):
+          h.update(chunk)
+      h.update(b"\0")
+    _HASHES[key] = h.hexdigest()
+  return _HASHES[key]
+
+
+def load_pretrained(path: str, config: ModelConfig | None = None, *, tokenizer: bool | str = True,
+                    max_len: int | None = None, dtype: str = "float32", param_dtype: str = "float32",
+                    scan_layers: bool = False, shardings=None) -> Pretrained:
+  """Imports a local Llama/Gemma/Qwen2 safetensors checkpoint directory.
+
+  Args:
+    path: directory with config.json, model.safetensors (or an index + shards) and tokenizer.json.
+    config: when given, the checkpoint must match its architecture fields (`ARCH_FIELDS`); its max_len,
+      dtypes, scan_layers and remat are used. Otherwise they come from the arguments below.
+    tokenizer: True -> `path/tokenizer.json` (checked against the model), a path -> that file, False -> none.
+    shardings: optional tree (from `nash_lm.parallel.param_shardings`) to place the parameters.
+  """
+  hf, arch, cfg, tok = check_pretrained(path, config, tokenizer=tokenizer, max_len=max_len, dtype=dtype,
+                                        param_dtype=param_dtype, scan_layers=scan_layers)
+  tied_in_file = bool(hf.get("tie_word_embeddings", arch == "gemma"))
   tensors = st.load(path)
   pure = hf_to_pure(tensors, cfg, arch, tied_in_file)
   graphdef, abstract = variants.build_abstract(cfg, arch)
@@ -341,8 +394,9 @@ def load_pretrained(path: str, config: ModelConfig | None = None, *, tokenizer: 
   pure = jax.tree.map(lambda x: np.asarray(x).astype(dt), pure)
   state = nnx.State(abstract)
   nnx.replace_by_pure_dict(state, pure)
-  if shardings is not None:
-    params = jax.device_put(state, shardings)
+  if shardings is not None:  # each process places only its own shards (works across processes too)
+    params = jax.tree.map(lambda x, sh: jax.make_array_from_callback(x.shape, sh, lambda idx, x=x: x[idx]),
+                          state, shardings)
   else:
     params = jax.tree.map(jax.numpy.asarray, state)
   return Pretrained(graphdef, params, cfg, arch, tok, hf)
@@ -398,6 +452,7 @@ def describe(p: Pretrained) -> str:
           f"({c.n_kv_heads} kv), d_ff {c.d_ff}, rope_theta {c.rope_theta:g}, tied {c.tie_embeddings}")
 
 
-__all__ = ["Pretrained", "read_config", "architecture", "model_config_from_hf", "check_config",
+__all__ = ["Pretrained", "read_config", "architecture", "model_config_from_hf", "check_config", "check_pretrained",
+           "checkpoint_files", "checkpoint_sha256",
            "expected_tensors", "check_tensors", "hf_to_pure", "pure_to_hf", "load_tokenizer", "load_pretrained",
            "hf_llama_config", "export_llama", "describe", "ARCH_FIELDS"]

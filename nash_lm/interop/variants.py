@@ -58,28 +58,29 @@ class BiasedAttention(tf.Attention):
     q = tf.rope(qkv[:, :, :, :g], positions, cfg.rope_theta)
     k = tf.rope(qkv[:, :, :, g], positions, cfg.rope_theta)
     v = qkv[:, :, :, g + 1]
+    k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, K, T, hd], the cache's layout
     t = x.shape[1]
     if cache_kv is None:
       keys, vals, start = k, v, 0
-    else:  # cache_kv holds every layer's keys/values [L, B, S, K, hd]; write this layer's at [layer, :, index]
+    else:  # cache_kv holds every layer's keys/values [L, B, K, S, hd]; write this layer's at [layer, :, :, index]
       k_all, v_all = cache_kv
       zero = jnp.zeros((), jnp.int32)
-      at = (jnp.asarray(layer, jnp.int32), zero, jnp.asarray(index, jnp.int32), zero, zero)
+      at = (jnp.asarray(layer, jnp.int32), zero, zero, jnp.asarray(index, jnp.int32), zero)
       k_all = jax.lax.dynamic_update_slice(k_all, k.astype(k_all.dtype)[None], at)
       v_all = jax.lax.dynamic_update_slice(v_all, v.astype(v_all.dtype)[None], at)
       keys = jax.lax.dynamic_index_in_dim(k_all, layer, 0, keepdims=False)
       vals = jax.lax.dynamic_index_in_dim(v_all, layer, 0, keepdims=False)
       start = index
-    keys = constrain(keys, ("batch", "length", "heads", "kv"))
-    vals = constrain(vals, ("batch", "length", "heads", "kv"))
-    s = keys.shape[1]
-    scores = jnp.einsum("btkgh,bskh->bkgts", q, keys, preferred_element_type=jnp.float32)
+    keys = constrain(keys, ("batch", "heads", "length", "kv"))
+    vals = constrain(vals, ("batch", "heads", "length", "kv"))
+    s = keys.shape[2]
+    scores = jnp.einsum("btkgh,bksh->bkgts", q, keys, preferred_element_type=jnp.float32)
     scores = scores * (cfg.head_dim ** -0.5)
     q_slot = start + jnp.arange(t)[:, None]
     allowed = (jnp.arange(s)[None, :] <= q_slot)[None] & (key_mask[:, None, :] > 0)
     scores = jnp.where(allowed[:, None, None], scores, tf.NEG_INF)
     probs = jax.nn.softmax(scores, axis=-1).astype(dt)
-    o = jnp.einsum("bkgts,bskh->btkgh", probs, vals.astype(dt))
+    o = jnp.einsum("bkgts,bksh->btkgh", probs, vals.astype(dt))
     o = constrain(o, ("batch", "length", "heads", "qkv", "kv"))
     out = jnp.einsum("btkgh,kghd->btd", o, self.out[...].astype(dt))
     return out, (None if cache_kv is None else (k_all, v_all))
@@ -109,6 +110,16 @@ def build_abstract(cfg, arch: str):
     raise ValueError(f"ModelConfig.scan_layers=True: not supported for {arch} checkpoints (llama only)")
   model = nnx.eval_shape(lambda: _make(cfg, arch, jax.random.key(0)))
   return nnx.split(model, nnx.Param)
+
+
+def init(cfg, arch: str, seed: int = 0, shardings=None):
+  """(graphdef, randomly initialised params) of the decoder for a Hugging Face architecture, created by one
+  jitted program (already sharded with `shardings`, a tree from `nash_lm.parallel.param_shardings`)."""
+  graphdef, _ = build_abstract(cfg, arch)
+  if arch == "llama":
+    return models.init(cfg, "lm", seed, shardings=shardings)
+  make = jax.jit(lambda key: nnx.state(_make(cfg, arch, key), nnx.Param), out_shardings=shardings)
+  return graphdef, make(jax.random.key(seed))
 
 
 def architecture_of(graphdef, params) -> str:

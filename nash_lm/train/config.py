@@ -15,6 +15,15 @@ written.
 Stage inputs are stage names: `init` (parameters to start from), `ref` (the frozen reference mu) and `judge`
 (a 'preference' or 'reward' stage, or `oracle:module:function` for a JAX preference function traced into the
 step, or `host_oracle:module:function` for any Python callable called between two compiled halves).
+
+`init` of an 'lm' stage (SFT or policy) and `ref` of a policy stage may instead be `hf:/abs/dir`, a local
+Hugging Face checkpoint directory (config.json, *.safetensors, tokenizer.json; Llama, Gemma or Qwen2; never a
+hub name). It is checked here, before anything is compiled or written: the directory and files exist, its
+model_type is `config.model.architecture` ('llama' when the field is absent), its shapes match `config.model`,
+every tensor name/shape/dtype from the safetensors headers, and the tokenizer fits the vocabulary. Its path
+and a SHA-256 of its files go into the stage fingerprint, so a changed checkpoint is refused on resume.
+`config.model.architecture` ('llama' | 'gemma' | 'qwen2', optional) selects the decoder variant the loop builds
+(`nash_lm.interop.variants`); judge models are Llama-architecture only.
 """
 from __future__ import annotations
 
@@ -22,6 +31,7 @@ import dataclasses
 import hashlib
 import importlib
 import json
+import os
 
 import ml_collections
 
@@ -43,7 +53,7 @@ _COMMON = dict(
     grad_clip=1.0,  # global-norm clip; 0 disables
     b1=0.9,
     b2=0.999,
-    init="",  # stage whose output parameters initialise this one ('' = random init)
+    init="",  # stage whose output parameters initialise this one ('' = random init), or 'hf:/abs/checkpoint_dir'
     log_every=10,
     checkpoint_every=50,
     keep_checkpoints=2,
@@ -62,6 +72,8 @@ _EXTRA = {
 }
 # Fields that change how a run is observed, not what it computes: excluded from the stage fingerprint.
 OPERATIONAL = ("log_every", "checkpoint_every", "keep_checkpoints", "eval_every", "eval_batches")
+HF_PREFIX = "hf:"  # init/ref from a local Hugging Face checkpoint directory
+ARCHITECTURES = ("llama", "gemma", "qwen2")
 TOP_LEVEL = ("job", "seed", "model", "judge_model", "data", "mesh", "rules", "pipeline", "stages", "peak_tflops",
              "async_checkpoints")
 
@@ -167,6 +179,12 @@ def _check_stage(name: str, st, stages, order: list[str], completed: set):
 
     def check_input(field: str, kinds: tuple[str, ...]):
         ref = st[field]
+        if ref.startswith(HF_PREFIX):  # the checkpoint itself is checked by check_hf_input (needs config.model)
+            if "lm" not in kinds:
+                _fail(f"{where}.{field}", f"{ref!r}: a Hugging Face checkpoint holds 'lm' parameters, expected one "
+                                          f"of {list(kinds)}")
+            hf_path(ref, f"{where}.{field}")
+            return
         if ref not in stages:
             _fail(f"{where}.{field}", f"missing stage input {ref!r}: no such stage in config.stages")
         if ref in order[: order.index(name)] or ref in completed:
@@ -225,9 +243,18 @@ def validate(config, *, completed=(), data_parallel: int = 1) -> None:
     for name in order:
         if name not in config.stages:
             _fail("config.pipeline", f"stage {name!r} is not defined in config.stages")
+    for key in ("model", "judge_model"):
+        arch = model_architecture(config, key)
+        if key == "judge_model" and arch != "llama":
+            _fail(f"config.{key}.architecture", f"{arch!r}: preference and reward models are 'llama' only")
+        if arch != "llama" and model_config(config, key).scan_layers:
+            _fail(f"config.{key}.scan_layers", f"True is not supported for architecture {arch!r} (llama only)")
     for name in order:
         st = config.stages[name]
         _check_stage(name, st, config.stages, order, completed)
+        for field in ("init", "ref"):
+            if str(st.get(field, "")).startswith(HF_PREFIX):
+                check_hf_input(config, name, field)
         if st.batch_size % data_parallel:
             _fail(f"config.stages.{name}.batch_size",
                   f"{st.batch_size} is not divisible by the data-parallel size {data_parallel}")
@@ -239,12 +266,64 @@ def validate(config, *, completed=(), data_parallel: int = 1) -> None:
 
 
 def model_config(config, key: str = "model"):
+    """The `ModelConfig` of `config.<key>` (its optional `architecture` field is read by `model_architecture`)."""
     from nash_lm.models import ModelConfig
 
+    fields = config[key].to_dict() if hasattr(config[key], "to_dict") else dict(config[key])
+    fields.pop("architecture", None)
     try:
-        return ModelConfig.from_config(config[key])
+        return ModelConfig.from_config(fields)
     except (TypeError, ValueError) as e:
         _fail(f"config.{key}", str(e).splitlines()[0])
+
+
+def model_architecture(config, key: str = "model") -> str:
+    """`config.<key>.architecture`: 'llama' (the default, also when the field is absent), 'gemma' or 'qwen2'."""
+    arch = config[key].get("architecture", "llama")
+    if arch not in ARCHITECTURES:
+        _fail(f"config.{key}.architecture", f"{arch!r} not in {list(ARCHITECTURES)}")
+    return arch
+
+
+def hf_path(spec: str, where: str) -> str:
+    """`hf:/abs/dir` -> '/abs/dir' (`~` expanded). Only local absolute paths: nothing is fetched from a hub."""
+    path = os.path.expanduser(spec[len(HF_PREFIX):])
+    if not path or not os.path.isabs(path):
+        _fail(where, f"{spec!r}: expected 'hf:/absolute/path/to/checkpoint_dir' (a local directory; nothing is "
+                     f"downloaded from a hub)")
+    return os.path.normpath(path)
+
+
+def check_hf_input(config, name: str, field: str) -> None:
+    """Checks a `hf:` stage input against `config.model` without reading any tensor data (one-line errors)."""
+    from nash_lm.interop import hf
+
+    where = f"config.stages.{name}.{field}"
+    path = hf_path(config.stages[name][field], where)
+    mc, arch = model_config(config, "model"), model_architecture(config, "model")
+    try:
+        if not os.path.isdir(path):
+            raise FileNotFoundError(f"{path}: no such checkpoint directory")
+        found = hf.architecture(hf.read_config(path))
+        if found != arch:
+            raise ValueError(f"{path}: checkpoint is a {found!r} model (config.json model_type) but "
+                             f"config.model.architecture is {arch!r}")
+        if not os.path.isfile(os.path.join(path, "tokenizer.json")):
+            raise FileNotFoundError(f"{path}: no tokenizer.json (a checkpoint used for training needs its tokenizer)")
+        hf.check_pretrained(path, mc)
+    except (ValueError, OSError) as e:
+        _fail(where, str(e).strip().splitlines()[0])
+
+
+def hf_input_fingerprint(spec: str, where: str) -> dict:
+    """{'hf': path, 'sha256': content hash of the checkpoint's files} of a `hf:` stage input."""
+    from nash_lm.interop import hf
+
+    path = hf_path(spec, where)
+    try:
+        return {"hf": path, "sha256": hf.checkpoint_sha256(path)}
+    except (ValueError, OSError) as e:
+        _fail(where, str(e).strip().splitlines()[0])
 
 
 def parse_rules(text: str):
@@ -298,7 +377,9 @@ def stage_fingerprint(config, name: str) -> dict:
     }
     for field in ("init", "ref", "judge"):
         ref = st.get(field, "")
-        if ref and ref in config.stages and not ref.startswith(("oracle:", "host_oracle:")):
+        if field in ("init", "ref") and ref.startswith(HF_PREFIX):
+            fp["inputs"][field] = hf_input_fingerprint(ref, f"config.stages.{name}.{field}")
+        elif ref and ref in config.stages and not ref.startswith(("oracle:", "host_oracle:")):
             fp["inputs"][field] = fingerprint_hash(stage_fingerprint(config, ref))
     return fp
 

@@ -16,6 +16,12 @@
 4. `WORKDIR/summary.json`: final metrics per stage, wall time, the resolved config hash and
    `policy_params_sha256` of the last policy stage.
 
+Pretrained starts: `init="hf:/abs/dir"` (an SFT or policy stage) or `ref="hf:/abs/dir"` (a policy stage) reads a
+local Llama/Gemma/Qwen2 safetensors checkpoint with `nash_lm.interop.load_pretrained`, straight into the stage's
+parameter shardings; everything about it (files, architecture vs `config.model.architecture`, shapes vs
+`config.model`, tensor headers, tokenizer) is checked in step 1, and its path and content hash are part of the
+stage fingerprint. Gemma and Qwen2 stages run the decoder variants of `nash_lm.interop.variants`.
+
 Several processes (`nash_lm.distributed`, e.g. `launch/local.py`): every process runs this same code on one
 global mesh. Each feeds only its own rows of every batch (`distributed.global_batch_from_full`); orbax saves,
 restores and exports are collective; reading arrays back (hashes, the host oracle) goes through
@@ -41,6 +47,8 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from nash_lm import distributed, models, parallel
 from nash_lm.data import synthetic
+from nash_lm.interop import hf as hf_interop
+from nash_lm.interop import variants
 from nash_lm.train import checkpoint as ckpt_lib
 from nash_lm.train import config as cfg_lib
 from nash_lm.train import metrics as metrics_lib
@@ -137,12 +145,29 @@ def prepare(config, workdir):
 # Parameters
 
 
-def abstract_params(model_cfg, kind: str, seed: int, mesh, rules):
-    """(graphdef, abstract params with shardings, a jitted initialiser creating params already sharded)."""
-    graphdef, shapes = models.abstract_init(model_cfg, kind)
+def abstract_params(model_cfg, kind: str, seed: int, mesh, rules, architecture: str = "llama"):
+    """(graphdef, abstract params with shardings, a jitted initialiser creating params already sharded).
+    `architecture` 'gemma' / 'qwen2' builds that variant of the 'lm' decoder (`nash_lm.interop.variants`)."""
+    if architecture == "llama":
+        graphdef, shapes = models.abstract_init(model_cfg, kind)
+        shardings = parallel.param_shardings(shapes, mesh, rules)
+        initialise = jax.jit(lambda: models.init(model_cfg, kind, seed)[1], out_shardings=shardings)
+        return graphdef, ckpt_lib.abstract(shapes, shardings), initialise
+    if kind != "lm":
+        raise ValueError(f"architecture {architecture!r}: only 'lm' models (not {kind!r}) have this variant")
+    graphdef, shapes = variants.build_abstract(model_cfg, architecture)
     shardings = parallel.param_shardings(shapes, mesh, rules)
-    initialise = jax.jit(lambda: models.init(model_cfg, kind, seed)[1], out_shardings=shardings)
-    return graphdef, ckpt_lib.abstract(shapes, shardings), initialise
+    return (graphdef, ckpt_lib.abstract(shapes, shardings),
+            lambda: variants.init(model_cfg, architecture, seed, shardings=shardings)[1])
+
+
+def load_pretrained_input(spec: str, model_cfg, shardings):
+    """Parameters of a `hf:/dir` stage input (checked by `config.check_hf_input` during validation), placed with
+    `shardings`; the same tree as `abstract_params` gives for the configured architecture."""
+    path = cfg_lib.hf_path(spec, spec)
+    p = hf_interop.load_pretrained(path, config=model_cfg, shardings=shardings)
+    logging.info("imported %s from %s", hf_interop.describe(p), path)
+    return p.params
 
 
 def load_export(workdir, name, abstract_tree, key="policy"):
@@ -171,6 +196,7 @@ class Stage:
         self.is_policy = self.algorithm in cfg_lib.POLICY_ALGORITHMS
         self.is_judge = self.algorithm in cfg_lib.JUDGE_ALGORITHMS
         self.model_cfg = cfg_lib.model_config(config, "judge_model" if self.is_judge else "model")
+        self.architecture = cfg_lib.model_architecture(config, "judge_model" if self.is_judge else "model")
         self.data_cfg = cfg_lib.data_config(config)
         self.replicated = NamedSharding(mesh, PartitionSpec())
         self.fingerprint = cfg_lib.stage_fingerprint(config, name)
@@ -181,18 +207,17 @@ class Stage:
     def _build(self):
         st, mesh = self.st, self.mesh
         self.graphdef, self.abstract_policy, initialise = abstract_params(self.model_cfg, self.kind, self.seed,
-                                                                           mesh, self.rules)
+                                                                           mesh, self.rules, self.architecture)
         self.param_sh = jax.tree.map(lambda a: a.sharding, self.abstract_policy)
         self.tx = state_lib.make_optimizer(st)
         ref = None
         judge_params = None
         self.judge = None
         if self.is_policy:
-            ref = load_export(self.workdir, st.ref, self.abstract_policy)
+            ref = self._load_input(st.ref)
             self.judge, judge_params = self._load_judge()
         init_from = st.init or (st.ref if self.is_policy else "")
-        self._init_policy = (lambda: load_export(self.workdir, init_from, self.abstract_policy)) if init_from \
-            else initialise
+        self._init_policy = (lambda: self._load_input(init_from)) if init_from else initialise
         self.ref, self.judge_params = ref, judge_params
         use_ema = self.algorithm == "nash_ema_pg"
         self.abstract_mut = jax.eval_shape(
@@ -205,6 +230,12 @@ class Stage:
         self.train_data = synthetic.dataset_for(data_kind, self.data_cfg, "train")
         self.eval_data = synthetic.dataset_for(data_kind, self.data_cfg, "eval")
         self.batch_sh = {k: self._batch_sharding(v.ndim) for k, v in self.train_data.items()}
+
+    def _load_input(self, spec):
+        """Parameters of a stage input: an earlier stage's export, or a `hf:/dir` checkpoint."""
+        if spec.startswith(cfg_lib.HF_PREFIX):
+            return load_pretrained_input(spec, self.model_cfg, self.param_sh)
+        return load_export(self.workdir, spec, self.abstract_policy)
 
     def _batch_sharding(self, ndim):
         return parallel.batch_sharding(self.mesh, self.rules, ndim=ndim, batch_size=self.st.batch_size)
