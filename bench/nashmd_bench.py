@@ -294,13 +294,34 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
+def commit() -> str:
+    """The nash-lm commit measured: COMMIT file of a `git archive` snapshot, else `git rev-parse` of the tree."""
+    import subprocess
+
+    import nash_lm
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(nash_lm.__file__)))
+    try:
+        with open(os.path.join(root, "COMMIT")) as f:
+            return f.read().strip()
+    except OSError:
+        pass
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True).stdout.strip()
+        return out.stdout.strip() + ("+dirty" if dirty else "")
+    except OSError:
+        return "unknown"
+
+
 def versions() -> dict:
     import platform
 
     import flax
     import jaxlib
 
-    return {"jax": jax.__version__, "jaxlib": jaxlib.__version__, "flax": flax.__version__,
+    return {"commit": commit(), "jax": jax.__version__, "jaxlib": jaxlib.__version__, "flax": flax.__version__,
             "python": platform.python_version(), "backend": jax.default_backend(),
             "device": str(jax.devices()[0].device_kind), "n_devices": len(jax.devices()),
             "XLA_FLAGS": os.environ.get("XLA_FLAGS", ""), "GLIBC_TUNABLES": os.environ.get("GLIBC_TUNABLES", "")}
