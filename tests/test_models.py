@@ -161,16 +161,17 @@ def test_remat_gives_same_gradients(scan):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
 
 
-def test_every_param_carries_logical_axes():
+@pytest.mark.parametrize("variant", [{}, {"qkv_bias": True, "activation": "gelu_tanh"}])
+def test_every_param_carries_logical_axes(variant):
   for kind in models.KINDS:
     for scan in (False, True):
-      _, p = models.abstract_init(_cfg(scan_layers=scan), kind)
+      _, p = models.abstract_init(_cfg(scan_layers=scan, **variant), kind)
       for path, var in jax.tree_util.tree_flatten_with_path(
           p, is_leaf=lambda x: hasattr(x, "get_metadata"))[0]:
         axes = var.get_metadata().get("out_sharding")
         assert axes is not None and len(axes) == len(var.get_value().shape), (kind, path, axes)
         assert ("layers" in axes) == (scan and "blocks" in jax.tree_util.keystr(path))
-      assert models.num_params(p) == _cfg(scan_layers=scan).num_params(kind)
+      assert models.num_params(p) == _cfg(scan_layers=scan, **variant).num_params(kind)
 
 
 # ---------------------------------------------------------------------------------- heads
@@ -232,6 +233,7 @@ def test_reward_shape_and_padding_invariance():
     ({"d_model": 12, "n_heads": 4}, "d_model"),  # head_dim 3, odd for RoPE
     ({"dtype": "float16"}, "dtype"),
     ({"vocab_size": 0}, "vocab_size"),
+    ({"activation": "relu"}, "activation"),
 ])
 def test_config_errors_name_the_field(kw, field):
   with pytest.raises(ValueError) as e:

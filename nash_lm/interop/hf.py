@@ -30,7 +30,7 @@ RMSNorm (float32, weight applied after normalising) and on the attention scale h
 
 Gemma, folded at import: RMSNorm scale = 1 + w; the input embedding is multiplied by sqrt(d_model), which
 needs an untied copy (`tie_embeddings=False`: embed = sqrt(d) * E, head = E^T); the GeLU-tanh gate uses
-`variants.GeluMLP`. Qwen2 uses `variants.BiasedAttention`. Neither variant can be exported back (Llama only).
+`activation="gelu_tanh"`. Qwen2 uses `qkv_bias=True` (`nash_lm.interop.variants`). Neither variant can be exported back (Llama only).
 """
 from __future__ import annotations
 

@@ -14,6 +14,7 @@ from typing import Any, Mapping
 import jax.numpy as jnp
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+ACTIVATIONS = ("silu", "gelu_tanh")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,6 +36,8 @@ class ModelConfig:
     param_dtype: master-weight dtype, normally 'float32'.
     scan_layers: stack the blocks along a leading 'layers' axis and run them with `lax.scan`.
     remat: rematerialise each block in the backward pass (the sampler never remats).
+    activation: the gated MLP's gate, 'silu' (SwiGLU: Llama, Qwen2) or 'gelu_tanh' (GeGLU: Gemma).
+    qkv_bias: biases on the q/k/v projections (Qwen2).
   """
 
   vocab_size: int = 256
@@ -51,6 +54,8 @@ class ModelConfig:
   param_dtype: str = "float32"
   scan_layers: bool = False
   remat: bool = False
+  activation: str = "silu"
+  qkv_bias: bool = False
 
   @property
   def head_dim(self) -> int:
@@ -87,7 +92,8 @@ class ModelConfig:
     need(float(self.norm_eps) > 0, "norm_eps", "must be positive")
     need(self.dtype in DTYPES, "dtype", f"must be one of {sorted(DTYPES)}")
     need(self.param_dtype in DTYPES, "param_dtype", f"must be one of {sorted(DTYPES)}")
-    for f in ("tie_embeddings", "scan_layers", "remat"):
+    need(self.activation in ACTIVATIONS, "activation", f"must be one of {list(ACTIVATIONS)}")
+    for f in ("tie_embeddings", "scan_layers", "remat", "qkv_bias"):
       need(isinstance(getattr(self, f), bool), f, "must be a bool")
     return self
 
@@ -110,6 +116,8 @@ class ModelConfig:
     d, f, l = self.d_model, self.d_ff, self.n_layers
     qkv = d * (self.n_heads + 2 * self.n_kv_heads) * self.head_dim
     block = qkv + self.n_heads * self.head_dim * d + 3 * d * f + 2 * d
+    if self.qkv_bias:
+      block += (self.n_heads + 2 * self.n_kv_heads) * self.head_dim
     n = self.vocab_size * d + l * block + d
     if kind == "lm" and not self.tie_embeddings:
       n += d * self.vocab_size

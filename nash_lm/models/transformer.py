@@ -98,7 +98,8 @@ class RMSNorm(nnx.Module):
 
 
 class Attention(nnx.Module):
-  """Grouped-query self-attention with a fused q/k/v kernel [embed, kv-heads, group + 2, head_dim]."""
+  """Grouped-query self-attention with a fused q/k/v kernel [embed, kv-heads, group + 2, head_dim] and, with
+  `cfg.qkv_bias` (Qwen2), a bias [kv-heads, group + 2, head_dim] added before RoPE."""
 
   def __init__(self, cfg: ModelConfig, key):
     self.cfg = cfg
@@ -107,6 +108,9 @@ class Attention(nnx.Module):
     self.qkv = _param(k1, (d, kv, g + 2, hd), d ** -0.5, ("embed", "heads", "qkv", "kv"), cfg.weight_dtype)
     self.out = _param(k2, (kv, g, hd, d), (cfg.n_heads * hd) ** -0.5 / math.sqrt(2 * cfg.n_layers),
                       ("heads", "qkv", "kv", "embed"), cfg.weight_dtype)
+    if cfg.qkv_bias:
+      self.qkv_bias = nnx.Param(jnp.zeros((kv, g + 2, hd), cfg.weight_dtype), out_sharding=("heads", "qkv", "kv"),
+                                eager_sharding=False)
 
   def __call__(self, x, positions, key_mask, cache_kv=None, index=None, layer=0):
     """x [B,T,D]; key_mask [B,S] (S = T without cache). Returns (out [B,T,D], (k_all, v_all) or None).
@@ -119,6 +123,8 @@ class Attention(nnx.Module):
     dt = cfg.compute_dtype
     g = cfg.group_size
     qkv = jnp.einsum("btd,dkgh->btkgh", x, self.qkv[...].astype(dt))
+    if cfg.qkv_bias:
+      qkv = qkv + self.qkv_bias[...].astype(dt)
     qkv = constrain(qkv, ("batch", "length", "heads", "qkv", "kv"))
     q = rope(qkv[:, :, :, :g], positions, cfg.rope_theta)
     k = rope(qkv[:, :, :, g], positions, cfg.rope_theta)
@@ -152,7 +158,8 @@ class Attention(nnx.Module):
 
 
 class MLP(nnx.Module):
-  """SwiGLU with a fused gate/up kernel [embed, 2, mlp]."""
+  """Gated MLP with a fused gate/up kernel [embed, 2, mlp]: SwiGLU, or GeGLU (tanh GeLU) with
+  `cfg.activation='gelu_tanh'` (Gemma)."""
 
   def __init__(self, cfg: ModelConfig, key):
     self.cfg = cfg
@@ -166,7 +173,9 @@ class MLP(nnx.Module):
     dt = self.cfg.compute_dtype
     h = jnp.einsum("btd,dcf->btcf", x, self.gate_up[...].astype(dt))
     h = constrain(h, ("batch", "length", "qkv", "mlp"))
-    h = jax.nn.silu(h[:, :, 0]) * h[:, :, 1]
+    gate = h[:, :, 0]
+    gate = jax.nn.silu(gate) if self.cfg.activation == "silu" else jax.nn.gelu(gate, approximate=True)
+    h = gate * h[:, :, 1]
     return jnp.einsum("btf,fd->btd", h, self.down[...].astype(dt))
 
 
