@@ -32,6 +32,9 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 RESULTS = os.path.join(HERE, "results", "compare_trl.jsonl")
+PEER_DIR = os.path.join(os.path.dirname(ROOT), "shared", "peers", "trl_nashmd")
+if not os.path.isdir(PEER_DIR):  # a checkout outside /work (e.g. a snapshot): the shared location
+    PEER_DIR = "/work/shared/peers/trl_nashmd"
 
 
 def idle_pct(window: float = 3.0) -> float:
@@ -109,7 +112,7 @@ def main(argv=None):
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--steps", type=int, default=128)
     ap.add_argument("--trl-python", default="/work/venv-trl/bin/python")
-    ap.add_argument("--peer-dir", default=os.path.join(os.path.dirname(ROOT), "shared", "peers", "trl_nashmd"))
+    ap.add_argument("--peer-dir", default=PEER_DIR)
     ap.add_argument("--trl-defaults", action="store_true", help="peer with TRL's default gradient checkpointing")
     ap.add_argument("--wait-max", type=float, default=180.0)
     ap.add_argument("--max-attempts", type=int, default=6)

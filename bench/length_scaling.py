@@ -41,6 +41,8 @@ from common import machine  # noqa: E402
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "results", "length_scaling.jsonl")
 PEER_DIR = os.path.join(os.path.dirname(os.path.dirname(HERE)), "shared", "peers", "trl_nashmd")
+if not os.path.isdir(PEER_DIR):  # a checkout outside /work (e.g. a snapshot): the shared location
+    PEER_DIR = "/work/shared/peers/trl_nashmd"
 
 
 def ours(n: int, max_pos: int, steps: int, phase_repeats: int, base: nb.Workload) -> dict:

@@ -44,7 +44,9 @@ BIG = nb.Workload(vocab=8192, d_model=512, n_layers=8, n_heads=8, n_kv_heads=8, 
 SMOKE = nb.SMOKE
 
 
-def run(w: nb.Workload, repeats: int, skip_step: bool = False, peak_sizes=(512, 1024, 2048)) -> dict:
+def run(w: nb.Workload, repeats: int, skip_step: bool = False, peak_sizes=(512, 1024, 2048),
+        step_repeats: int | None = None) -> dict:
+    step_repeats = repeats if step_repeats is None else step_repeats
     peak0 = nb.matmul_peak(peak_sizes)
     t0 = time.perf_counter()
     b = nb.build(w)
@@ -58,10 +60,10 @@ def run(w: nb.Workload, repeats: int, skip_step: bool = False, peak_sizes=(512, 
     if not skip_step:  # the whole step, one jit, donated state; a fresh batch each run
         step_fn, c = nb.compile_step(b)
         compile_s["step"] = round(c, 2)
-        order = nb.batch_order(w, repeats + 1)
+        order = nb.batch_order(w, step_repeats + 1)
         mut, times = b.mut, []
         with nb.CpuMeter() as cpu_st:
-            for r in range(repeats + 1):
+            for r in range(step_repeats + 1):
                 batch = nb.make_batch(b, order[r])
                 t = time.perf_counter()
                 mut, m = step_fn(mut, batch)
@@ -110,10 +112,11 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--smoke", action="store_true", help="tiny model (CI)")
     ap.add_argument("--skip-step", action="store_true", help="phases only (no whole-step timing)")
+    ap.add_argument("--step-repeats", type=int, default=None, help="whole-step runs (default: --repeats)")
     ap.add_argument("--out", default=RESULTS, help="JSONL file to append to ('' = none)")
     args = ap.parse_args(argv)
     rec = run(SMOKE if args.smoke else BIG, args.repeats, args.skip_step,
-              peak_sizes=(256,) if args.smoke else (512, 1024, 2048))
+              peak_sizes=(256,) if args.smoke else (512, 1024, 2048), step_repeats=args.step_repeats)
     line = json.dumps(rec)
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
