@@ -35,6 +35,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import jax  # noqa: E402
 import nashmd_bench as nb  # noqa: E402
 from common import machine  # noqa: E402
 
@@ -62,6 +63,31 @@ def ours(n: int, max_pos: int, steps: int, phase_repeats: int, base: nb.Workload
             "step_times_s": [round(x, 5) for x in times], "compile_s": round(compile_s, 2),
             "gen_tokens_actual": sum(int(m["y_tokens"]) + int(m["y2_tokens"]) for m in mets),
             "phase_median_s": phases, **cpu.record()}
+
+
+def ours_interleaved(lengths, max_pos: int, rounds: int, steps_per_round: int, base: nb.Workload) -> list[dict]:
+    """All lengths compiled up front, then `rounds` round-robin passes of `steps_per_round` steps per length, so
+    that a drifting host speed affects every length alike; median over all timed steps of each length."""
+    built = {}
+    for n in lengths:
+        w = nb.Workload(**{**base.__dict__, "new_tokens": n, "max_pos": max_pos, "steps": rounds * steps_per_round})
+        b = nb.build(w)
+        fn, _ = nb.compile_step(b)
+        built[n] = [b, fn, b.mut, nb.batch_order(w, rounds * steps_per_round + 1), 0, []]
+    for _ in range(rounds):
+        for n in lengths:
+            b, fn, mut, order, k, times = built[n]
+            for _ in range(steps_per_round + (k == 0)):  # one untimed warm-up step per length
+                t = time.perf_counter()
+                mut, m = fn(mut, nb.make_batch(b, order[k]))
+                jax.block_until_ready(m)
+                if k:
+                    times.append(time.perf_counter() - t)
+                k += 1
+            built[n][2], built[n][4] = mut, k
+    return [{"side": "nash_lm_interleaved", "new_tokens": n, "max_pos": max_pos, "rounds": rounds,
+             "median_step_s": statistics.median(built[n][5]), "step_times_s": [round(x, 5) for x in built[n][5]]}
+            for n in lengths]
 
 
 def peer(n: int, max_pos: int, steps: int, trl_python: str, peer_dir: str) -> dict:
@@ -104,6 +130,8 @@ def main(argv=None):
                     help="peer steps per length (one number, or one per length)")
     ap.add_argument("--phase-repeats", type=int, default=5)
     ap.add_argument("--no-peer", action="store_true")
+    ap.add_argument("--interleave", type=int, default=0,
+                    help="nash-lm only: R round-robin rounds over all lengths (robust to host drift)")
     ap.add_argument("--peer-only", action="store_true")
     ap.add_argument("--trl-python", default="/work/venv-trl/bin/python")
     ap.add_argument("--peer-dir", default=PEER_DIR)
@@ -131,6 +159,10 @@ def main(argv=None):
             with open(args.out, "a") as f:
                 f.write(json.dumps(rec) + "\n")
 
+    if args.interleave:
+        for rec in ours_interleaved(lengths, max_pos, args.interleave, 2, base):
+            emit(rec)
+        args.no_peer, args.peer_only = True, True
     for i, n in enumerate(lengths):  # interleaved per length, so both sides of a length see the same load
         if not args.peer_only:
             emit(ours(n, max_pos, args.steps, args.phase_repeats, base))
@@ -138,7 +170,7 @@ def main(argv=None):
             emit(peer(n, max_pos, peer_steps[i], args.trl_python, args.peer_dir))
     summary = {"session": session, "summary": True, "lengths": lengths, "machine": machine(),
                "versions": nb.versions()}
-    for side in ("nash_lm", "peer"):
+    for side in ("nash_lm", "peer", "nash_lm_interleaved"):
         sr = [r for r in rows if r["side"] == side]
         if len(sr) >= 2:
             summary[side] = growth(sr)
