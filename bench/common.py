@@ -22,9 +22,10 @@ def machine() -> dict:
             mem_gib = int(f.readline().split()[1]) / 2**20
     except OSError:
         mem_gib = None
-    return {"cpu": cpu, "cores": os.cpu_count(), "mem_gib": round(mem_gib, 1) if mem_gib else None,
-            "load_avg_1m": os.getloadavg()[0], "jax": jax.__version__,
-            "devices": [d.device_kind for d in jax.devices()]}
+    return {"host": platform.node(), "cpu": cpu, "cores": os.cpu_count(),
+            "mem_gib": round(mem_gib, 1) if mem_gib else None, "load_avg_1m": os.getloadavg()[0],
+            "backend": jax.default_backend(), "devices": [d.device_kind for d in jax.devices()],
+            "n_devices": len(jax.devices()), "jax": jax.__version__, "python": platform.python_version()}
 
 
 def median_time(fn, repeats: int = 5) -> tuple[float, list[float]]:

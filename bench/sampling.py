@@ -24,30 +24,22 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import statistics
 import time
+
+import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import machine  # noqa: E402
+
 from nash_lm import models, sampling
 from nash_lm.models import ModelConfig
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "sampling.jsonl")
-
-
-def machine() -> dict:
-  cpu = platform.processor()
-  try:
-    with open("/proc/cpuinfo") as f:
-      cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-  except (OSError, StopIteration):
-    pass
-  return dict(host=platform.node(), cpu=cpu, cores=os.cpu_count(), load_avg_1m=os.getloadavg()[0],
-              backend=jax.default_backend(), device=str(jax.devices()[0].device_kind),
-              n_devices=len(jax.devices()), jax=jax.__version__, python=platform.python_version())
 
 
 CPU_TIMES: list[float] = []  # process CPU seconds of every timed() call, in call order
