@@ -2,6 +2,8 @@
 master weights, scanned and rematerialised layers, FSDP × tensor parallel mesh. Same layout as tiny.py."""
 import ml_collections
 
+from nash_lm import parallel
+
 
 def get_config():
   c = ml_collections.ConfigDict()
@@ -10,9 +12,5 @@ def get_config():
       rope_theta=500000.0, norm_eps=1e-5, tie_embeddings=True, dtype="bfloat16", param_dtype="float32",
       scan_layers=True, remat=True))
   c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
-  c.rules = [
-      ("batch", ("data", "fsdp")), ("batch", "data"), ("batch", "fsdp"),
-      ("embed", "fsdp"), ("mlp", "tensor"), ("heads", "tensor"), ("vocab", "tensor"),
-      ("act_embed", None), ("length", None), ("kv", None), ("qkv", None), ("layers", None),
-  ]
+  c.rules = list(parallel.DEFAULT_RULES)  # [(logical axis, mesh axes)], edit per run
   return c

@@ -3,6 +3,8 @@
 `nash_lm.parallel`."""
 import ml_collections
 
+from nash_lm import parallel
+
 
 def get_config():
   c = ml_collections.ConfigDict()
@@ -11,9 +13,5 @@ def get_config():
       rope_theta=10000.0, norm_eps=1e-6, tie_embeddings=True, dtype="float32", param_dtype="float32",
       scan_layers=False, remat=False))
   c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
-  c.rules = [
-      ("batch", ("data", "fsdp")), ("batch", "data"), ("batch", "fsdp"),
-      ("embed", "fsdp"), ("mlp", "tensor"), ("heads", "tensor"), ("vocab", "tensor"),
-      ("act_embed", None), ("length", None), ("kv", None), ("qkv", None), ("layers", None),
-  ]
+  c.rules = list(parallel.DEFAULT_RULES)  # [(logical axis, mesh axes)], edit per run
   return c
