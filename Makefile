@@ -3,7 +3,7 @@ PY ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 WORKDIR ?= runs/default
-CONFIG ?= configs/games.py
+CONFIG ?= configs/docstrings.py
 
 .PHONY: run test venv bench clean
 

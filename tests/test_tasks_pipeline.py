@@ -47,3 +47,68 @@ def test_token_game_job_cli(tmp_path):
     fp = report["mixture_fixed_points"]["0.5"]
     assert fp["token"]["residual"] < 1e-10 and fp["sequence"]["residual"] < 1e-10
     assert "| nash_md |" in open(tmp_path / "token_game.md").read()
+
+
+DOCSTRING_OVERRIDES = [
+    "--config.task.corpus.max_examples=400", "--config.task.tokenizer_vocab_size=300",
+    "--config.task.pairs_per_prompt=2", "--config.task.tournament.samples_per_prompt=1",
+    "--config.train.data.vocab_size=300", "--config.train.model.vocab_size=300",
+    "--config.train.judge_model.vocab_size=300",
+    "--config.train.model.d_model=32", "--config.train.judge_model.d_model=32",
+    "--config.train.model.d_ff=64", "--config.train.judge_model.d_ff=64",
+    "--config.train.pipeline=sft,pm,md1",
+    "--config.train.stages.sft.steps=30", "--config.train.stages.sft.eval_batches=1",
+    # lr 0: the preference model's backbone must come out exactly as the SFT decoder it starts from
+    "--config.train.stages.pm.steps=2", "--config.train.stages.pm.lr=0.0", "--config.train.stages.pm.eval_batches=1",
+    "--config.train.stages.md1.steps=3", "--config.train.stages.md1.eval_batches=1",
+]
+
+
+def _docstrings_job(workdir, *extra):
+    return subprocess.run([sys.executable, "-m", "nash_lm.main", "--config=configs/docstrings.py",
+                           f"--workdir={workdir}"] + DOCSTRING_OVERRIDES + list(extra), capture_output=True,
+                          text=True, timeout=600, env={k: v for k, v in os.environ.items() if k != "XLA_FLAGS"})
+
+
+def test_docstrings_job_cli(tmp_path):
+    """The default job end to end at tiny sizes: tournament files, antisymmetric win matrix, judge backbone."""
+    out = _docstrings_job(tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.load(open(tmp_path / "tournament" / "tournament.json"))
+    assert result["names"] == ["sft", "md1"]
+    win = np.array(result["win"], dtype=float)
+    np.testing.assert_allclose(win[0, 1] + win[1, 0], 1.0, atol=1e-12)
+    for name in ("tournament.md", "heatmap.png", "samples.md"):
+        assert (tmp_path / "tournament" / name).stat().st_size > 0
+    summary = json.load(open(tmp_path / "summary.json"))
+    assert summary["status"] == "complete"
+    assert summary["tournament"]["names"] == ["sft", "md1"]
+
+    # the preference stage started from the SFT decoder (init="sft") and did not move (lr 0)
+    import jax
+
+    from nash_lm import parallel
+    from nash_lm.train import config as cfg_lib, loop
+
+    cfg = json_config(tmp_path).train
+    mesh = parallel.make_mesh(cfg.mesh)
+    rules = parallel.validate_rules(cfg_lib.parse_rules(cfg.rules), mesh)
+    _, lm_abstract, _ = loop.abstract_params(cfg_lib.model_config(cfg, "model"), "lm", 0, mesh, rules)
+    _, pm_abstract, _ = loop.abstract_params(cfg_lib.model_config(cfg, "judge_model"), "preference", 0, mesh, rules)
+    sft = loop.load_export(str(tmp_path), "sft", lm_abstract)
+    pm = loop.load_export(str(tmp_path), "pm", pm_abstract)
+    same = jax.tree.map(lambda a, b: bool(np.array_equal(np.asarray(a), np.asarray(b))), sft, pm["backbone"])
+    assert all(jax.tree.leaves(same))
+
+
+def json_config(workdir):
+    import ml_collections
+
+    return ml_collections.ConfigDict(json.load(open(workdir / "config.json")))
+
+
+def test_docstrings_bad_pairs_per_prompt_exits_2_before_writing(tmp_path):
+    out = _docstrings_job(tmp_path / "w", "--config.task.pairs_per_prompt=0")
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines()[-1].count("pairs_per_prompt") == 1
+    assert not (tmp_path / "w").exists()

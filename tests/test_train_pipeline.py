@@ -244,6 +244,17 @@ def test_bad_config_values_raise_before_anything_is_written(tmp_path, overrides,
     assert not os.path.exists(workdir)
 
 
+def test_judge_from_a_language_model_needs_the_same_model_config(tmp_path):
+    from nash_lm.train import loop
+
+    workdir = str(tmp_path / "bad")
+    config = _tiny(pm__init="sft")
+    config.judge_model.d_ff = 2 * config.model.d_ff
+    with pytest.raises(ValueError, match=r"config\.stages\.pm\.init: 'sft' is a language model"):
+        loop.run(config, workdir)
+    assert not os.path.exists(workdir)
+
+
 def test_bad_structure_raises(tmp_path):
     from nash_lm.train import loop
 

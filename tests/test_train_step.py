@@ -141,3 +141,40 @@ def test_ema_recursion_closed_form_with_an_in_jit_oracle():
     for e0, p1, e1 in zip(ema0, policy1, ema1):
         np.testing.assert_allclose(e1, 0.75 * e0 + 0.25 * p1, rtol=1e-6, atol=1e-7)
     assert any(np.max(np.abs(p1 - e0)) > 0 for e0, p1 in zip(ema0, policy1))
+
+
+def test_sft_prompt_loss_against_a_numpy_reference():
+    """NLL(response) + w NLL(prompt): per-token means over real targets only (left padding and the first prompt
+    token excluded), checked against a per-position loop in numpy; uniform logits give (1 + w) log V."""
+    w = 0.7
+    stage = cfg_lib.stage("sft", lr=0.0, batch_size=B, steps=1, prompt_loss_weight=w)
+    tx = state_lib.make_optimizer(stage)
+    data = synthetic.sft_dataset(DATA, "train")
+    batch = {k: jnp.asarray(v[:B]) for k, v in data.items()}
+    batch["prompt_mask"] = batch["prompt_mask"].at[0, :3].set(0.0)  # a left-padded row
+    batch["prompt"] = batch["prompt"].at[0, :3].set(synthetic.PAD_ID)
+    graphdef, params = models.init(CFG, "lm", 3)
+    step = jax.jit(functools.partial(step_lib.sft_step, graphdef, tx, w))
+    _, metrics = step(state_lib.init_state(params, tx, 0), None, batch)
+
+    tokens = np.concatenate([batch["prompt"], batch["response"]], 1)
+    mask = np.concatenate([batch["prompt_mask"], batch["response_mask"]], 1)
+    logits = np.asarray(models.lm_logits(graphdef, params, jnp.asarray(tokens), jnp.asarray(mask)), np.float64)
+    logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    p_len = batch["prompt"].shape[1]
+    prompt_terms, response_terms = [], []
+    for b in range(B):
+        for t in range(1, tokens.shape[1]):
+            if t < p_len and mask[b, t] and mask[b, t - 1]:
+                prompt_terms.append(-logp[b, t - 1, tokens[b, t]])
+            elif t >= p_len and mask[b, t]:
+                response_terms.append(-logp[b, t - 1, tokens[b, t]])
+    assert len(prompt_terms) == B * (p_len - 1) - 3
+    np.testing.assert_allclose(float(metrics["prompt_nll_per_token"]), np.mean(prompt_terms), rtol=2e-5)
+    np.testing.assert_allclose(float(metrics["nll_per_token"]), np.mean(response_terms), rtol=2e-5)
+    np.testing.assert_allclose(float(metrics["loss"]), np.mean(response_terms) + w * np.mean(prompt_terms),
+                               rtol=2e-5)
+
+    zeros = jax.tree.map(jnp.zeros_like, params)  # every logit 0: the uniform distribution over V tokens
+    _, metrics = step(state_lib.init_state(zeros, tx, 0), None, batch)
+    np.testing.assert_allclose(float(metrics["loss"]), (1 + w) * np.log(CFG.vocab_size), rtol=1e-6)

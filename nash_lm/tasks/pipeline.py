@@ -200,7 +200,12 @@ def run_docstrings(config, workdir: str) -> dict:
     workdir = os.path.abspath(workdir)
     task = config.task
     corpus_cfg = docstrings.CorpusConfig(**task.corpus.to_dict()).validate()
+    k_pairs = int(task.pairs_per_prompt)
+    if k_pairs < 1:
+        raise ValueError(f"config.task.pairs_per_prompt: must be >= 1, got {k_pairs}")
+    cfg_lib.validate(train_config(config, _task_hash(config, ("task",)), 1))  # every stage, before any is run
     os.makedirs(workdir, exist_ok=True)
+    _write_json(os.path.join(workdir, "config.json"), cfg_lib.to_jsonable(config))
     cache = os.path.join(workdir, "cache")
     print("[docstrings] harvesting the standard library's docstrings", flush=True)
     corpus = docstrings.load(cache, corpus_cfg)
@@ -232,6 +237,7 @@ def run_docstrings(config, workdir: str) -> dict:
     gd, mu_params = load_lm(cfg, workdir, "sft")
     key = jax.random.PRNGKey(task.seed)
     for split, src in (("train", arrays[("sft", "train")]), ("eval", arrays[("sft", "eval")])):
+        src = {k: np.repeat(src[k], k_pairs, axis=0) for k in ("prompt", "prompt_mask")}
         k1, k2, key = jax.random.split(key, 3)
         y, ym = _sample_tokens(gd, mu_params, src["prompt"], src["prompt_mask"], k1, rlen, 1.0)
         y2, y2m = _sample_tokens(gd, mu_params, src["prompt"], src["prompt_mask"], k2, rlen, 1.0)

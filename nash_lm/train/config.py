@@ -14,7 +14,9 @@ written.
 
 Stage inputs are stage names: `init` (parameters to start from), `ref` (the frozen reference mu) and `judge`
 (a 'preference' or 'reward' stage, or `oracle:module:function` for a JAX preference function traced into the
-step, or `host_oracle:module:function` for any Python callable called between two compiled halves).
+step, or `host_oracle:module:function` for any Python callable called between two compiled halves). A judge
+stage's `init` may name an 'lm' stage (e.g. the SFT stage, with `judge_model == model`): its decoder becomes the
+judge's backbone and only the score head starts from random.
 
 `init` of an 'lm' stage (SFT or policy) and `ref` of a policy stage may instead be `hf:/abs/dir`, a local
 Hugging Face checkpoint directory (config.json, *.safetensors, tokenizer.json; Llama, Gemma or Qwen2; never a
@@ -61,7 +63,7 @@ _COMMON = dict(
     eval_batches=2,
 )
 _EXTRA = {
-    "sft": dict(),
+    "sft": dict(prompt_loss_weight=0.0),  # > 0: also teacher-force the prompt tokens, with this weight
     "preference": dict(labels="soft"),  # soft | hard
     "reward": dict(labels="soft"),
     "nash_md_pg": dict(ref="", judge="", tau=0.1, beta=0.125, temperature=1.0, max_new_tokens=8),
@@ -163,6 +165,8 @@ def _check_stage(name: str, st, stages, order: list[str], completed: set):
         _fail(f"{where}.eval_every", f"must be >= 0, got {st.eval_every}")
     if "labels" in st and st.labels not in ("soft", "hard"):
         _fail(f"{where}.labels", f"must be 'soft' or 'hard', got {st.labels!r}")
+    if st.get("prompt_loss_weight", 0.0) < 0:
+        _fail(f"{where}.prompt_loss_weight", f"must be >= 0, got {st.prompt_loss_weight}")
     if "beta" in st and not 0.0 <= st.beta <= 1.0:
         _fail(f"{where}.beta", f"must be in [0, 1], got {st.beta}")
     if "tau" in st:
@@ -198,7 +202,8 @@ def _check_stage(name: str, st, stages, order: list[str], completed: set):
             _fail(f"{where}.{field}", f"stage {ref!r} produces {kind!r} parameters, expected one of {list(kinds)}")
 
     if st.init:  # a policy stage without init starts from its reference
-        check_input("init", (produces(algorithm),))
+        # a judge may start from an 'lm' stage: its decoder becomes the judge's backbone, the head starts fresh
+        check_input("init", (produces(algorithm),) + (("lm",) if algorithm in JUDGE_ALGORITHMS else ()))
     if algorithm in POLICY_ALGORITHMS:
         if not st.ref:
             _fail(f"{where}.ref", "a policy-optimisation stage needs a reference stage (e.g. the SFT stage)")
@@ -255,6 +260,11 @@ def validate(config, *, completed=(), data_parallel: int = 1) -> None:
         for field in ("init", "ref"):
             if str(st.get(field, "")).startswith(HF_PREFIX):
                 check_hf_input(config, name, field)
+        if (st.algorithm in JUDGE_ALGORITHMS and st.init in config.stages
+                and produces(config.stages[st.init].algorithm) == "lm"
+                and model_config(config, "judge_model") != model_config(config, "model")):
+            _fail(f"config.stages.{name}.init", f"{st.init!r} is a language model: starting a judge from its "
+                                                f"decoder needs config.judge_model == config.model")
         if st.batch_size % data_parallel:
             _fail(f"config.stages.{name}.batch_size",
                   f"{st.batch_size} is not divisible by the data-parallel size {data_parallel}")

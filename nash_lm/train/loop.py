@@ -217,7 +217,10 @@ class Stage:
             ref = self._load_input(st.ref)
             self.judge, judge_params = self._load_judge()
         init_from = st.init or (st.ref if self.is_policy else "")
-        self._init_policy = (lambda: self._load_input(init_from)) if init_from else initialise
+        if self.is_judge and init_from and cfg_lib.produces(self.config.stages[init_from].algorithm) == "lm":
+            self._init_policy = lambda: self._judge_from_lm(init_from, initialise)
+        else:
+            self._init_policy = (lambda: self._load_input(init_from)) if init_from else initialise
         self.ref, self.judge_params = ref, judge_params
         use_ema = self.algorithm == "nash_ema_pg"
         self.abstract_mut = jax.eval_shape(
@@ -236,6 +239,13 @@ class Stage:
         if spec.startswith(cfg_lib.HF_PREFIX):
             return load_pretrained_input(spec, self.model_cfg, self.param_sh)
         return load_export(self.workdir, spec, self.abstract_policy)
+
+    def _judge_from_lm(self, name, initialise):
+        """Judge parameters whose backbone is the decoder of the 'lm' stage `name` (score head from `initialise`)."""
+        _, abstract_lm, _ = abstract_params(self.model_cfg, "lm", 0, self.mesh, self.rules)
+        params = initialise()
+        params["backbone"] = load_export(self.workdir, name, abstract_lm)
+        return params
 
     def _batch_sharding(self, ndim):
         return parallel.batch_sharding(self.mesh, self.rules, ndim=ndim, batch_size=self.st.batch_size)
@@ -270,7 +280,7 @@ class Stage:
         out_sh = (self.mut_sh, self.replicated)
         args = (self.abstract_mut, ckpt_lib.abstract(self.frozen), self._abstract_batch())
         if self.algorithm == "sft":
-            fn = functools.partial(step_lib.sft_step, self.graphdef, self.tx)
+            fn = functools.partial(step_lib.sft_step, self.graphdef, self.tx, float(self.st.prompt_loss_weight))
         elif self.is_judge:
             fn = functools.partial(step_lib.judge_step, self.algorithm, self.st.labels, self.graphdef, self.tx)
         elif self.judge.in_jit:

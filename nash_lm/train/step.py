@@ -110,13 +110,26 @@ def _apply_gradients(tx, mut: TrainState, loss_fn, rng, ema_decay=None):
 # SFT and judge training
 
 
-def sft_step(graphdef, tx, mut: TrainState, frozen, batch):
+def sft_step(graphdef, tx, prompt_loss_weight: float, mut: TrainState, frozen, batch):
+    """Teacher forcing on the response; with `prompt_loss_weight` w > 0 the loss is NLL(response) + w NLL(prompt)
+    (per-token means; the prompt's own tokens after the first, so the model also learns the prompts' language)."""
     del frozen
+    prompt, pmask, response, rmask = batch["prompt"], batch["prompt_mask"], batch["response"], batch["response_mask"]
 
     def loss_fn(params):
-        logp, correct = response_logprobs(graphdef, params, batch["prompt"], batch["prompt_mask"],
-                                          batch["response"], batch["response_mask"])
-        return losses.sft_loss(logp, batch["response_mask"], correct)
+        if not prompt_loss_weight:
+            logp, correct = response_logprobs(graphdef, params, prompt, pmask, response, rmask)
+            return losses.sft_loss(logp, rmask, correct)
+        p_len = prompt.shape[1]
+        tokens = jnp.concatenate([prompt, response], axis=1)
+        logits = models.lm_logits(graphdef, params, tokens, jnp.concatenate([pmask, rmask], axis=1))
+        logits = logits[:, :-1].astype(jnp.float32)
+        logp = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), tokens[:, 1:, None], axis=-1)[..., 0]
+        correct = jnp.argmax(logits[:, p_len - 1:], axis=-1) == response
+        loss, metrics = losses.sft_loss(logp[:, p_len - 1:] * rmask, rmask, correct)
+        target_mask = pmask[:, 1:] * pmask[:, :-1]  # prompt tokens 1.. predicted from a real prefix
+        prompt_nll = -jnp.sum(logp[:, :p_len - 1] * target_mask) / jnp.maximum(jnp.sum(target_mask), 1.0)
+        return loss + prompt_loss_weight * prompt_nll, {**metrics, "prompt_nll_per_token": prompt_nll}
 
     return _apply_gradients(tx, mut, loss_fn, mut.rng)
 
