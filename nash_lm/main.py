@@ -26,6 +26,7 @@ JOBS = {
     "ye_online": "nash_lm.learning.experiments:run_online",
     "token_game": "nash_lm.tasks.pipeline:run_token_game",
     "docstrings": "nash_lm.tasks.pipeline:run_docstrings",
+    "docstrings_online": "nash_lm.tasks.online_lm:run_online_lm",
 }
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a configs/*.py file.", lock_config=True)
