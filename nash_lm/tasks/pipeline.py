@@ -194,6 +194,17 @@ def _sample_tokens(graphdef, params, prompt, prompt_mask, key, max_new_tokens, t
     return np.concatenate(ys), np.concatenate(ms)
 
 
+def _label_with_progress(prompt, prompt_mask, y, y_mask, y2, y2_mask, desc: str, chunk: int = 512) -> np.ndarray:
+    """The installed oracle's P(y > y2 | x) [B] float32, in chunks under a progress bar."""
+    from tqdm import tqdm
+
+    out = []
+    for i in tqdm(range(0, len(prompt), chunk), desc=desc, unit="chunk", leave=False, dynamic_ncols=True):
+        sl = slice(i, i + chunk)
+        out.append(np.asarray(_ORACLE["fn"](prompt[sl], prompt_mask[sl], y[sl], y_mask[sl], y2[sl], y2_mask[sl])))
+    return np.concatenate(out).astype(np.float32)
+
+
 def run_docstrings(config, workdir: str) -> dict:
     """The `docstrings` job (see the module docstring); returns the summary written to WORKDIR/summary.json."""
     t0 = time.time()
@@ -203,7 +214,7 @@ def run_docstrings(config, workdir: str) -> dict:
     k_pairs = int(task.pairs_per_prompt)
     if k_pairs < 1:
         raise ValueError(f"config.task.pairs_per_prompt: must be >= 1, got {k_pairs}")
-    cfg_lib.validate(train_config(config, _task_hash(config, ("task",)), 1))  # every stage, before any is run
+    cfg_lib.validate(config.train)  # every stage, before any is run
     os.makedirs(workdir, exist_ok=True)
     _write_json(os.path.join(workdir, "config.json"), cfg_lib.to_jsonable(config))
     cache = os.path.join(workdir, "cache")
@@ -241,7 +252,7 @@ def run_docstrings(config, workdir: str) -> dict:
         k1, k2, key = jax.random.split(key, 3)
         y, ym = _sample_tokens(gd, mu_params, src["prompt"], src["prompt_mask"], k1, rlen, 1.0)
         y2, y2m = _sample_tokens(gd, mu_params, src["prompt"], src["prompt_mask"], k2, rlen, 1.0)
-        p = _ORACLE["fn"](src["prompt"], src["prompt_mask"], y, ym, y2, y2m).astype(np.float32)
+        p = _label_with_progress(src["prompt"], src["prompt_mask"], y, ym, y2, y2m, f"pairs ({split})")
         draw = np.random.default_rng([task.seed, 3, split == "eval"]).uniform(size=p.shape)
         arrays[("pairs", split)] = {"prompt": src["prompt"], "prompt_mask": src["prompt_mask"], "y": y,
                                     "y_mask": ym, "y2": y2, "y2_mask": y2m, "label": p,
