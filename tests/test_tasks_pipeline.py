@@ -57,9 +57,13 @@ DOCSTRING_OVERRIDES = [
     "--config.train.model.d_model=32", "--config.train.judge_model.d_model=32",
     "--config.train.model.d_ff=64", "--config.train.judge_model.d_ff=64",
     "--config.train.pipeline=sft,pm,md1",
-    "--config.train.stages.sft.steps=30", "--config.train.stages.sft.eval_batches=1",
+    "--config.train.stages.sft.batch_size=8", "--config.train.stages.pm.batch_size=8",
+    "--config.train.stages.md1.batch_size=8",
+    "--config.train.stages.sft.steps=30", "--config.train.stages.sft.warmup_steps=5",
+    "--config.train.stages.sft.eval_batches=1",
     # lr 0: the preference model's backbone must come out exactly as the SFT decoder it starts from
-    "--config.train.stages.pm.steps=2", "--config.train.stages.pm.lr=0.0", "--config.train.stages.pm.eval_batches=1",
+    "--config.train.stages.pm.steps=2", "--config.train.stages.pm.lr=0.0", "--config.train.stages.pm.warmup_steps=0",
+    "--config.train.stages.pm.eval_batches=1",
     "--config.train.stages.md1.steps=3", "--config.train.stages.md1.eval_batches=1",
 ]
 
