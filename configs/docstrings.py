@@ -3,13 +3,15 @@
     corpus (docstrings of the installed Python standard library: body -> first line)
     -> SentencePiece tokenizer (trained in-process, cached in WORKDIR/cache)
     -> sft (mu) -> pairs sampled from mu, labelled by the rater panel (ROUGE-L, length, faithfulness; majority
-       vote; label noise) -> pm (preference model) + rm (Bradley-Terry reward model)
+       vote; label noise; pairs_per_prompt pairs per training prompt) -> pm (preference model) + rm
+       (Bradley-Terry reward model), both starting from the SFT decoder (init="sft")
     -> rlhf (on rm), sp (self-play, beta 0), md1..md4 (Nash-MD-PG, beta 0.125/0.25/0.375/0.5), br (beta 1),
        ema (Nash-EMA-PG; "ema*" is its averaged policy), all on pm
     -> tournament on the held-out test prompts judged by the rater: WORKDIR/tournament/{tournament.json,
        tournament.md, heatmap.png, samples.md}
 
-Run:  python -m nash_lm.main --config=configs/docstrings.py --workdir=runs/docstrings
+Run:  make run   (or: python -m nash_lm.main --config=configs/docstrings.py --workdir=runs/default)
+About 12 minutes on a 2-core CPU (measured: 11 min 49 s); every stage shows a progress bar.
 """
 import ml_collections
 
