@@ -13,6 +13,7 @@
     Report: WORKDIR/online_lm.{json,md,png}, summary.json.
 
 Run:  python -m nash_lm.main --config=configs/docstrings_online.py --workdir=runs/docstrings_online
+(measured: 17 min on the shared 2-core machine while another job ran; results in README.md)
 """
 import ml_collections
 
