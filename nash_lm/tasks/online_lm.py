@@ -42,8 +42,6 @@ import jax
 import numpy as np
 
 from nash_lm import models, parallel
-from nash_lm.data import features
-from nash_lm.data import tokenizer as tokenizer_lib
 from nash_lm.evaluation import tournament
 from nash_lm.tasks import docstrings, pipeline, rater as rater_lib
 from nash_lm.train import config as cfg_lib
@@ -312,7 +310,7 @@ def run_online_lm(config, workdir: str) -> dict:
     t0 = time.time()
     workdir = os.path.abspath(workdir)
     task, on = config.task, config.online
-    corpus_cfg = docstrings.CorpusConfig(**task.corpus.to_dict()).validate()
+    docstrings.CorpusConfig(**task.corpus.to_dict()).validate()  # bad values fail before anything is written
     arms = check_online(on)
     if not isinstance(task.eval_pairs_per_prompt, int) or task.eval_pairs_per_prompt < 1:
         raise ValueError(f"config.task.eval_pairs_per_prompt: must be an int >= 1, got {task.eval_pairs_per_prompt}")
@@ -326,19 +324,11 @@ def run_online_lm(config, workdir: str) -> dict:
     pipeline._write_json(os.path.join(workdir, "config.json"), cfg_lib.to_jsonable(config))
 
     # round 0 inputs: corpus, tokenizer, arrays (as the docstrings job builds them)
-    cache = os.path.join(workdir, "cache")
-    print("[online_lm] harvesting the standard library's docstrings", flush=True)
-    corpus = docstrings.load(cache, corpus_cfg)
-    train_ex, valid_ex, test_ex = (docstrings.split(corpus, s) for s in docstrings.SPLITS)
-    tcfg = config.train
-    tok = tokenizer_lib.train_sentencepiece([e["prompt"] + "\n" + e["response"] for e in train_ex],
-                                            task.tokenizer_vocab_size, cache)
-    tokenizer_lib.check_fits(tok, tcfg.model.vocab_size)
-    tokenizer_lib.check_fits(tok, tcfg.judge_model.vocab_size, "config.train.judge_model.vocab_size")
-    plen, rlen = int(tcfg.data.prompt_len), int(tcfg.data.response_len)
-    sft = {split: features.to_arrays([{"prompt": e["prompt"], "response": e["response"]} for e in ex], "sft", tok,
-                                     plen, rlen) for split, ex in (("train", train_ex), ("eval", valid_ex))}
-    prompts = {s: {k: sft[s][k] for k in ("prompt", "prompt_mask")} for s in sft}
+    d = pipeline.prepare_docstrings(config, workdir, "online_lm")
+    corpus, tok, plen, rlen = d.corpus, d.tokenizer, d.prompt_len, d.response_len
+    train_ex, test_ex = d.splits["train"], d.splits["test"]
+    sft = {s: d.arrays[("sft", s)] for s in ("train", "eval")}
+    prompts = {s: d.arrays[("prompts", s)] for s in ("train", "eval")}
     oracle = rater_lib.token_oracle(rater_lib.Rater(corpus, noise=task.rater_noise, seed=task.seed), tok, corpus,
                                     plen)
     pipeline.set_oracle(oracle)

@@ -205,37 +205,58 @@ def _label_with_progress(prompt, prompt_mask, y, y_mask, y2, y2_mask, desc: str,
     return np.concatenate(out).astype(np.float32)
 
 
+@dataclasses.dataclass
+class DocstringData:
+    """What both docstring jobs build first: the corpus and its splits, the tokenizer, and the token arrays
+    `arrays[(kind, split)]` for kind in {'sft', 'prompts'} and split in {'train' (train), 'eval' (valid)}."""
+
+    corpus: list
+    splits: dict
+    tokenizer: object
+    prompt_len: int
+    response_len: int
+    arrays: dict
+
+
+def prepare_docstrings(config, workdir: str, tag: str) -> DocstringData:
+    """Corpus (cached in WORKDIR/cache), SentencePiece tokenizer (checked against both model vocabularies) and
+    the SFT / prompt arrays of `config.task` and `config.train`."""
+    cache = os.path.join(workdir, "cache")
+    print(f"[{tag}] harvesting the standard library's docstrings", flush=True)
+    corpus = docstrings.load(cache, docstrings.CorpusConfig(**config.task.corpus.to_dict()).validate())
+    splits = {s: docstrings.split(corpus, s) for s in docstrings.SPLITS}
+    print(f"[{tag}] corpus: " + " / ".join(f"{len(v)} {k}" for k, v in splits.items()), flush=True)
+    tcfg = config.train
+    tok = tokenizer_lib.train_sentencepiece([e["prompt"] + "\n" + e["response"] for e in splits["train"]],
+                                            config.task.tokenizer_vocab_size, cache)
+    tokenizer_lib.check_fits(tok, tcfg.model.vocab_size)
+    tokenizer_lib.check_fits(tok, tcfg.judge_model.vocab_size, "config.train.judge_model.vocab_size")
+    plen, rlen = int(tcfg.data.prompt_len), int(tcfg.data.response_len)
+    arrays = {}
+    for split, name in (("train", "train"), ("eval", "valid")):
+        sft = features.to_arrays([{"prompt": e["prompt"], "response": e["response"]} for e in splits[name]], "sft",
+                                 tok, plen, rlen)
+        arrays[("sft", split)] = sft
+        arrays[("prompts", split)] = {k: sft[k] for k in ("prompt", "prompt_mask")}
+    return DocstringData(corpus, splits, tok, plen, rlen, arrays)
+
+
 def run_docstrings(config, workdir: str) -> dict:
     """The `docstrings` job (see the module docstring); returns the summary written to WORKDIR/summary.json."""
     t0 = time.time()
     workdir = os.path.abspath(workdir)
     task = config.task
-    corpus_cfg = docstrings.CorpusConfig(**task.corpus.to_dict()).validate()
+    docstrings.CorpusConfig(**task.corpus.to_dict()).validate()  # bad values fail before anything is written
     k_pairs = int(task.pairs_per_prompt)
     if k_pairs < 1:
         raise ValueError(f"config.task.pairs_per_prompt: must be >= 1, got {k_pairs}")
     cfg_lib.validate(config.train)  # every stage, before any is run
     os.makedirs(workdir, exist_ok=True)
     _write_json(os.path.join(workdir, "config.json"), cfg_lib.to_jsonable(config))
-    cache = os.path.join(workdir, "cache")
-    print("[docstrings] harvesting the standard library's docstrings", flush=True)
-    corpus = docstrings.load(cache, corpus_cfg)
-    train_ex, valid_ex, test_ex = (docstrings.split(corpus, s) for s in docstrings.SPLITS)
-    print(f"[docstrings] corpus: {len(train_ex)} train / {len(valid_ex)} valid / {len(test_ex)} test", flush=True)
-    tcfg = config.train
-    tok = tokenizer_lib.train_sentencepiece([e["prompt"] + "\n" + e["response"] for e in train_ex],
-                                            task.tokenizer_vocab_size, cache)
-    tokenizer_lib.check_fits(tok, tcfg.model.vocab_size)
-    tokenizer_lib.check_fits(tok, tcfg.judge_model.vocab_size, "config.train.judge_model.vocab_size")
-    plen, rlen = int(tcfg.data.prompt_len), int(tcfg.data.response_len)
-    arrays = {
-        ("sft", "train"): features.to_arrays([{"prompt": e["prompt"], "response": e["response"]} for e in train_ex],
-                                             "sft", tok, plen, rlen),
-        ("sft", "eval"): features.to_arrays([{"prompt": e["prompt"], "response": e["response"]} for e in valid_ex],
-                                            "sft", tok, plen, rlen),
-    }
-    arrays[("prompts", "train")] = {k: arrays[("sft", "train")][k] for k in ("prompt", "prompt_mask")}
-    arrays[("prompts", "eval")] = {k: arrays[("sft", "eval")][k] for k in ("prompt", "prompt_mask")}
+    d = prepare_docstrings(config, workdir, "docstrings")
+    corpus, tok, plen, rlen = d.corpus, d.tokenizer, d.prompt_len, d.response_len
+    train_ex, test_ex = d.splits["train"], d.splits["test"]
+    arrays = dict(d.arrays)
     rater = rater_lib.Rater(corpus, noise=task.rater_noise, seed=task.seed)
     set_oracle(rater_lib.token_oracle(rater, tok, corpus, plen))
     cfg = train_config(config, _task_hash(config, ("task",)), len(train_ex))
