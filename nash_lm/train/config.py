@@ -203,6 +203,9 @@ def _check_stage(name: str, st, stages, order: list[str], completed: set):
 
     if st.init:  # a policy stage without init starts from its reference
         # a judge may start from an 'lm' stage: its decoder becomes the judge's backbone, the head starts fresh
+        if algorithm in JUDGE_ALGORITHMS and st.init.startswith(HF_PREFIX):
+            _fail(f"{where}.init", f"{st.init!r}: a judge starts from an earlier stage of the pipeline (e.g. the "
+                                   f"SFT stage), not from a Hugging Face checkpoint")
         check_input("init", (produces(algorithm),) + (("lm",) if algorithm in JUDGE_ALGORITHMS else ()))
     if algorithm in POLICY_ALGORITHMS:
         if not st.ref:
