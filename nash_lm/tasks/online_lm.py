@@ -163,24 +163,12 @@ def best_of_k(scores: np.ndarray) -> np.ndarray:
     return np.argmax(np.asarray(scores), axis=1)
 
 
-def label(oracle, pairs: dict, seed_parts) -> dict:
-    """Adds the rater's soft label P(y > y2 | x) and a 0/1 draw from it (as the docstrings job labels)."""
-    p = np.asarray(oracle(pairs["prompt"], pairs["prompt_mask"], pairs["y"], pairs["y_mask"], pairs["y2"],
-                          pairs["y2_mask"]), np.float32)
-    draw = np.random.default_rng(list(seed_parts)).uniform(size=p.shape)
-    return {**pairs, "label": p, "hard_label": (draw < p).astype(np.float32)}
-
-
 def _key(seed: int, *parts) -> jax.Array:
     return jax.random.fold_in(jax.random.PRNGKey(seed), zlib.crc32(":".join(map(str, parts)).encode()))
 
 
 def mu_pairs(gd, params, prompts: dict, per_prompt: int, key, rlen: int) -> dict:
-    src = {k: np.repeat(prompts[k], per_prompt, axis=0) for k in ("prompt", "prompt_mask")}
-    k1, k2 = jax.random.split(key)
-    y, ym = pipeline._sample_tokens(gd, params, src["prompt"], src["prompt_mask"], k1, rlen, 1.0)
-    y2, y2m = pipeline._sample_tokens(gd, params, src["prompt"], src["prompt_mask"], k2, rlen, 1.0)
-    return {**src, "y": y, "y_mask": ym, "y2": y2, "y2_mask": y2m}
+    return pipeline.sample_pairs(gd, params, prompts, per_prompt, *jax.random.split(key), rlen)
 
 
 def round_pairs(arm: str, gd, params, judge, prompts: dict, k: int, key, rlen: int) -> tuple[dict, dict]:
@@ -349,11 +337,11 @@ def run_online_lm(config, workdir: str) -> dict:
     run("sft")
     gd, mu = pipeline.load_lm(cfg, workdir, "sft")
     odir = os.path.join(workdir, "online")
-    eval_pairs = _cached(os.path.join(odir, "eval_pairs.npz"), fp["sft"] + task_hash, lambda: label(
+    eval_pairs = _cached(os.path.join(odir, "eval_pairs.npz"), fp["sft"] + task_hash, lambda: pipeline.label_pairs(
         oracle, mu_pairs(gd, mu, prompts["eval"], task.eval_pairs_per_prompt, _key(task.seed, "eval"), rlen),
         [task.seed, 3, 1]))
     held_out["eval"] = eval_pairs
-    pairs0 = _cached(os.path.join(odir, "pairs0.npz"), fp["sft"] + task_hash, lambda: label(
+    pairs0 = _cached(os.path.join(odir, "pairs0.npz"), fp["sft"] + task_hash, lambda: pipeline.label_pairs(
         oracle, mu_pairs(gd, mu, prompts["train"], on.pairs0_per_prompt, _key(task.seed, "pairs0"), rlen),
         [task.seed, 3, 0]))
     n0 = len(pairs0["y"])
@@ -385,7 +373,7 @@ def run_online_lm(config, workdir: str) -> dict:
             def make():
                 new, extra = round_pairs(arm, gd, pi, judges[prev_pm], batch, on.best_of_k,
                                          _key(task.seed, arm, r), rlen)
-                return {**label(oracle, new, [task.seed, 5, r, zlib.crc32(arm.encode())]),
+                return {**pipeline.label_pairs(oracle, new, [task.seed, 5, r, zlib.crc32(arm.encode())]),
                         **{f"enhancer_{k}": v for k, v in extra.items()}}
 
             path = os.path.join(odir, f"pairs_{ARMS[arm]}{r}.npz")

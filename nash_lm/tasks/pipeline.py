@@ -194,15 +194,26 @@ def _sample_tokens(graphdef, params, prompt, prompt_mask, key, max_new_tokens, t
     return np.concatenate(ys), np.concatenate(ms)
 
 
-def _label_with_progress(prompt, prompt_mask, y, y_mask, y2, y2_mask, desc: str, chunk: int = 512) -> np.ndarray:
-    """The installed oracle's P(y > y2 | x) [B] float32, in chunks under a progress bar."""
+def sample_pairs(graphdef, params, prompts: dict, per_prompt: int, k1, k2, response_len: int) -> dict:
+    """`per_prompt` pairs y ~ pi (key k1), y' ~ pi (key k2) for every prompt row of {prompt, prompt_mask}."""
+    src = {k: np.repeat(prompts[k], per_prompt, axis=0) for k in ("prompt", "prompt_mask")}
+    y, ym = _sample_tokens(graphdef, params, src["prompt"], src["prompt_mask"], k1, response_len, 1.0)
+    y2, y2m = _sample_tokens(graphdef, params, src["prompt"], src["prompt_mask"], k2, response_len, 1.0)
+    return {**src, "y": y, "y_mask": ym, "y2": y2, "y2_mask": y2m}
+
+
+def label_pairs(oracle, pairs: dict, seed_parts, desc: str = "labels", chunk: int = 512) -> dict:
+    """Adds the oracle's soft label P(y > y2 | x) ("label", float32, computed in chunks under a progress bar)
+    and a 0/1 draw from it ("hard_label", from a generator seeded by `seed_parts`)."""
     from tqdm import tqdm
 
-    out = []
-    for i in tqdm(range(0, len(prompt), chunk), desc=desc, unit="chunk", leave=False, dynamic_ncols=True):
-        sl = slice(i, i + chunk)
-        out.append(np.asarray(_ORACLE["fn"](prompt[sl], prompt_mask[sl], y[sl], y_mask[sl], y2[sl], y2_mask[sl])))
-    return np.concatenate(out).astype(np.float32)
+    keys = ("prompt", "prompt_mask", "y", "y_mask", "y2", "y2_mask")
+    p = []
+    for i in tqdm(range(0, len(pairs["prompt"]), chunk), desc=desc, unit="chunk", leave=False, dynamic_ncols=True):
+        p.append(np.asarray(oracle(*(pairs[k][i:i + chunk] for k in keys))))
+    p = np.concatenate(p).astype(np.float32)
+    draw = np.random.default_rng(list(seed_parts)).uniform(size=p.shape)
+    return {**pairs, "label": p, "hard_label": (draw < p).astype(np.float32)}
 
 
 @dataclasses.dataclass
@@ -268,16 +279,11 @@ def run_docstrings(config, workdir: str) -> dict:
     # pairs from mu, labelled by the rater panel (soft label P and a 0/1 draw)
     gd, mu_params = load_lm(cfg, workdir, "sft")
     key = jax.random.PRNGKey(task.seed)
-    for split, src in (("train", arrays[("sft", "train")]), ("eval", arrays[("sft", "eval")])):
-        src = {k: np.repeat(src[k], k_pairs, axis=0) for k in ("prompt", "prompt_mask")}
+    for split in ("train", "eval"):
         k1, k2, key = jax.random.split(key, 3)
-        y, ym = _sample_tokens(gd, mu_params, src["prompt"], src["prompt_mask"], k1, rlen, 1.0)
-        y2, y2m = _sample_tokens(gd, mu_params, src["prompt"], src["prompt_mask"], k2, rlen, 1.0)
-        p = _label_with_progress(src["prompt"], src["prompt_mask"], y, ym, y2, y2m, f"pairs ({split})")
-        draw = np.random.default_rng([task.seed, 3, split == "eval"]).uniform(size=p.shape)
-        arrays[("pairs", split)] = {"prompt": src["prompt"], "prompt_mask": src["prompt_mask"], "y": y,
-                                    "y_mask": ym, "y2": y2, "y2_mask": y2m, "label": p,
-                                    "hard_label": (draw < p).astype(np.float32)}
+        pairs = sample_pairs(gd, mu_params, arrays[("prompts", split)], k_pairs, k1, k2, rlen)
+        arrays[("pairs", split)] = label_pairs(_ORACLE["fn"], pairs, [task.seed, 3, split == "eval"],
+                                               f"pairs ({split})")
     print(f"[docstrings] {len(arrays[('pairs', 'train')]['y'])} pairs from mu labelled by the rater "
           f"(mean P = {float(arrays[('pairs', 'train')]['label'].mean()):.3f})", flush=True)
     results.update(run_stages(cfg, workdir, [s for s in stages if s != "sft"], provider, peak))
