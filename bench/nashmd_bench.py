@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nash_lm import models
+from nash_lm import models, sampling
 from nash_lm.data.synthetic import BOS_ID, EOS_ID, PAD_ID
 from nash_lm.models import ModelConfig
 from nash_lm.train import config as cfg_lib
@@ -161,21 +161,28 @@ def compile_step(b: Built):
 
 def compile_phases(b: Built) -> dict:
     """Each phase of the step as its own compiled function of (mut, batch) (no donation, so it can be re-run):
-    'sample_policy' (y ~ pi), 'sample_mixture' (y' ~ token-level mixture), 'judge', 'update' (reference
-    log-probs, policy forward + backward, AdamW). Returns {name: (fn, compile_s)}; 'update' and 'judge' take the
-    samples produced by the sampling phases."""
+    'sample_pair' (y ~ pi and y' ~ the token-level mixture from one decode loop: the step's sampling,
+    `step_lib.rollout`), 'judge', 'update' (reference log-probs, policy forward + backward, AdamW), and for the
+    mixture / plain ratio each sample on its own: 'sample_policy' (y ~ pi), 'sample_mixture' (y' ~ mixture),
+    'sample_plain_ref' (a plain sample from the reference). Returns {name: (fn, compile_s)}; 'update' and 'judge'
+    take the samples produced by 'sample_pair'."""
     hp, g, w = b.w.hparams(), b.graphdef, b.w
     ref, _ = b.frozen
     key = jax.random.PRNGKey(1)
+    kw = dict(max_new_tokens=hp.max_new_tokens, eos_id=EOS_ID, pad_id=PAD_ID, temperature=hp.temperature)
+
+    def sample_pair(mut, batch):
+        return step_lib.rollout(hp, g, mut, b.frozen, batch)[1]
 
     def sample_policy(mut, batch):
-        return step_lib._sample(g, mut.policy, batch, key, hp)
+        return sampling.sample(g, mut.policy, batch["prompt"], batch["prompt_mask"], key, **kw).tokens
 
     def sample_plain_ref(mut, batch):  # plain sampling from one model, for the mixture / plain ratio
-        return step_lib._sample(g, ref, batch, key, hp)
+        return sampling.sample(g, ref, batch["prompt"], batch["prompt_mask"], key, **kw).tokens
 
     def sample_mixture(mut, batch):
-        return step_lib._mixture(g, mut.policy, ref, batch, key, hp)
+        return sampling.sample(g, mut.policy, batch["prompt"], batch["prompt_mask"], key, mix_params=ref,
+                               beta=hp.beta, **kw).tokens
 
     def judge(batch, samples):
         return step_lib.score(hp, b.judge, b.frozen, batch, samples)
@@ -185,14 +192,12 @@ def compile_phases(b: Built) -> dict:
 
     batch = make_batch(b, np.arange(w.batch))
     out = {}
-    for name, f in (("sample_policy", sample_policy), ("sample_plain_ref", sample_plain_ref),
-                    ("sample_mixture", sample_mixture)):
+    for name, f in (("sample_pair", sample_pair), ("sample_policy", sample_policy),
+                    ("sample_plain_ref", sample_plain_ref), ("sample_mixture", sample_mixture)):
         t0 = time.perf_counter()
         c = jax.jit(f).lower(b.mut, batch).compile()
         out[name] = (c, time.perf_counter() - t0)
-    y, ym = out["sample_policy"][0](b.mut, batch)
-    y2, y2m = out["sample_mixture"][0](b.mut, batch)
-    samples = {"y": y, "y_mask": ym, "y2": y2, "y2_mask": y2m}
+    samples = out["sample_pair"][0](b.mut, batch)
     t0 = time.perf_counter()
     cj = jax.jit(judge).lower(batch, samples).compile()
     out["judge"] = (cj, time.perf_counter() - t0)
@@ -208,6 +213,7 @@ def time_phases(b: Built, phases: dict, repeats: int) -> dict:
     """Median seconds of each phase over `repeats` interleaved rounds (after one warm-up round)."""
     batch, samples, judged = phases["_inputs"]
     calls = {
+        "sample_pair": lambda: phases["sample_pair"][0](b.mut, batch),
         "sample_policy": lambda: phases["sample_policy"][0](b.mut, batch),
         "sample_plain_ref": lambda: phases["sample_plain_ref"][0](b.mut, batch),
         "sample_mixture": lambda: phases["sample_mixture"][0](b.mut, batch),
@@ -238,11 +244,16 @@ def phase_flops(w: Workload) -> dict:
     def full(t, head=True):
         return metrics_lib.lm_forward_flops(**shape, tokens=bsz * t, context=(t + 1) / 2, lm_head=head)
 
-    decode = full(p) + metrics_lib.lm_forward_flops(**shape, tokens=bsz * n, context=p + n / 2)
+    decode = metrics_lib.lm_forward_flops(**shape, tokens=bsz * n, context=p + n / 2)
     judge = {"preference": 2 * full(p + 2 * n, head=False), "reward": 2 * full(p + n, head=False)}[w.judge]
-    out = {"sample_policy": decode, "sample_mixture": 2 * decode, "judge": judge, "update": 4 * full(p + n),
+    beta = w.mixture_coef
+    mixed = 2 if 0.0 < beta < 1.0 else 1
+    out = {"sample_policy": full(p) + decode, "sample_mixture": mixed * (full(p) + decode),
+           # one loop: the policy's prefill shared by y and y', the policy on y and y' rows, mu on the y' rows
+           "sample_pair": (1 + (beta > 0.0)) * full(p) + (1 + mixed) * decode,
+           "judge": judge, "update": 4 * full(p + n),
            "update_policy_fwd_bwd": 3 * full(p + n), "update_ref_fwd": full(p + n)}
-    out["sampling"] = out["sample_policy"] + out["sample_mixture"]
+    out["sampling"] = out["sample_pair"]
     out["step"] = out["sampling"] + judge + out["update"]
     # Cross-check against the training loop's own count (the number reported as MFU during training).
     stage = types.SimpleNamespace(model_cfg=m, st=w.stage(), data_cfg=types.SimpleNamespace(prompt_len=p, response_len=n),

@@ -1,10 +1,10 @@
-"""Batched autoregressive sampling: plain and token-level geometric-mixture, one pure jittable function.
+"""Batched autoregressive sampling: plain, token-level geometric-mixture, and both at once, pure jittable functions.
 
 `sample(graphdef, params, prompts, prompt_mask, rng, *, max_new_tokens, eos_id, pad_id, temperature=1.0,
 top_k=0, top_p=1.0, mix_params=None, beta=0.0) -> Samples`
 
   * prompts [B, Tp] int32, left-padded (prompt_mask 1 on real tokens). One prefill over the prompt fills a
-    KV cache of Tp + max_new_tokens slots (or `cache_len`), then a `lax.while_loop` decodes one token per
+    KV cache of Tp + max_new_tokens slots (or `cache_len`), then `lax.while_loop`s decode one token per
     iteration over that cache, stopping early once every row has emitted `eos_id` (None: never stop early).
   * Plain mode (mix_params None): token n is drawn from log π_T = log_softmax(policy_logits / T).
   * Geometric-mixture mode (App. F.1 of Munos et al., the one-step-at-a-time regularised policy): with the
@@ -17,15 +17,32 @@ top_k=0, top_p=1.0, mix_params=None, beta=0.0) -> Samples`
     with G drawn once for the whole decode ([N, B, V], or one [B, V] draw per step when that would exceed
     `predraw_limit` elements). With β = 0 the argmax input is exactly the policy's z_π/T + G, with β = 1
     exactly μ's, so the same rng gives exactly the tokens of plain sampling from the policy or from μ.
+    `rng` may also be a tuple of k keys: the rows are then k equal blocks, block j drawing its noise from
+    key j exactly as a call on those rows alone with that key would.
   * Returns `Samples(tokens, mask, logp_policy, logp_ref, logp_sample)`, all [B, N]: tokens int32 (pad_id
     after the first EOS), mask int32 (1 up to and including the first EOS), and float32 log-probabilities of
     the chosen tokens under π_T, μ_T (= π_T when mix_params is None) and the actual sampling distribution
     (mixture, top-k/top-p, renormalised), all at temperature T; 0 where mask is 0.
 
+`sample_pair(...)` (same arguments) returns `(y, y2)`: y ~ π and y2 ~ π^(1−β)·μ^β for the same prompts, the
+pair a Nash-MD-PG step needs, from ONE decode loop over 2B rows instead of two loops of B: the policy runs on
+the y rows and, unless β = 1, the y2 rows (one call on 2B rows); μ runs only on the y2 rows (none when β = 0 or
+mix_params is None); the prompt is prefilled once per tree and the policy's cache copied for the y2 rows. With
+`rng = (key_y, key_y2)` its tokens are those of `sample(..., rng=key_y)` and `sample(..., mix_params, beta,
+rng=key_y2)` (up to floating-point ties): the same distribution, half the sequential decode iterations.
+
+The mechanism behind both is `decode`'s row layout: the policy covers rows [0, Rp) and μ the last Rm of the R
+rows, with Rp + Rm ≥ R; rows covered by both sample the mixture, the others their one model. Plain sampling is
+Rp = R, Rm = 0; the mixture Rp = Rm = R; the pair R = 2B with Rp ∈ {B, 2B}, Rm ∈ {0, B}.
+
+The decode attends only over the filled part of the cache: the N steps run as up to `decode_segments` loops,
+loop j attending over the first S − N + (its last step + 1) buffer slots (a static slice), so the per-token cost
+follows the filled length instead of the buffer size S.
+
 `sample` = `decode(prefill(...))`; both halves are public (pure, jittable) so that a caller can time or
 schedule them separately (bench/sampling.py times the decode loop alone).
 
-The function is pure (no host callbacks, no Python side effects beyond shape checks) and can be called
+The functions are pure (no host callbacks, no Python side effects beyond shape checks) and can be called
 inside another `jax.jit` (the training step does). Remat is never applied on this path. Shape errors
 (prompt longer than ModelConfig.max_len, bad arguments) raise ValueError naming the field while tracing,
 i.e. before compiling.
@@ -33,6 +50,7 @@ i.e. before compiling.
 from __future__ import annotations
 
 import functools
+import math
 from typing import NamedTuple
 
 import jax
@@ -42,7 +60,10 @@ from flax import nnx
 from nash_lm.models import KVCache, init_cache
 from nash_lm.parallel import constrain
 
-__all__ = ["Samples", "Prefilled", "sample", "prefill", "decode", "filter_logits", "sample_jit"]
+__all__ = ["Samples", "Prefilled", "sample", "sample_pair", "prefill", "decode", "filter_logits", "sample_jit"]
+
+DECODE_SEGMENTS = 8  # most decode loops per sample (each compiles one copy of the model's decode step)
+MIN_SEGMENT = 32     # fewest new tokens per loop
 
 
 class Samples(NamedTuple):
@@ -106,7 +127,8 @@ def _check_args(cfg, prompts, prompt_mask, max_new_tokens, eos_id, pad_id, tempe
 
 
 class Prefilled(NamedTuple):
-  """The decode loop's starting point: last-position logits [B, V] and KV cache of each tree."""
+  """The decode loop's starting point: last-position logits and KV cache of each tree ([Rp, V] for the policy,
+  [Rm, V] for the second tree; see the row layout in the module docstring)."""
   logits_pol: jax.Array
   cache_pol: KVCache
   logits_mix: jax.Array | None
@@ -114,26 +136,36 @@ class Prefilled(NamedTuple):
   start: jax.Array  # scalar int32: first cache slot of the completion (the prompt length)
 
 
-def _model_fn(graphdef, p, tokens, mask, cache, index, last_only=False):
-  return nnx.merge(graphdef, p)(tokens, mask, cache=cache, index=index, last_only=last_only)
+def _model_fn(graphdef, p, tokens, mask, cache, index, last_only=False, attend_len=None):
+  return nnx.merge(graphdef, p)(tokens, mask, cache=cache, index=index, last_only=last_only,
+                                attend_len=attend_len)
+
+
+def _prefill_tree(graphdef, p, prompts, prompt_mask, cache_len):
+  cfg = nnx.merge(graphdef, p).cfg
+  b, tp = prompts.shape
+  cache = init_cache(cfg, b, cache_len)
+  logits, cache = _model_fn(graphdef, p, prompts.astype(jnp.int32), prompt_mask.astype(jnp.int32), cache, 0,
+                            True, tp)
+  return logits[:, 0], cache
+
+
+def _tile_rows(logits, cache: KVCache, copies: int):
+  """The same prefilled rows `copies` times along the batch (cache batch axis 1, mask axis 0)."""
+  if copies == 1:
+    return logits, cache
+  rep = lambda x, axis: jnp.concatenate([x] * copies, axis=axis)
+  return rep(logits, 0), KVCache(rep(cache.k, 1), rep(cache.v, 1), rep(cache.mask, 0))
 
 
 def prefill(graphdef, params, prompts, prompt_mask, *, max_new_tokens: int, mix_params=None,
             cache_len: int | None = None) -> Prefilled:
   """Runs the left-padded prompts through the policy (and the second tree) into fresh KV caches."""
-  cfg = nnx.merge(graphdef, params).cfg
-  b, tp = prompts.shape
-  s = cache_len or tp + max_new_tokens
-
-  def one(p):
-    cache = init_cache(cfg, b, s)
-    logits, cache = _model_fn(graphdef, p, prompts.astype(jnp.int32), prompt_mask.astype(jnp.int32), cache, 0,
-                              True)
-    return logits[:, 0], cache
-
-  logits_pol, cache_pol = one(params)
-  logits_mix, cache_mix = one(mix_params) if mix_params is not None else (None, None)
-  return Prefilled(logits_pol, cache_pol, logits_mix, cache_mix, jnp.asarray(tp, jnp.int32))
+  s = cache_len or prompts.shape[1] + max_new_tokens
+  logits_pol, cache_pol = _prefill_tree(graphdef, params, prompts, prompt_mask, s)
+  logits_mix, cache_mix = (_prefill_tree(graphdef, mix_params, prompts, prompt_mask, s)
+                           if mix_params is not None else (None, None))
+  return Prefilled(logits_pol, cache_pol, logits_mix, cache_mix, jnp.asarray(prompts.shape[1], jnp.int32))
 
 
 def sample(graphdef, params, prompts, prompt_mask, rng, *, max_new_tokens: int, eos_id: int | None,
@@ -154,65 +186,120 @@ def sample(graphdef, params, prompts, prompt_mask, rng, *, max_new_tokens: int, 
                 predraw_limit=predraw_limit)
 
 
+def sample_pair(graphdef, params, prompts, prompt_mask, rng, *, max_new_tokens: int, eos_id: int | None,
+                pad_id: int, temperature=1.0, top_k: int = 0, top_p=1.0, mix_params=None, beta=0.0,
+                cache_len: int | None = None, predraw_limit: int = 1 << 24) -> tuple[Samples, Samples]:
+  """`(y, y2)`: y ~ π and y2 ~ π^(1−β)·μ^β (μ = mix_params; y2 ~ π when it is None) in one decode loop.
+
+  `rng` is `(key_y, key_y2)` or one key (split in two). See the module docstring."""
+  cfg = nnx.merge(graphdef, params).cfg
+  _check_args(cfg, prompts, prompt_mask, max_new_tokens, eos_id, pad_id, temperature, top_k, top_p, beta,
+              cache_len)
+  if not isinstance(rng, (tuple, list)):
+    rng = tuple(jax.random.split(rng))
+  if len(rng) != 2:
+    raise ValueError(f"rng: expected one key or a pair (key_y, key_y2), got {len(rng)} keys")
+  b = prompts.shape[0]
+  s = cache_len or prompts.shape[1] + max_new_tokens
+  if mix_params is not None and _is_static(beta, 0.0):
+    mix_params = None  # y2 ~ π alone
+  policy_on_y2 = not (mix_params is not None and _is_static(beta, 1.0))
+  logits_pol, cache_pol = _tile_rows(*_prefill_tree(graphdef, params, prompts, prompt_mask, s),
+                                     2 if policy_on_y2 else 1)
+  logits_mix, cache_mix = (_prefill_tree(graphdef, mix_params, prompts, prompt_mask, s)
+                           if mix_params is not None else (None, None))
+  state = Prefilled(logits_pol, cache_pol, logits_mix, cache_mix, jnp.asarray(prompts.shape[1], jnp.int32))
+  out = decode(graphdef, params, state, tuple(rng), max_new_tokens=max_new_tokens, eos_id=eos_id, pad_id=pad_id,
+               temperature=temperature, top_k=top_k, top_p=top_p, mix_params=mix_params, beta=beta,
+               predraw_limit=predraw_limit, rows=2 * b)
+  return Samples(*(x[:b] for x in out)), Samples(*(x[b:] for x in out))
+
+
+def _segments(n: int, max_segments: int) -> list[int]:
+  """End step (exclusive) of each decode loop: at most `max_segments` loops of at least MIN_SEGMENT steps."""
+  k = max(1, min(max_segments, n // MIN_SEGMENT))
+  size = math.ceil(n / k)
+  return [min(n, size * (j + 1)) for j in range(math.ceil(n / size))]
+
+
 def decode(graphdef, params, state: Prefilled, rng, *, max_new_tokens: int, eos_id: int | None, pad_id: int,
            temperature=1.0, top_k: int = 0, top_p=1.0, mix_params=None, beta=0.0,
-           predraw_limit: int = 1 << 24) -> Samples:
-  """The `lax.while_loop` decode from a `prefill` state (arguments as in `sample`, which checks them)."""
+           predraw_limit: int = 1 << 24, rows: int | None = None,
+           decode_segments: int = DECODE_SEGMENTS) -> Samples:
+  """The decode loops from a `prefill` state (arguments as in `sample`, which checks them).
+
+  `rows` (default: the policy's rows Rp) is the number R of sampled rows: the policy covers rows [0, Rp), the
+  second tree the last Rm; `rng` is one key or a tuple of keys, one per equal block of rows."""
   cfg = nnx.merge(graphdef, params).cfg
   mixing = mix_params is not None
   if mixing != (state.cache_mix is not None):
     raise ValueError("mix_params: must be given to both prefill and decode, or to neither")
-  b, v, n = state.logits_pol.shape[0], cfg.vocab_size, max_new_tokens
+  rp = state.logits_pol.shape[0]
+  rm = state.logits_mix.shape[0] if mixing else 0
+  r = rows or rp
+  if not (rp <= r and rm <= r and rp + rm >= r):
+    raise ValueError(f"rows={r}: the policy's {rp} rows and the second tree's {rm} must cover them")
+  lo = r - rm  # rows [0, lo): policy only; [lo, rp): both (the mixture); [rp, r): second tree only
+  keys = tuple(rng) if isinstance(rng, (tuple, list)) else (rng,)
+  if r % len(keys):
+    raise ValueError(f"rng: {len(keys)} keys do not split {r} rows into equal blocks")
+  blk, v, n = r // len(keys), cfg.vocab_size, max_new_tokens
+  s_buf = state.cache_pol.mask.shape[1]
   tp = state.start
   inv_t = 1.0 / jnp.asarray(temperature, jnp.float32)
   model_fn = functools.partial(_model_fn, graphdef)
-  logits_pol, cache_pol, logits_mix, cache_mix = state.logits_pol, state.cache_pol, state.logits_mix, state.cache_mix
+  filtering = bool(top_k) or not _is_static(top_p, 1.0)
 
-  predraw = n * b * v <= predraw_limit
+  predraw = n * r * v <= predraw_limit
   if predraw:
-    gumbel_all = jax.random.gumbel(rng, (n, b, v), jnp.float32)
+    gumbel_all = jnp.concatenate([jax.random.gumbel(k, (n, blk, v), jnp.float32) for k in keys], axis=1)
 
   def step_noise(i):
     if predraw:
       return jax.lax.dynamic_index_in_dim(gumbel_all, i, 0, keepdims=False)
-    return jax.random.gumbel(jax.random.fold_in(rng, i), (b, v), jnp.float32)
+    return jnp.concatenate([jax.random.gumbel(jax.random.fold_in(k, i), (blk, v), jnp.float32) for k in keys])
 
-  zeros_f = jnp.zeros((b, n), jnp.float32)
-  init = dict(
+  def cat(*parts):
+    parts = [x for x in parts if x.shape[0]]
+    return parts[0] if len(parts) == 1 else jnp.concatenate(parts)
+
+  zeros_f = jnp.zeros((r, n), jnp.float32)
+  st = dict(
       i=jnp.zeros((), jnp.int32),
-      done=jnp.zeros((b,), bool),
-      tokens=jnp.full((b, n), pad_id, jnp.int32),
-      mask=jnp.zeros((b, n), jnp.int32),
+      done=jnp.zeros((r,), bool),
+      tokens=jnp.full((r, n), pad_id, jnp.int32),
+      mask=jnp.zeros((r, n), jnp.int32),
       lp_pol=zeros_f, lp_ref=zeros_f, lp_samp=zeros_f,
-      logits_pol=logits_pol, cache_pol=cache_pol,
-      logits_mix=logits_mix, cache_mix=cache_mix,
+      logits_pol=state.logits_pol, cache_pol=state.cache_pol,
+      logits_mix=state.logits_mix, cache_mix=state.cache_mix,
   )
 
-  def cond(st):
-    return (st["i"] < n) & ~jnp.all(st["done"])
-
-  def body(st):
+  def body(st, attend_len):
     i = st["i"]
     # Scaled logits z/T; log-softmaxes are only needed at the chosen token (z_tok/T − logsumexp), and the
     # argmax input skips the per-row normalising constants (argmax and top-k/top-p are shift-invariant).
     z_pol = st["logits_pol"] * inv_t
     if mixing:
-      z_ref = st["logits_mix"] * inv_t
-      unnorm = (1.0 - beta) * z_pol + beta * z_ref  # exactly z_pol at β = 0 and z_ref at β = 1
+      z_mix = st["logits_mix"] * inv_t
+      both = (1.0 - beta) * z_pol[lo:] + beta * z_mix[:rp - lo]  # exactly z_pol at β = 0 and z_mix at β = 1
+      unnorm = cat(z_pol[:lo], both, z_mix[rp - lo:])
     else:
-      z_ref = z_pol
       unnorm = z_pol
     unnorm = filter_logits(unnorm, top_k, top_p)
     unnorm = constrain(unnorm, ("batch", "vocab"))
     tok = jnp.argmax(unnorm + step_noise(i), axis=-1).astype(jnp.int32)
-    pick = lambda z: jnp.take_along_axis(z, tok[:, None], axis=-1)[:, 0]
+    pick = lambda z, t: jnp.take_along_axis(z, t[:, None], axis=-1)[:, 0]
     lse = lambda z: jax.nn.logsumexp(z, axis=-1)
-    lp_pol_tok = pick(z_pol) - lse(z_pol)
-    lp_ref_tok = pick(z_ref) - lse(z_ref) if mixing else lp_pol_tok
-    if mixing or top_k or not _is_static(top_p, 1.0):
-      lp_samp_tok = pick(unnorm) - lse(unnorm)
+    lp_a = pick(z_pol, tok[:rp]) - lse(z_pol)  # [Rp]
+    if mixing:
+      lp_b = pick(z_mix, tok[lo:]) - lse(z_mix)  # [Rm]
+      lp_pol_tok, lp_ref_tok = cat(lp_a, lp_b[rp - lo:]), cat(lp_a[:lo], lp_b)
     else:
-      lp_samp_tok = lp_pol_tok
+      lp_pol_tok = lp_ref_tok = lp_a
+    if (mixing and rp > lo) or filtering:
+      lp_samp_tok = pick(unnorm, tok) - lse(unnorm)
+    else:
+      lp_samp_tok = lp_pol_tok  # every row samples one model, unfiltered
     live = ~st["done"]
     tok = jnp.where(live, tok, pad_id)
     out = dict(st)
@@ -223,15 +310,21 @@ def decode(graphdef, params, state: Prefilled, rng, *, max_new_tokens: int, eos_
     out["lp_samp"] = st["lp_samp"].at[:, i].set(jnp.where(live, lp_samp_tok, 0.0))
     out["done"] = st["done"] | (tok == eos_id) if eos_id is not None else st["done"]
     step_mask = live.astype(jnp.int32)[:, None]
-    logits, out["cache_pol"] = model_fn(params, tok[:, None], step_mask, st["cache_pol"], tp + i)
+    logits, out["cache_pol"] = model_fn(params, tok[:rp, None], step_mask[:rp], st["cache_pol"], tp + i,
+                                        attend_len=attend_len)
     out["logits_pol"] = logits[:, 0]
     if mixing:
-      logits, out["cache_mix"] = model_fn(mix_params, tok[:, None], step_mask, st["cache_mix"], tp + i)
+      logits, out["cache_mix"] = model_fn(mix_params, tok[lo:, None], step_mask[lo:], st["cache_mix"], tp + i,
+                                          attend_len=attend_len)
       out["logits_mix"] = logits[:, 0]
     out["i"] = i + 1
     return out
 
-  st = jax.lax.while_loop(cond, body, init)
+  # Loop j writes slots tp + i for i < end_j; tp ≤ S − N, so its queries never attend past S − N + end_j.
+  for end in _segments(n, decode_segments):
+    attend_len = min(s_buf, s_buf - n + end)
+    st = jax.lax.while_loop(lambda st, end=end: (st["i"] < end) & ~jnp.all(st["done"]),
+                            functools.partial(body, attend_len=attend_len), st)
   return Samples(st["tokens"], st["mask"], st["lp_pol"], st["lp_ref"], st["lp_samp"])
 
 

@@ -190,3 +190,95 @@ def test_bad_sampler_input_fails_before_compiling(small_models, kw, pattern):
   fn = jax.jit(lambda p, x, m, r: sampling.sample(g, p, x, m, r, **args))
   with pytest.raises(ValueError, match=pattern):
     fn.lower(pol, prompts, pm, jax.random.key(0))  # raised while tracing: nothing is compiled
+
+
+PAIR = jax.jit(sampling.sample_pair, static_argnums=0, static_argnames=STATIC)  # traced β
+PAIR_STATIC_BETA = jax.jit(sampling.sample_pair, static_argnums=0, static_argnames=STATIC + ("beta",))
+
+
+@pytest.mark.parametrize("beta", [0.4, 0.0, 1.0, None])
+def test_pair_sampler_gives_the_tokens_of_two_separate_samplers(small_models, beta):
+  """One decode loop over 2B rows = `sample` with key_y (y ~ π) and `sample` with key_y2 (y' ~ mixture; β = 0 and
+  mix_params None: the policy; β = 1: μ), token for token, with EOS stopping rows at different times."""
+  g, pol, ref = small_models
+  prompts, pm = _prompts()
+  kw = dict(max_new_tokens=8, eos_id=2, pad_id=0, temperature=0.9)
+  k_y, k_y2 = jax.random.key(11), jax.random.key(12)
+  mix = None if beta is None else ref
+  if beta == 0.4:  # traced β: the policy and μ both run on the y' rows
+    y, y2 = PAIR(g, pol, prompts, pm, (k_y, k_y2), mix_params=mix, beta=jnp.float32(beta), **kw)
+  else:  # static end points: μ alone (β = 1) or the policy alone (β = 0, no μ) on the y' rows
+    y, y2 = PAIR_STATIC_BETA(g, pol, prompts, pm, (k_y, k_y2), mix_params=mix, beta=beta or 0.0, **kw)
+  want_y = SAMPLE(g, pol, prompts, pm, k_y, **kw)
+  if beta is None or beta == 0.0:
+    want_y2 = SAMPLE(g, pol, prompts, pm, k_y2, **kw)
+  elif beta == 1.0:
+    want_y2 = SAMPLE(g, ref, prompts, pm, k_y2, **kw)
+  else:
+    want_y2 = SAMPLE(g, pol, prompts, pm, k_y2, mix_params=ref, beta=jnp.float32(beta), **kw)
+  for got, want in ((y, want_y), (y2, want_y2)):
+    np.testing.assert_array_equal(got.tokens, want.tokens)
+    np.testing.assert_array_equal(got.mask, want.mask)
+    np.testing.assert_allclose(got.logp_sample, want.logp_sample, atol=1e-5)
+  assert (np.asarray(y.mask) == 0).any() and not np.array_equal(y.tokens, y2.tokens)
+  if beta == 0.4:
+    np.testing.assert_allclose(y2.logp_policy, want_y2.logp_policy, atol=1e-5)
+    np.testing.assert_allclose(y2.logp_ref, want_y2.logp_ref, atol=1e-5)
+
+
+def test_pair_sampler_matches_the_exact_distributions_and_draws_y_and_y2_independently(enum_models):
+  """y ~ π and y' ~ the token-level mixture from one loop, against the enumeration (chi-square), and the
+  first tokens of y and y' independent given the prompt (chi-square test of the 4 × 4 contingency table)."""
+  g, pol, ref = enum_models
+  prompt = np.array([2, 1, 3], np.int32)
+  beta, temp, batch = 0.3, 0.8, 4096
+  _, probs_y, *_ = exact_mixture(g, pol, ref, prompt, 0.0, temp)
+  _, probs_y2, *_ = exact_mixture(g, pol, ref, prompt, beta, temp)
+  b_prompt = jnp.asarray(np.tile(np.concatenate([[0, 0], prompt]), (batch, 1)), jnp.int32)
+  b_mask = jnp.asarray(np.tile([0, 0, 1, 1, 1], (batch, 1)), jnp.int32)
+  ys, y2s = [], []
+  for i in range(2):
+    y, y2 = PAIR(g, pol, b_prompt, b_mask, jax.random.key(200 + i), max_new_tokens=3, eos_id=None, pad_id=0,
+                 temperature=temp, mix_params=ref, beta=jnp.float32(beta))
+    ys.append(np.asarray(y.tokens))
+    y2s.append(np.asarray(y2.tokens))
+  ys, y2s = np.concatenate(ys), np.concatenate(y2s)
+  n = len(ys)
+  for toks, probs in ((ys, probs_y), (y2s, probs_y2)):
+    observed = np.bincount(toks @ np.array([16, 4, 1]), minlength=64)
+    p = stats.chisquare(observed, probs * n).pvalue
+    print(f"pair sampler vs enumeration: p={p:.3f}")
+    assert p > 1e-3
+  p_swapped = stats.chisquare(np.bincount(ys @ np.array([16, 4, 1]), minlength=64), probs_y2 * n).pvalue
+  assert p_swapped < 1e-6  # power: y is not the mixture
+  table = np.zeros((4, 4))
+  np.add.at(table, (ys[:, 0], y2s[:, 0]), 1)
+  p_indep = stats.chi2_contingency(table).pvalue
+  print(f"independence of y_0 and y2_0: p={p_indep:.3f}")
+  assert p_indep > 1e-3
+
+
+def test_segmented_decode_attends_over_every_filled_slot():
+  """72 new tokens run as 2 decode loops (the first attends over 37 slots, the second over all 77): the sampled
+  log-probs still equal the full cache-free forward pass at every position, across the loop boundary."""
+  cfg = ModelConfig(vocab_size=11, d_model=16, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=24, max_len=80)
+  g, pol = models.init(cfg, "lm", seed=3)
+  _, ref = models.init(cfg, "lm", seed=4)
+  prompts, pm = _prompts()
+  n = 72
+  assert sampling._segments(n, sampling.DECODE_SEGMENTS) == [36, 72]
+  out = SAMPLE(g, pol, prompts, pm, jax.random.key(5), max_new_tokens=n, eos_id=None, pad_id=0,
+               mix_params=ref, beta=jnp.float32(0.5))
+  full = jnp.concatenate([prompts, out.tokens], 1)
+  fmask = jnp.concatenate([pm, out.mask], 1)
+  tp = prompts.shape[1]
+  for p, got in ((pol, out.logp_policy), (ref, out.logp_ref)):
+    lp = jax.nn.log_softmax(LM(g, p, full, fmask)[:, tp - 1:-1], -1)
+    want = np.take_along_axis(np.asarray(lp), np.asarray(out.tokens)[..., None], -1)[..., 0]
+    np.testing.assert_allclose(np.asarray(got), want, atol=2e-5)
+
+
+@pytest.mark.parametrize("n,segments", [(1, [1]), (31, [31]), (64, [32, 64]), (100, [34, 68, 100]),
+                                        (512, [64 * (j + 1) for j in range(8)]), (600, [75 * (j + 1) for j in range(8)])])
+def test_decode_segments_cover_the_steps(n, segments):
+  assert sampling._segments(n, 8) == segments

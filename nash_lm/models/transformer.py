@@ -22,8 +22,9 @@ Conventions
 
 KV cache: `KVCache(k, v, mask)`; `Transformer(tokens, mask, cache=c, index=i)` writes the new keys/values
 and the token mask at buffer slots [i, i + T) and attends over the whole buffer, so one call with the prompt
-is the prefill and calls with T = 1 are decode steps. Per-token cost depends on the buffer size, not on the
-position.
+is the prefill and calls with T = 1 are decode steps. `attend_len=a` (static) attends over slots [0, a) only:
+the caller's promise that no query sits past slot a − 1 (the sampler's decode loops use it so that the
+per-token cost follows the filled prefix, not the buffer size).
 """
 from __future__ import annotations
 
@@ -113,11 +114,11 @@ class Attention(nnx.Module):
                                 eager_sharding=False)
 
   def __call__(self, x, positions, key_mask, cache_kv=None, index=None, layer=0):
-    """x [B,T,D]; key_mask [B,S] (S = T without cache). Returns (out [B,T,D], (k_all, v_all) or None).
+    """x [B,T,D]; key_mask [B,S'] (S' = T without cache). Returns (out [B,T,D], (k_all, v_all) or None).
 
-    With a cache, `cache_kv` holds all layers' keys/values [L, B, S, K, hd]: the new keys/values are written
-    in place at [layer, :, index] (a small dynamic-update-slice on the loop-carried buffer, so XLA never
-    copies the cache) and this layer's slice is read back for the attention.
+    With a cache, `cache_kv` holds all layers' keys/values [L, B, K, S, hd]: the new keys/values are written
+    in place at [layer, :, :, index] (a small dynamic-update-slice on the loop-carried buffer, so XLA never
+    copies the cache) and this layer's first S' ≤ S slots are read back for the attention.
     """
     cfg = self.cfg
     dt = cfg.compute_dtype
@@ -139,8 +140,9 @@ class Attention(nnx.Module):
       at = (jnp.asarray(layer, jnp.int32), zero, zero, jnp.asarray(index, jnp.int32), zero)
       k_all = jax.lax.dynamic_update_slice(k_all, k.astype(k_all.dtype)[None], at)
       v_all = jax.lax.dynamic_update_slice(v_all, v.astype(v_all.dtype)[None], at)
-      keys = jax.lax.dynamic_index_in_dim(k_all, layer, 0, keepdims=False)
-      vals = jax.lax.dynamic_index_in_dim(v_all, layer, 0, keepdims=False)
+      s_att = key_mask.shape[1]  # attend over the first s_att slots only (the filled prefix)
+      keys = jax.lax.dynamic_index_in_dim(k_all, layer, 0, keepdims=False)[:, :, :s_att]
+      vals = jax.lax.dynamic_index_in_dim(v_all, layer, 0, keepdims=False)[:, :, :s_att]
       start = index
     keys = constrain(keys, ("batch", "heads", "length", "kv"))
     vals = constrain(vals, ("batch", "heads", "length", "kv"))
@@ -247,11 +249,12 @@ class Transformer(nnx.Module):
         x, kv = fn(block_state, x, kv)
     return x, kv
 
-  def __call__(self, tokens, mask, cache: KVCache | None = None, index=None, last_only: bool = False):
+  def __call__(self, tokens, mask, cache: KVCache | None = None, index=None, last_only: bool = False,
+               attend_len: int | None = None):
     """tokens, mask [B, T] -> (logits [B,T,V] f32 or hidden [B,T,D] f32, updated cache or None).
 
-    With `cache`, the T tokens go to buffer slots [index, index + T); `last_only` keeps only the last
-    position (the sampler's prefill).
+    With `cache`, the T tokens go to buffer slots [index, index + T) and attend over slots [0, attend_len)
+    (default: the whole buffer); `last_only` keeps only the last position (the sampler's prefill).
     """
     cfg = self.cfg
     mask = mask.astype(jnp.int32)
@@ -267,7 +270,8 @@ class Transformer(nnx.Module):
     table = constrain(self.embed[...], (None, None))
     x = jnp.take(table, tokens, axis=0).astype(cfg.compute_dtype)
     x = constrain(x, ("batch", "length", "act_embed"))
-    x, kv = self._run_blocks(x, positions, key_mask, cache, index)
+    attn_mask = key_mask if cache is None or attend_len is None else key_mask[:, :attend_len]
+    x, kv = self._run_blocks(x, positions, attn_mask, cache, index)
     if last_only:
       x = x[:, -1:]
     x = self.final_norm(x)

@@ -343,16 +343,20 @@ class Stage:
             return 3 * 2 * full(p + n, head=False)
         if self.algorithm == "preference":  # both orders of (x, y, y') in one pass
             return 3 * 2 * full(p + 2 * n, head=False)
-        decode = full(p) + metrics_lib.lm_forward_flops(**shape, tokens=b * n, context=p + n / 2)
-        mixed = 2 if 0.0 < float(self.st.get("beta", 0.0)) < 1.0 else 1  # models run per mixture decode step
-        sampled = {"nash_md_pg": 1 + mixed, "nash_ema_pg": 2, "rlhf": 1, "online_ipo": 2,
-                   "ipo_md": 2 * mixed}[self.algorithm]
+        # Sampling (`step.rollout`, one decode loop for y and y'): prompt prefills and per-row decode passes,
+        # counted in sequences of the batch; the policy's prefill is shared by its y and y' rows.
+        beta = float(self.st.get("beta", 0.0))
+        mixed = 2 if 0.0 < beta < 1.0 else 1  # models run per mixture decode step
+        prefills, decodes = {"nash_md_pg": (1 + (beta > 0.0), 1 + mixed), "nash_ema_pg": (2, 2), "rlhf": (1, 1),
+                             "online_ipo": (1, 2), "ipo_md": (2 * mixed, 2 * mixed)}[self.algorithm]
+        sampling = prefills * full(p) + decodes * metrics_lib.lm_forward_flops(**shape, tokens=b * n,
+                                                                              context=p + n / 2)
         judge = {"preference": 2 * full(p + 2 * n, head=False), "reward": 2 * full(p + n, head=False)}.get(
             self.judge.kind, 0.0)
         if self.algorithm == "rlhf":
             judge = full(p + n, head=False)
         scored = 2 if self.algorithm in ("online_ipo", "ipo_md") else 1  # sequences through ref fwd + policy fwd/bwd
-        return sampled * decode + judge + scored * 4 * full(p + n)
+        return sampling + judge + scored * 4 * full(p + n)
 
     # -- the loop -------------------------------------------------------------------------------------------------
     def run(self, stop_flag) -> dict:

@@ -3,10 +3,10 @@
 A Nash-MD-PG step (`policy_step` with algorithm 'nash_md_pg'), top to bottom, all inside one compiled function:
 
   1. split the state's RNG;
-  2. `sample_y`: y ~ pi_theta(.|x)                                   (`nash_lm.sampling.sample`, KV-cached decode)
-  3. `sample_y2`: y' ~ token-level mixture of pi_theta and mu        (`sample(..., mix_params=ref, beta=beta)`;
+  2-3. `sample_y_y2`: y ~ pi_theta(.|x) and y' ~ the token-level mixture pi_theta^(1-beta) mu^beta, both from one
+     KV-cached decode loop (`nash_lm.sampling.sample_pair`: the policy on the y and y' rows, mu on the y' rows);
      beta = 0 samples pi_theta alone (self-play), beta = 1 samples mu alone (best response), Nash-EMA-PG samples
-     the EMA parameters); no gradient flows through either sample;
+     the EMA parameters; no gradient flows through either sample;
   4. `judge`: P(y > y'|x) from the preference head (`nash_lm.models.preference_prob`), or sigmoid(r(y) - r(y'))
      from a reward model, or a JAX oracle;
   5. `ref_logprobs`: log mu(y_n | x, y_<n) (`nash_lm.models.lm_logits` of the frozen reference);
@@ -164,41 +164,49 @@ class PolicyHParams:
     max_new_tokens: int = 8
 
 
-def _sample(graphdef, params, batch, key, hp: PolicyHParams, mix_params=None, beta=0.0):
+def _sample(graphdef, params, batch, key, hp: PolicyHParams):
     out = sampling.sample(graphdef, params, batch["prompt"], batch["prompt_mask"], key,
-                          max_new_tokens=hp.max_new_tokens, eos_id=EOS_ID, pad_id=PAD_ID,
-                          temperature=hp.temperature, mix_params=mix_params, beta=beta)
+                          max_new_tokens=hp.max_new_tokens, eos_id=EOS_ID, pad_id=PAD_ID, temperature=hp.temperature)
     return out.tokens, out.mask.astype(jnp.float32)
 
 
-def _mixture(graphdef, policy, ref, batch, key, hp: PolicyHParams):
-    """A sample of the token-level mixture pi^(1-beta) mu^beta; the end points sample one model alone."""
-    if hp.beta == 0.0:
-        return _sample(graphdef, policy, batch, key, hp)
-    if hp.beta == 1.0:
-        return _sample(graphdef, ref, batch, key, hp)
-    return _sample(graphdef, policy, batch, key, hp, mix_params=ref, beta=hp.beta)
+def _sample_pair(graphdef, params, batch, keys, hp: PolicyHParams, mix_params=None, beta=0.0, beta_y=None):
+    """`{y, y_mask, y2, y2_mask}`: y ~ params and y2 ~ params^(1-beta) mix^beta from one decode loop
+    (`sampling.sample_pair`); with `beta_y` set (IPO-MD), both are samples of that mixture."""
+    kw = dict(max_new_tokens=hp.max_new_tokens, eos_id=EOS_ID, pad_id=PAD_ID, temperature=hp.temperature)
+    prompt, pmask = batch["prompt"], batch["prompt_mask"]
+    if beta_y is None:
+        y, y2 = sampling.sample_pair(graphdef, params, prompt, pmask, keys, mix_params=mix_params, beta=beta, **kw)
+    else:  # both rows are mixture samples: one loop over the prompts twice, one key per copy
+        b = prompt.shape[0]
+        if beta_y in (0.0, 1.0):  # one model alone
+            params, mix_params = (params if beta_y == 0.0 else mix_params), None
+        out = sampling.sample(graphdef, params, jnp.concatenate([prompt, prompt]), jnp.concatenate([pmask, pmask]),
+                              keys, mix_params=mix_params, beta=beta_y, **kw)
+        y, y2 = (sampling.Samples(*(x[:b] for x in out)), sampling.Samples(*(x[b:] for x in out)))
+    return {"y": y.tokens, "y_mask": y.mask.astype(jnp.float32),
+            "y2": y2.tokens, "y2_mask": y2.mask.astype(jnp.float32)}
 
 
 def rollout(hp: PolicyHParams, graphdef, mut: TrainState, frozen, batch):
-    """Steps 1-3: `(rng', samples)` with samples {y, y_mask[, y2, y2_mask]}; no gradient flows through them."""
+    """Steps 1-3: `(rng', samples)` with samples {y, y_mask[, y2, y2_mask]}; no gradient flows through them.
+
+    y and y' come from one decode loop (`sampling.sample_pair`); with keys (k_y, k_y2) its tokens are those of two
+    separate calls, y with k_y and y' with k_y2."""
     ref, _ = frozen
     rng, k_y, k_y2 = jax.random.split(mut.rng, 3)
-    samples = {}
     algo = hp.algorithm
-    with scope("sample_y"):
-        if algo == "ipo_md":
-            samples["y"], samples["y_mask"] = _mixture(graphdef, mut.policy, ref, batch, k_y, hp)
-        else:
-            samples["y"], samples["y_mask"] = _sample(graphdef, mut.policy, batch, k_y, hp)
-    if algo != "rlhf":
-        with scope("sample_y2"):
-            if algo == "nash_md_pg" or algo == "ipo_md":
-                samples["y2"], samples["y2_mask"] = _mixture(graphdef, mut.policy, ref, batch, k_y2, hp)
-            elif algo == "nash_ema_pg":
-                samples["y2"], samples["y2_mask"] = _sample(graphdef, mut.ema, batch, k_y2, hp)
-            else:  # online_ipo
-                samples["y2"], samples["y2_mask"] = _sample(graphdef, mut.policy, batch, k_y2, hp)
+    with scope("sample_y_y2"):
+        if algo == "rlhf":
+            samples = dict(zip(("y", "y_mask"), _sample(graphdef, mut.policy, batch, k_y, hp)))
+        elif algo == "nash_md_pg":
+            samples = _sample_pair(graphdef, mut.policy, batch, (k_y, k_y2), hp, mix_params=ref, beta=hp.beta)
+        elif algo == "ipo_md":
+            samples = _sample_pair(graphdef, mut.policy, batch, (k_y, k_y2), hp, mix_params=ref, beta_y=hp.beta)
+        elif algo == "nash_ema_pg":
+            samples = _sample_pair(graphdef, mut.policy, batch, (k_y, k_y2), hp, mix_params=mut.ema, beta=1.0)
+        else:  # online_ipo: two policy samples
+            samples = _sample_pair(graphdef, mut.policy, batch, (k_y, k_y2), hp)
     samples = jax.lax.stop_gradient(samples)
     return rng, samples
 
@@ -266,10 +274,9 @@ def eval_judge(kind: str, graphdef, params, batch):
 
 def eval_policy_rollout(hp: PolicyHParams, graphdef, params, ref, batch, key):
     """y ~ pi (the trained or the averaged policy), y' ~ mu: the pair that measures improvement over mu."""
-    k1, k2 = jax.random.split(key)
-    y, y_mask = _sample(graphdef, params, batch, k1, dataclasses.replace(hp, temperature=1.0))
-    y2, y2_mask = _sample(graphdef, ref, batch, k2, dataclasses.replace(hp, temperature=1.0))
-    return {"y": y, "y_mask": y_mask, "y2": y2, "y2_mask": y2_mask}
+    keys = tuple(jax.random.split(key))
+    return _sample_pair(graphdef, params, batch, keys, dataclasses.replace(hp, temperature=1.0), mix_params=ref,
+                        beta=1.0)
 
 
 def eval_policy(hp: PolicyHParams, graphdef, judge: Judge, params, ref, judge_params, batch, key):
