@@ -15,7 +15,9 @@ Peer: the peer's script has `--steps` but no length flag; its length is the modu
 MAX_POS), which `main()` reads when it runs. So the peer is run unmodified as
 `python -c "import run_trl_nashmd as m; m.NEW_TOKENS = N; m.MAX_POS = 528; m.main()" --steps S` in its own
 directory: the same code path, with the two constants overridden before `main()`. Its step time is the median of
-its `step_times_s` after the first step. At N = 512 a peer step takes tens of seconds (quadratic: the mixture
+its `step_times_s` after the first step. `--trl-defaults` runs the peer in TRL's default configuration (gradient
+checkpointing on, no KV cache for either sample), the only one whose mixture samples are correct
+(bench/trl_mixture_cache_check.md). At N = 512 a peer step takes tens of seconds (quadratic: the mixture
 re-runs both models over the whole prefix at every token), so `--peer-steps` is small there and the median is
 over fewer steps (the JSON records how many).
 
@@ -90,11 +92,12 @@ def ours_interleaved(lengths, max_pos: int, rounds: int, steps_per_round: int, b
             for n in lengths]
 
 
-def peer(n: int, max_pos: int, steps: int, trl_python: str, peer_dir: str) -> dict:
+def peer(n: int, max_pos: int, steps: int, trl_python: str, peer_dir: str, trl_defaults: bool = False) -> dict:
     code = (f"import run_trl_nashmd as m; m.NEW_TOKENS = {n}; m.MAX_POS = {max_pos}; m.main()")
     env = {**os.environ, "TRL_EXPERIMENTAL_SILENCE": "1"}
     env.pop("XLA_FLAGS", None)
-    p = subprocess.run([trl_python, "-c", code, "--steps", str(steps)], cwd=peer_dir, env=env,
+    extra = ["--trl-defaults"] if trl_defaults else []
+    p = subprocess.run([trl_python, "-c", code, "--steps", str(steps), *extra], cwd=peer_dir, env=env,
                        capture_output=True, text=True)
     if p.returncode:
         raise RuntimeError(p.stderr[-3000:])
@@ -133,6 +136,8 @@ def main(argv=None):
     ap.add_argument("--interleave", type=int, default=0,
                     help="nash-lm only: R round-robin rounds over all lengths (robust to host drift)")
     ap.add_argument("--peer-only", action="store_true")
+    ap.add_argument("--trl-defaults", action="store_true",
+                    help="run the peer in TRL's default configuration (no KV cache: its only correct mixture)")
     ap.add_argument("--trl-python", default="/work/venv-trl/bin/python")
     ap.add_argument("--peer-dir", default=PEER_DIR)
     ap.add_argument("--smoke", action="store_true", help="tiny model, lengths 2 and 4, 3 steps, no peer (CI)")
@@ -167,7 +172,7 @@ def main(argv=None):
         if not args.peer_only:
             emit(ours(n, max_pos, args.steps, args.phase_repeats, base))
         if not args.no_peer:
-            emit(peer(n, max_pos, peer_steps[i], args.trl_python, args.peer_dir))
+            emit(peer(n, max_pos, peer_steps[i], args.trl_python, args.peer_dir, args.trl_defaults))
     summary = {"session": session, "summary": True, "lengths": lengths, "machine": machine(),
                "versions": nb.versions()}
     for side in ("nash_lm", "peer", "nash_lm_interleaved"):

@@ -290,3 +290,29 @@ def test_cached_decode_matches_full_forward(hf_dirs, arch):
                                           jnp.asarray(mask[:, i:i + 1]), cache, i)
     got.append(np.asarray(logits))
   np.testing.assert_allclose(np.concatenate(got, axis=1), full, atol=1e-5, rtol=0)
+
+
+def test_long_sequences_match_transformers(tmp_path):
+  """300 tokens, left-padded: the cache-free causal attention runs by query blocks (128, 128, 44; keys up to each
+  block's end only) and must still give transformers' logits; so must the KV-cached decode that continues it."""
+  from nash_lm.models import transformer
+
+  assert 2 * transformer.ATTN_BLOCK < 300
+  cls_cfg, cls_model, extra = ARCHS["llama"]
+  torch.manual_seed(3)
+  model = cls_model(cls_cfg(**{**COMMON, "max_position_embeddings": 320}, **extra)).eval()
+  model.save_pretrained(str(tmp_path))
+  p = hf.load_pretrained(str(tmp_path), tokenizer=False)
+  toks = _tokens(b=2, t=300, seed=7)
+  mask = np.ones_like(toks)
+  mask[1, :37] = 0
+  ref = _torch_logits(model, toks, mask)
+  got = np.asarray(models.lm_logits(p.graphdef, p.params, jnp.asarray(toks), jnp.asarray(mask)))
+  real = mask > 0
+  np.testing.assert_allclose(got[real], ref[real], atol=1e-4, rtol=0)
+  cache = models.init_cache(p.config, 2, 300)
+  _, cache = models.forward_cached(p.graphdef, p.params, jnp.asarray(toks[:, :290]), jnp.asarray(mask[:, :290]),
+                                   cache, 0)
+  logits, _ = models.forward_cached(p.graphdef, p.params, jnp.asarray(toks[:, 290:]), jnp.asarray(mask[:, 290:]),
+                                    cache, 290)
+  np.testing.assert_allclose(np.asarray(logits), ref[:, 290:], atol=1e-4, rtol=0)

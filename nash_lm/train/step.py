@@ -74,14 +74,22 @@ def sequence_reward(graphdef, params, prompt, prompt_mask, response, response_ma
     return models.reward(graphdef, params, tokens, mask).astype(jnp.float32)
 
 
+def pair_rewards(graphdef, params, prompt, prompt_mask, y, y_mask, y2, y2_mask):
+    """`(r(x, y), r(x, y2))`, each `[B]`, from one reward-model pass over the 2B sequences."""
+    b = prompt.shape[0]
+    cat = lambda a, c: jnp.concatenate([a, c], axis=0)
+    r = sequence_reward(graphdef, params, cat(prompt, prompt), cat(prompt_mask, prompt_mask), cat(y, y2),
+                        cat(y_mask, y2_mask))
+    return r[:b], r[b:]
+
+
 def judge_pair(judge: Judge, judge_params, prompt, prompt_mask, y, y_mask, y2, y2_mask):
     """P(y > y2 | x) `[B]` from an in-jit judge."""
     if judge.kind == "preference":
         return models.preference_prob(judge.graphdef, judge_params, prompt, prompt_mask, y, y_mask, y2,
                                       y2_mask).astype(jnp.float32)
     if judge.kind == "reward":
-        r1 = sequence_reward(judge.graphdef, judge_params, prompt, prompt_mask, y, y_mask)
-        r2 = sequence_reward(judge.graphdef, judge_params, prompt, prompt_mask, y2, y2_mask)
+        r1, r2 = pair_rewards(judge.graphdef, judge_params, prompt, prompt_mask, y, y_mask, y2, y2_mask)
         return jax.nn.sigmoid(r1 - r2)
     if judge.kind == "oracle":
         return jnp.asarray(judge.fn(prompt, prompt_mask, y, y_mask, y2, y2_mask), jnp.float32)
@@ -139,8 +147,8 @@ def judge_loss(kind: str, graphdef, params, batch, label):
         prob = models.preference_prob(graphdef, params, batch["prompt"], batch["prompt_mask"], batch["y"],
                                       batch["y_mask"], batch["y2"], batch["y2_mask"]).astype(jnp.float32)
         return losses.preference_ce_loss(prob, label)
-    r1 = sequence_reward(graphdef, params, batch["prompt"], batch["prompt_mask"], batch["y"], batch["y_mask"])
-    r2 = sequence_reward(graphdef, params, batch["prompt"], batch["prompt_mask"], batch["y2"], batch["y2_mask"])
+    r1, r2 = pair_rewards(graphdef, params, batch["prompt"], batch["prompt_mask"], batch["y"], batch["y_mask"],
+                          batch["y2"], batch["y2_mask"])
     return losses.bradley_terry_loss(r1, r2, label)
 
 
