@@ -36,7 +36,6 @@ import nashmd_bench as nb  # noqa: E402
 from common import machine  # noqa: E402
 
 import jax  # noqa: E402
-import numpy as np  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "mfu.jsonl")
 
