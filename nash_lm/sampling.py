@@ -4,7 +4,7 @@
 top_k=0, top_p=1.0, mix_params=None, beta=0.0) -> Samples`
 
   * prompts [B, Tp] int32, left-padded (prompt_mask 1 on real tokens). One prefill over the prompt fills a
-    KV cache of Tp + max_new_tokens slots (or `cache_len`), then `lax.while_loop`s decode one token per
+    KV cache of Tp + max_new_tokens slots (or `cache_len`), then a `lax.while_loop` decodes one token per
     iteration over that cache, stopping early once every row has emitted `eos_id` (None: never stop early).
   * Plain mode (mix_params None): token n is drawn from log π_T = log_softmax(policy_logits / T).
   * Geometric-mixture mode (App. F.1 of Munos et al., the one-step-at-a-time regularised policy): with the
@@ -35,10 +35,6 @@ The mechanism behind both is `decode`'s row layout: the policy covers rows [0, R
 rows, with Rp + Rm ≥ R; rows covered by both sample the mixture, the others their one model. Plain sampling is
 Rp = R, Rm = 0; the mixture Rp = Rm = R; the pair R = 2B with Rp ∈ {B, 2B}, Rm ∈ {0, B}.
 
-The decode attends only over the filled part of the cache: the N steps run as up to `decode_segments` loops,
-loop j attending over the first S − N + (its last step + 1) buffer slots (a static slice), so the per-token cost
-follows the filled length instead of the buffer size S.
-
 `sample` = `decode(prefill(...))`; both halves are public (pure, jittable) so that a caller can time or
 schedule them separately (bench/sampling.py times the decode loop alone).
 
@@ -50,7 +46,6 @@ i.e. before compiling.
 from __future__ import annotations
 
 import functools
-import math
 from typing import NamedTuple
 
 import jax
@@ -61,10 +56,6 @@ from nash_lm.models import KVCache, init_cache
 from nash_lm.parallel import constrain
 
 __all__ = ["Samples", "Prefilled", "sample", "sample_pair", "prefill", "decode", "filter_logits", "sample_jit"]
-
-DECODE_SEGMENTS = 8  # most decode loops per sample (each compiles one copy of the model's decode step)
-MIN_SEGMENT = 32     # fewest new tokens per loop
-
 
 class Samples(NamedTuple):
   tokens: jax.Array       # [B, N] int32
@@ -136,9 +127,8 @@ class Prefilled(NamedTuple):
   start: jax.Array  # scalar int32: first cache slot of the completion (the prompt length)
 
 
-def _model_fn(graphdef, p, tokens, mask, cache, index, last_only=False, attend_len=None):
-  return nnx.merge(graphdef, p)(tokens, mask, cache=cache, index=index, last_only=last_only,
-                                attend_len=attend_len)
+def _model_fn(graphdef, p, tokens, mask, cache, index, last_only=False):
+  return nnx.merge(graphdef, p)(tokens, mask, cache=cache, index=index, last_only=last_only)
 
 
 def _prefill_tree(graphdef, p, prompts, prompt_mask, cache_len):
@@ -146,16 +136,16 @@ def _prefill_tree(graphdef, p, prompts, prompt_mask, cache_len):
   b, tp = prompts.shape
   cache = init_cache(cfg, b, cache_len)
   logits, cache = _model_fn(graphdef, p, prompts.astype(jnp.int32), prompt_mask.astype(jnp.int32), cache, 0,
-                            True, tp)
+                            True)
   return logits[:, 0], cache
 
 
 def _tile_rows(logits, cache: KVCache, copies: int):
-  """The same prefilled rows `copies` times along the batch (cache batch axis 1, mask axis 0)."""
+  """The same prefilled rows `copies` times along the batch (the batch axis of a stacked [L, B, ...] cache is 1)."""
   if copies == 1:
     return logits, cache
-  rep = lambda x, axis: jnp.concatenate([x] * copies, axis=axis)
-  return rep(logits, 0), KVCache(rep(cache.k, 1), rep(cache.v, 1), rep(cache.mask, 0))
+  rep = lambda x: jnp.concatenate([x] * copies, axis=1 if x.ndim == 5 else 0)
+  return rep(logits), KVCache(*jax.tree.map(rep, (cache.k, cache.v, cache.mask)))
 
 
 def prefill(graphdef, params, prompts, prompt_mask, *, max_new_tokens: int, mix_params=None,
@@ -215,18 +205,10 @@ def sample_pair(graphdef, params, prompts, prompt_mask, rng, *, max_new_tokens: 
   return Samples(*(x[:b] for x in out)), Samples(*(x[b:] for x in out))
 
 
-def _segments(n: int, max_segments: int) -> list[int]:
-  """End step (exclusive) of each decode loop: at most `max_segments` loops of at least MIN_SEGMENT steps."""
-  k = max(1, min(max_segments, n // MIN_SEGMENT))
-  size = math.ceil(n / k)
-  return [min(n, size * (j + 1)) for j in range(math.ceil(n / size))]
-
-
 def decode(graphdef, params, state: Prefilled, rng, *, max_new_tokens: int, eos_id: int | None, pad_id: int,
            temperature=1.0, top_k: int = 0, top_p=1.0, mix_params=None, beta=0.0,
-           predraw_limit: int = 1 << 24, rows: int | None = None,
-           decode_segments: int = DECODE_SEGMENTS) -> Samples:
-  """The decode loops from a `prefill` state (arguments as in `sample`, which checks them).
+           predraw_limit: int = 1 << 24, rows: int | None = None) -> Samples:
+  """The `lax.while_loop` decode from a `prefill` state (arguments as in `sample`, which checks them).
 
   `rows` (default: the policy's rows Rp) is the number R of sampled rows: the policy covers rows [0, Rp), the
   second tree the last Rm; `rng` is one key or a tuple of keys, one per equal block of rows."""
@@ -244,7 +226,6 @@ def decode(graphdef, params, state: Prefilled, rng, *, max_new_tokens: int, eos_
   if r % len(keys):
     raise ValueError(f"rng: {len(keys)} keys do not split {r} rows into equal blocks")
   blk, v, n = r // len(keys), cfg.vocab_size, max_new_tokens
-  s_buf = state.cache_pol.mask.shape[1]
   tp = state.start
   inv_t = 1.0 / jnp.asarray(temperature, jnp.float32)
   model_fn = functools.partial(_model_fn, graphdef)
@@ -274,7 +255,7 @@ def decode(graphdef, params, state: Prefilled, rng, *, max_new_tokens: int, eos_
       logits_mix=state.logits_mix, cache_mix=state.cache_mix,
   )
 
-  def body(st, attend_len):
+  def body(st):
     i = st["i"]
     # Scaled logits z/T; log-softmaxes are only needed at the chosen token (z_tok/T − logsumexp), and the
     # argmax input skips the per-row normalising constants (argmax and top-k/top-p are shift-invariant).
@@ -310,21 +291,15 @@ def decode(graphdef, params, state: Prefilled, rng, *, max_new_tokens: int, eos_
     out["lp_samp"] = st["lp_samp"].at[:, i].set(jnp.where(live, lp_samp_tok, 0.0))
     out["done"] = st["done"] | (tok == eos_id) if eos_id is not None else st["done"]
     step_mask = live.astype(jnp.int32)[:, None]
-    logits, out["cache_pol"] = model_fn(params, tok[:rp, None], step_mask[:rp], st["cache_pol"], tp + i,
-                                        attend_len=attend_len)
+    logits, out["cache_pol"] = model_fn(params, tok[:rp, None], step_mask[:rp], st["cache_pol"], tp + i)
     out["logits_pol"] = logits[:, 0]
     if mixing:
-      logits, out["cache_mix"] = model_fn(mix_params, tok[lo:, None], step_mask[lo:], st["cache_mix"], tp + i,
-                                          attend_len=attend_len)
+      logits, out["cache_mix"] = model_fn(mix_params, tok[lo:, None], step_mask[lo:], st["cache_mix"], tp + i)
       out["logits_mix"] = logits[:, 0]
     out["i"] = i + 1
     return out
 
-  # Loop j writes slots tp + i for i < end_j; tp ≤ S − N, so its queries never attend past S − N + end_j.
-  for end in _segments(n, decode_segments):
-    attend_len = min(s_buf, s_buf - n + end)
-    st = jax.lax.while_loop(lambda st, end=end: (st["i"] < end) & ~jnp.all(st["done"]),
-                            functools.partial(body, attend_len=attend_len), st)
+  st = jax.lax.while_loop(lambda st: (st["i"] < n) & ~jnp.all(st["done"]), body, st)
   return Samples(st["tokens"], st["mask"], st["lp_pol"], st["lp_ref"], st["lp_samp"])
 
 

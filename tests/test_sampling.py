@@ -258,15 +258,14 @@ def test_pair_sampler_matches_the_exact_distributions_and_draws_y_and_y2_indepen
   assert p_indep > 1e-3
 
 
-def test_segmented_decode_attends_over_every_filled_slot():
-  """72 new tokens run as 2 decode loops (the first attends over 37 slots, the second over all 77): the sampled
-  log-probs still equal the full cache-free forward pass at every position, across the loop boundary."""
+def test_long_mixture_decode_matches_the_full_forward():
+  """72 new tokens through the per-layer KV buffers (updated in place each step): the sampled log-probs of both
+  trees equal the full cache-free forward pass at every position."""
   cfg = ModelConfig(vocab_size=11, d_model=16, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=24, max_len=80)
   g, pol = models.init(cfg, "lm", seed=3)
   _, ref = models.init(cfg, "lm", seed=4)
   prompts, pm = _prompts()
   n = 72
-  assert sampling._segments(n, sampling.DECODE_SEGMENTS) == [36, 72]
   out = SAMPLE(g, pol, prompts, pm, jax.random.key(5), max_new_tokens=n, eos_id=None, pad_id=0,
                mix_params=ref, beta=jnp.float32(0.5))
   full = jnp.concatenate([prompts, out.tokens], 1)
@@ -276,9 +275,3 @@ def test_segmented_decode_attends_over_every_filled_slot():
     lp = jax.nn.log_softmax(LM(g, p, full, fmask)[:, tp - 1:-1], -1)
     want = np.take_along_axis(np.asarray(lp), np.asarray(out.tokens)[..., None], -1)[..., 0]
     np.testing.assert_allclose(np.asarray(got), want, atol=2e-5)
-
-
-@pytest.mark.parametrize("n,segments", [(1, [1]), (31, [31]), (64, [32, 64]), (100, [34, 68, 100]),
-                                        (512, [64 * (j + 1) for j in range(8)]), (600, [75 * (j + 1) for j in range(8)])])
-def test_decode_segments_cover_the_steps(n, segments):
-  assert sampling._segments(n, 8) == segments

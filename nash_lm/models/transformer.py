@@ -16,17 +16,17 @@ Conventions
   * Attention is grouped: the fused projection is [embed, kv-heads, group + 2, head_dim], so slot g < group
     is a query head of that kv head and slots group, group + 1 are its key and value. No head repetition.
   * Scanned layers (`cfg.scan_layers`): blocks created with `nnx.vmap` (leading 'layers' axis) and run with
-    `lax.scan`; otherwise an `nnx.List` of blocks run in a Python loop. Both use the same per-layer function
-    and the same `KVCache` layout ([n_layers, B, n_kv_heads, S, head_dim]).
+    `lax.scan`; otherwise an `nnx.List` of blocks run in a Python loop. Both use the same per-layer function;
+    the `KVCache` holds per-layer [B, n_kv_heads, S, head_dim] buffers, stacked for the scan.
   * `cfg.remat` wraps each block in `jax.checkpoint`, only on the cache-free (training) path.
   * Cache-free causal attention over T > ATTN_BLOCK tokens runs by query blocks, each over the keys up to its
     last query only (the fully masked upper blocks are skipped; exact).
 
 KV cache: `KVCache(k, v, mask)`; `Transformer(tokens, mask, cache=c, index=i)` writes the new keys/values
 and the token mask at buffer slots [i, i + T) and attends over the whole buffer, so one call with the prompt
-is the prefill and calls with T = 1 are decode steps. `attend_len=a` (static) attends over slots [0, a) only:
-the caller's promise that no query sits past slot a − 1 (the sampler's decode loops use it so that the
-per-token cost follows the filled prefix, not the buffer size).
+is the prefill and calls with T = 1 are decode steps. Per-token cost depends on the buffer size, not on the
+position (reading only the filled prefix would need a slice of each layer's buffer, which XLA:CPU copies: measured
+slower than reading the whole buffer in place).
 """
 from __future__ import annotations
 
@@ -53,19 +53,24 @@ def _ones(shape, axes, dtype):
 
 
 class KVCache(NamedTuple):
-  """Keys/values of all layers, [n_layers, B, n_kv_heads, S, head_dim], and the slot mask [B, S] (int32).
+  """Keys and values, and the slot mask [B, S] (int32). Per layer [B, n_kv_heads, S, head_dim]: a tuple of
+  n_layers arrays (layers in a Python loop), or one array stacked along a leading layer axis (`scan_layers`).
 
-  Heads before slots, so each (batch, kv-head) block of the buffer is contiguous for the decode step's
-  attention matmuls (no per-step transpose of the cache)."""
-  k: jax.Array
-  v: jax.Array
+  One array per layer lets each decode step update its layer's buffer in place and hand it to the attention
+  as is: no per-step copy of a layer's slice out of a stacked buffer. Heads before slots, so each
+  (batch, kv-head) block of the buffer is contiguous for the attention matmuls."""
+  k: tuple[jax.Array, ...] | jax.Array
+  v: tuple[jax.Array, ...] | jax.Array
   mask: jax.Array
 
 
 def init_cache(cfg: ModelConfig, batch: int, length: int) -> KVCache:
   """An empty cache with `length` slots, in the compute dtype."""
-  shape = (cfg.n_layers, batch, cfg.n_kv_heads, length, cfg.head_dim)
-  z = jnp.zeros(shape, cfg.compute_dtype)
+  shape = (batch, cfg.n_kv_heads, length, cfg.head_dim)
+  if cfg.scan_layers:
+    z = jnp.zeros((cfg.n_layers,) + shape, cfg.compute_dtype)
+  else:
+    z = tuple(jnp.zeros(shape, cfg.compute_dtype) for _ in range(cfg.n_layers))
   return KVCache(z, z, jnp.zeros((batch, length), jnp.int32))
 
 
@@ -131,12 +136,12 @@ class Attention(nnx.Module):
       self.qkv_bias = nnx.Param(jnp.zeros((kv, g + 2, hd), cfg.weight_dtype), out_sharding=("heads", "qkv", "kv"),
                                 eager_sharding=False)
 
-  def __call__(self, x, positions, key_mask, cache_kv=None, index=None, layer=0):
-    """x [B,T,D]; key_mask [B,S'] (S' = T without cache). Returns (out [B,T,D], (k_all, v_all) or None).
+  def __call__(self, x, positions, key_mask, cache_kv=None, index=None):
+    """x [B,T,D]; key_mask [B,S] (S = T without cache). Returns (out [B,T,D], (k, v) or None).
 
-    With a cache, `cache_kv` holds all layers' keys/values [L, B, K, S, hd]: the new keys/values are written
-    in place at [layer, :, :, index] (a small dynamic-update-slice on the loop-carried buffer, so XLA never
-    copies the cache) and this layer's first S' ≤ S slots are read back for the attention.
+    With a cache, `cache_kv` is this layer's keys/values (k, v), each [B, K, S, hd]: the new keys/values are
+    written in place at [:, :, index] (a small dynamic-update-slice on the loop-carried buffer) and the whole
+    buffer is attended over.
     """
     cfg = self.cfg
     dt = cfg.compute_dtype
@@ -153,15 +158,12 @@ class Attention(nnx.Module):
     if cache_kv is None:
       keys, vals, start = k, v, 0
     else:
-      k_all, v_all = cache_kv
+      k_buf, v_buf = cache_kv
       zero = jnp.zeros((), jnp.int32)
-      at = (jnp.asarray(layer, jnp.int32), zero, zero, jnp.asarray(index, jnp.int32), zero)
-      k_all = jax.lax.dynamic_update_slice(k_all, k.astype(k_all.dtype)[None], at)
-      v_all = jax.lax.dynamic_update_slice(v_all, v.astype(v_all.dtype)[None], at)
-      s_att = key_mask.shape[1]  # attend over the first s_att slots only (the filled prefix)
-      keys = jax.lax.dynamic_index_in_dim(k_all, layer, 0, keepdims=False)[:, :, :s_att]
-      vals = jax.lax.dynamic_index_in_dim(v_all, layer, 0, keepdims=False)[:, :, :s_att]
-      start = index
+      at = (zero, zero, jnp.asarray(index, jnp.int32), zero)
+      k_buf = jax.lax.dynamic_update_slice(k_buf, k.astype(k_buf.dtype), at)
+      v_buf = jax.lax.dynamic_update_slice(v_buf, v.astype(v_buf.dtype), at)
+      keys, vals, start = k_buf, v_buf, index
     keys = constrain(keys, ("batch", "heads", "length", "kv"))
     vals = constrain(vals, ("batch", "heads", "length", "kv"))
     if cache_kv is None and t > ATTN_BLOCK:
@@ -174,7 +176,7 @@ class Attention(nnx.Module):
       o = _attend(q, keys, vals, key_mask, start, cfg)
     o = constrain(o, ("batch", "length", "heads", "qkv", "kv"))
     out = jnp.einsum("btkgh,kghd->btd", o, self.out[...].astype(dt))
-    return out, (None if cache_kv is None else (k_all, v_all))
+    return out, (None if cache_kv is None else (k_buf, v_buf))
 
 
 class MLP(nnx.Module):
@@ -207,8 +209,8 @@ class Block(nnx.Module):
     self.mlp_norm = RMSNorm(cfg)
     self.mlp = MLP(cfg, k2)
 
-  def __call__(self, x, positions, key_mask, cache_kv=None, index=None, layer=0):
-    h, new_kv = self.attn(self.attn_norm(x), positions, key_mask, cache_kv, index, layer)
+  def __call__(self, x, positions, key_mask, cache_kv=None, index=None):
+    h, new_kv = self.attn(self.attn_norm(x), positions, key_mask, cache_kv, index)
     x = constrain(x + h, ("batch", "length", "act_embed"))
     x = constrain(x + self.mlp(self.mlp_norm(x)), ("batch", "length", "act_embed"))
     return x, new_kv
@@ -238,41 +240,40 @@ class Transformer(nnx.Module):
   def _run_blocks(self, x, positions, key_mask, cache, index):
     cfg = self.cfg
 
-    def layer(block_state, block_def, x, kv, layer_idx):
+    def layer(block_state, block_def, x, kv):  # kv: this layer's (k, v) or None
       block = nnx.merge(block_def, block_state)
       if kv is None:
         y, _ = block(x, positions, key_mask)
         return y, None
-      return block(x, positions, key_mask, kv, index, layer_idx)
+      return block(x, positions, key_mask, kv, index)
 
     use_remat = cfg.remat and cache is None
-    kv = None if cache is None else (cache.k, cache.v)
-    if cfg.scan_layers:
+    if cfg.scan_layers:  # the stacked caches are scanned over with the blocks and come back stacked
       block_def, stacked = nnx.split(self.blocks)
 
-      def body(carry, xs):
-        x, kv = carry
-        block_state, layer_idx = xs
-        return layer(block_state, block_def, x, kv, layer_idx), None
+      def body(x, xs):
+        block_state, kv = xs
+        return layer(block_state, block_def, x, kv)
 
       if use_remat:
         body = jax.checkpoint(body, prevent_cse=False)
-      (x, kv), _ = jax.lax.scan(body, (x, kv), (stacked, jnp.arange(cfg.n_layers)))
-    else:
-      for i, blk in enumerate(self.blocks):
-        block_def, block_state = nnx.split(blk)
-        fn = lambda st, x, kv, i=i, block_def=block_def: layer(st, block_def, x, kv, i)
-        if use_remat:
-          fn = jax.checkpoint(fn, prevent_cse=False)
-        x, kv = fn(block_state, x, kv)
-    return x, kv
+      x, kv = jax.lax.scan(body, x, (stacked, None if cache is None else (cache.k, cache.v)))
+      return x, kv
+    new = []
+    for i, blk in enumerate(self.blocks):
+      block_def, block_state = nnx.split(blk)
+      fn = lambda st, x, kv, block_def=block_def: layer(st, block_def, x, kv)
+      if use_remat:
+        fn = jax.checkpoint(fn, prevent_cse=False)
+      x, kv = fn(block_state, x, None if cache is None else (cache.k[i], cache.v[i]))
+      new.append(kv)
+    return x, (None if cache is None else (tuple(k for k, _ in new), tuple(v for _, v in new)))
 
-  def __call__(self, tokens, mask, cache: KVCache | None = None, index=None, last_only: bool = False,
-               attend_len: int | None = None):
+  def __call__(self, tokens, mask, cache: KVCache | None = None, index=None, last_only: bool = False):
     """tokens, mask [B, T] -> (logits [B,T,V] f32 or hidden [B,T,D] f32, updated cache or None).
 
-    With `cache`, the T tokens go to buffer slots [index, index + T) and attend over slots [0, attend_len)
-    (default: the whole buffer); `last_only` keeps only the last position (the sampler's prefill).
+    With `cache`, the T tokens go to buffer slots [index, index + T) and attend over the whole buffer;
+    `last_only` keeps only the last position (the sampler's prefill).
     """
     cfg = self.cfg
     mask = mask.astype(jnp.int32)
@@ -288,8 +289,7 @@ class Transformer(nnx.Module):
     table = constrain(self.embed[...], (None, None))
     x = jnp.take(table, tokens, axis=0).astype(cfg.compute_dtype)
     x = constrain(x, ("batch", "length", "act_embed"))
-    attn_mask = key_mask if cache is None or attend_len is None else key_mask[:, :attend_len]
-    x, kv = self._run_blocks(x, positions, attn_mask, cache, index)
+    x, kv = self._run_blocks(x, positions, key_mask, cache, index)
     if last_only:
       x = x[:, -1:]
     x = self.final_norm(x)
