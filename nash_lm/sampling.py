@@ -64,6 +64,10 @@ class Samples(NamedTuple):
   logp_ref: jax.Array     # [B, N] float32, log μ_T(token) (the policy's when no mix_params)
   logp_sample: jax.Array  # [B, N] float32, log of the sampling distribution at the token
 
+  def split(self, b: int) -> tuple["Samples", "Samples"]:
+    """(rows [0, b), rows [b, ...)): the two halves of a sample drawn for the prompts twice."""
+    return Samples(*(x[:b] for x in self)), Samples(*(x[b:] for x in self))
+
 
 def _is_static(x, value) -> bool:
   return isinstance(x, (int, float)) and float(x) == value
@@ -149,10 +153,11 @@ def _tile_rows(logits, cache: KVCache, copies: int):
 
 
 def prefill(graphdef, params, prompts, prompt_mask, *, max_new_tokens: int, mix_params=None,
-            cache_len: int | None = None) -> Prefilled:
-  """Runs the left-padded prompts through the policy (and the second tree) into fresh KV caches."""
+            cache_len: int | None = None, policy_copies: int = 1) -> Prefilled:
+  """Runs the left-padded prompts through the policy (and the second tree) into fresh KV caches; the policy's
+  rows are then repeated `policy_copies` times (the pair sampler's y and y' rows share one prefill)."""
   s = cache_len or prompts.shape[1] + max_new_tokens
-  logits_pol, cache_pol = _prefill_tree(graphdef, params, prompts, prompt_mask, s)
+  logits_pol, cache_pol = _tile_rows(*_prefill_tree(graphdef, params, prompts, prompt_mask, s), policy_copies)
   logits_mix, cache_mix = (_prefill_tree(graphdef, mix_params, prompts, prompt_mask, s)
                            if mix_params is not None else (None, None))
   return Prefilled(logits_pol, cache_pol, logits_mix, cache_mix, jnp.asarray(prompts.shape[1], jnp.int32))
@@ -190,19 +195,15 @@ def sample_pair(graphdef, params, prompts, prompt_mask, rng, *, max_new_tokens: 
   if len(rng) != 2:
     raise ValueError(f"rng: expected one key or a pair (key_y, key_y2), got {len(rng)} keys")
   b = prompts.shape[0]
-  s = cache_len or prompts.shape[1] + max_new_tokens
   if mix_params is not None and _is_static(beta, 0.0):
     mix_params = None  # y2 ~ π alone
   policy_on_y2 = not (mix_params is not None and _is_static(beta, 1.0))
-  logits_pol, cache_pol = _tile_rows(*_prefill_tree(graphdef, params, prompts, prompt_mask, s),
-                                     2 if policy_on_y2 else 1)
-  logits_mix, cache_mix = (_prefill_tree(graphdef, mix_params, prompts, prompt_mask, s)
-                           if mix_params is not None else (None, None))
-  state = Prefilled(logits_pol, cache_pol, logits_mix, cache_mix, jnp.asarray(prompts.shape[1], jnp.int32))
+  state = prefill(graphdef, params, prompts, prompt_mask, max_new_tokens=max_new_tokens, mix_params=mix_params,
+                  cache_len=cache_len, policy_copies=2 if policy_on_y2 else 1)
   out = decode(graphdef, params, state, tuple(rng), max_new_tokens=max_new_tokens, eos_id=eos_id, pad_id=pad_id,
                temperature=temperature, top_k=top_k, top_p=top_p, mix_params=mix_params, beta=beta,
                predraw_limit=predraw_limit, rows=2 * b)
-  return Samples(*(x[:b] for x in out)), Samples(*(x[b:] for x in out))
+  return out.split(b)
 
 
 def decode(graphdef, params, state: Prefilled, rng, *, max_new_tokens: int, eos_id: int | None, pad_id: int,

@@ -191,7 +191,7 @@ def _sample_pair(graphdef, params, batch, keys, hp: PolicyHParams, mix_params=No
             params, mix_params = (params if beta_y == 0.0 else mix_params), None
         out = sampling.sample(graphdef, params, jnp.concatenate([prompt, prompt]), jnp.concatenate([pmask, pmask]),
                               keys, mix_params=mix_params, beta=beta_y, **kw)
-        y, y2 = (sampling.Samples(*(x[:b] for x in out)), sampling.Samples(*(x[b:] for x in out)))
+        y, y2 = out.split(b)
     return {"y": y.tokens, "y_mask": y.mask.astype(jnp.float32),
             "y2": y2.tokens, "y2_mask": y2.mask.astype(jnp.float32)}
 
