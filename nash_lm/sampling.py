@@ -92,6 +92,14 @@ def filter_logits(logits: jax.Array, top_k: int = 0, top_p=1.0) -> jax.Array:
   return logits
 
 
+def _argmax(x: jax.Array) -> jax.Array:
+  """`jnp.argmax(x, -1)` (the first index of the maximum) as two plain reductions, a max and a min over the
+  indices attaining it: XLA:CPU emits the fused (value, index) reduction of argmax as a scalar loop."""
+  v = x.shape[-1]
+  first = jnp.min(jnp.where(x == jnp.max(x, axis=-1, keepdims=True), jnp.arange(v, dtype=jnp.int32), v), axis=-1)
+  return jnp.minimum(first, v - 1)  # a valid id even for NaN logits (the step's finiteness check reports those)
+
+
 def _check_args(cfg, prompts, prompt_mask, max_new_tokens, eos_id, pad_id, temperature, top_k, top_p, beta,
                 cache_len):
   if prompts.ndim != 2:
@@ -131,8 +139,8 @@ class Prefilled(NamedTuple):
   start: jax.Array  # scalar int32: first cache slot of the completion (the prompt length)
 
 
-def _model_fn(graphdef, p, tokens, mask, cache, index, last_only=False):
-  return nnx.merge(graphdef, p)(tokens, mask, cache=cache, index=index, last_only=last_only)
+def _model_fn(graphdef, p, tokens, mask, cache, index, outputs=slice(None)):
+  return nnx.merge(graphdef, p)(tokens, mask, cache=cache, index=index, outputs=outputs)
 
 
 def _prefill_tree(graphdef, p, prompts, prompt_mask, cache_len):
@@ -140,7 +148,7 @@ def _prefill_tree(graphdef, p, prompts, prompt_mask, cache_len):
   b, tp = prompts.shape
   cache = init_cache(cfg, b, cache_len)
   logits, cache = _model_fn(graphdef, p, prompts.astype(jnp.int32), prompt_mask.astype(jnp.int32), cache, 0,
-                            True)
+                            slice(-1, None))
   return logits[:, 0], cache
 
 
@@ -269,7 +277,7 @@ def decode(graphdef, params, state: Prefilled, rng, *, max_new_tokens: int, eos_
       unnorm = z_pol
     unnorm = filter_logits(unnorm, top_k, top_p)
     unnorm = constrain(unnorm, ("batch", "vocab"))
-    tok = jnp.argmax(unnorm + step_noise(i), axis=-1).astype(jnp.int32)
+    tok = _argmax(unnorm + step_noise(i))
     pick = lambda z, t: jnp.take_along_axis(z, t[:, None], axis=-1)[:, 0]
     lse = lambda z: jax.nn.logsumexp(z, axis=-1)
     lp_a = pick(z_pol, tok[:rp]) - lse(z_pol)  # [Rp]

@@ -9,13 +9,13 @@ Contract (used by `nash_lm.sampling` and `nash_lm.train`):
   ModelConfig                                 frozen dataclass; `.validate()`; `ModelConfig.from_config(cd)`
   init(cfg, kind, seed, shardings=None) -> (graphdef, params)  kind in {'lm', 'preference', 'reward'}
   abstract_init(cfg, kind) -> (graphdef, abstract params)   shapes only (for shardings before allocating)
-  lm_logits(graphdef, params, tokens, mask) -> [B, T, V] float32
+  lm_logits(graphdef, params, tokens, mask, outputs=slice(None)) -> [B, T, V] float32 (T' positions with outputs)
       positions from the mask (left padding works), causal attention ignoring padded keys.
   preference_prob(graphdef, params, prompt, prompt_mask, y, y_mask, y2, y2_mask) -> [B]
       P(y ≻ y2 | prompt); both orders in one forward pass; exactly antisymmetric.
   reward(graphdef, params, tokens, mask) -> [B] scalar Bradley–Terry reward.
   init_cache(cfg, batch, length) -> KVCache;  forward_cached(graphdef, params, tokens, mask, cache, index,
-      last_only=False) -> (logits float32, cache): prefill (T = prompt length, index 0) and decode (T = 1).
+      outputs=slice(None)) -> (logits float32, cache): prefill (T = prompt length, index 0) and decode (T = 1).
   config_of(graphdef, params) -> ModelConfig.
 Tokens are int32 [B, T]; masks are 0/1 (any integer or bool dtype) [B, T].
 """
@@ -101,19 +101,19 @@ def _check_tokens(tokens, mask, what="tokens"):
                      f"{mask.shape}")
 
 
-def lm_logits(graphdef, params, tokens, mask):
-  """Next-token logits [B, T, V] float32 of an 'lm' model."""
+def lm_logits(graphdef, params, tokens, mask, outputs: slice = slice(None)):
+  """Next-token logits [B, T, V] float32 of an 'lm' model (at the positions `outputs` selects, default all)."""
   model = nnx.merge(graphdef, params)
   _check_tokens(tokens, mask)
   check_length(model.cfg, tokens.shape[1])
-  logits, _ = model(tokens, mask)
+  logits, _ = model(tokens, mask, outputs=outputs)
   return logits
 
 
-def forward_cached(graphdef, params, tokens, mask, cache: KVCache, index, last_only: bool = False):
-  """Runs T tokens into cache slots [index, index + T); returns (logits f32, new cache)."""
+def forward_cached(graphdef, params, tokens, mask, cache: KVCache, index, outputs: slice = slice(None)):
+  """Runs T tokens into cache slots [index, index + T); returns (logits f32 at `outputs`, new cache)."""
   model = nnx.merge(graphdef, params)
-  return model(tokens, mask, cache=cache, index=index, last_only=last_only)
+  return model(tokens, mask, cache=cache, index=index, outputs=outputs)
 
 
 def preference_prob(graphdef, params, prompt, prompt_mask, y, y_mask, y2, y2_mask):

@@ -81,13 +81,18 @@ def positions_from_mask(mask: jax.Array, offset: jax.Array | int = 0) -> jax.Arr
   return jnp.maximum(pos, 0)
 
 
-def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
-  """Rotary embedding (rotate-half form) on the last axis of x [B, T, ..., hd] at positions [B, T]."""
-  hd = x.shape[-1]
-  freq = theta ** (-jnp.arange(0, hd // 2, dtype=jnp.float32) * 2.0 / hd)
-  ang = positions.astype(jnp.float32)[..., None] * freq  # [B, T, hd/2]
-  ang = ang.reshape(ang.shape[:2] + (1,) * (x.ndim - 3) + ang.shape[-1:])
-  sin, cos = jnp.sin(ang), jnp.cos(ang)
+def rope_angles(positions: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
+  """(cos, sin) [B, T, hd/2] float32 of the rotary angles at positions [B, T]; computed once per forward pass
+  and shared by every layer's queries and keys (recomputing them inside each fused rotation re-evaluated the
+  sine and cosine once per head)."""
+  freq = theta ** (-jnp.arange(0, head_dim // 2, dtype=jnp.float32) * 2.0 / head_dim)
+  ang = positions.astype(jnp.float32)[..., None] * freq
+  return jnp.cos(ang), jnp.sin(ang)
+
+
+def rope(x: jax.Array, rot: tuple[jax.Array, jax.Array]) -> jax.Array:
+  """Rotary embedding (rotate-half form) on the last axis of x [B, T, ..., hd] with rot = `rope_angles(...)`."""
+  cos, sin = (a.reshape(a.shape[:2] + (1,) * (x.ndim - 3) + a.shape[-1:]) for a in rot)
   x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
   out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
   return out.astype(x.dtype)
@@ -136,8 +141,8 @@ class Attention(nnx.Module):
       self.qkv_bias = nnx.Param(jnp.zeros((kv, g + 2, hd), cfg.weight_dtype), out_sharding=("heads", "qkv", "kv"),
                                 eager_sharding=False)
 
-  def __call__(self, x, positions, key_mask, cache_kv=None, index=None):
-    """x [B,T,D]; key_mask [B,S] (S = T without cache). Returns (out [B,T,D], (k, v) or None).
+  def __call__(self, x, rot, key_mask, cache_kv=None, index=None):
+    """x [B,T,D]; rot = `rope_angles` of the T positions; key_mask [B,S] (S = T without cache). Returns (out [B,T,D], (k, v) or None).
 
     With a cache, `cache_kv` is this layer's keys/values (k, v), each [B, K, S, hd]: the new keys/values are
     written in place at [:, :, index] (a small dynamic-update-slice on the loop-carried buffer) and the whole
@@ -150,8 +155,8 @@ class Attention(nnx.Module):
     if cfg.qkv_bias:
       qkv = qkv + self.qkv_bias[...].astype(dt)
     qkv = constrain(qkv, ("batch", "length", "heads", "qkv", "kv"))
-    q = rope(qkv[:, :, :, :g], positions, cfg.rope_theta)
-    k = rope(qkv[:, :, :, g], positions, cfg.rope_theta)
+    q = rope(qkv[:, :, :, :g], rot)
+    k = rope(qkv[:, :, :, g], rot)
     v = qkv[:, :, :, g + 1]
     k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, K, T, hd]
     t = x.shape[1]
@@ -209,8 +214,8 @@ class Block(nnx.Module):
     self.mlp_norm = RMSNorm(cfg)
     self.mlp = MLP(cfg, k2)
 
-  def __call__(self, x, positions, key_mask, cache_kv=None, index=None):
-    h, new_kv = self.attn(self.attn_norm(x), positions, key_mask, cache_kv, index)
+  def __call__(self, x, rot, key_mask, cache_kv=None, index=None):
+    h, new_kv = self.attn(self.attn_norm(x), rot, key_mask, cache_kv, index)
     x = constrain(x + h, ("batch", "length", "act_embed"))
     x = constrain(x + self.mlp(self.mlp_norm(x)), ("batch", "length", "act_embed"))
     return x, new_kv
@@ -237,15 +242,15 @@ class Transformer(nnx.Module):
       self.head = _param(k_head, (cfg.d_model, cfg.vocab_size), cfg.d_model ** -0.5, ("embed", "vocab"),
                          cfg.weight_dtype)
 
-  def _run_blocks(self, x, positions, key_mask, cache, index):
+  def _run_blocks(self, x, rot, key_mask, cache, index):
     cfg = self.cfg
 
     def layer(block_state, block_def, x, kv):  # kv: this layer's (k, v) or None
       block = nnx.merge(block_def, block_state)
       if kv is None:
-        y, _ = block(x, positions, key_mask)
+        y, _ = block(x, rot, key_mask)
         return y, None
-      return block(x, positions, key_mask, kv, index)
+      return block(x, rot, key_mask, kv, index)
 
     use_remat = cfg.remat and cache is None
     if cfg.scan_layers:  # the stacked caches are scanned over with the blocks and come back stacked
@@ -269,11 +274,13 @@ class Transformer(nnx.Module):
       new.append(kv)
     return x, (None if cache is None else (tuple(k for k, _ in new), tuple(v for _, v in new)))
 
-  def __call__(self, tokens, mask, cache: KVCache | None = None, index=None, last_only: bool = False):
-    """tokens, mask [B, T] -> (logits [B,T,V] f32 or hidden [B,T,D] f32, updated cache or None).
+  def __call__(self, tokens, mask, cache: KVCache | None = None, index=None, outputs: slice = slice(None)):
+    """tokens, mask [B, T] -> (logits [B,T',V] f32 or hidden [B,T',D] f32, updated cache or None).
 
-    With `cache`, the T tokens go to buffer slots [index, index + T) and attend over the whole buffer;
-    `last_only` keeps only the last position (the sampler's prefill).
+    With `cache`, the T tokens go to buffer slots [index, index + T) and attend over the whole buffer.
+    `outputs` (a static slice of the T positions; default all) selects the positions that get the final norm
+    and the LM head: `slice(-1, None)` for the sampler's prefill, the response positions for teacher-forced
+    log-probs (the head's FLOPs and the [B, T, V] logits are not spent on the prompt).
     """
     cfg = self.cfg
     mask = mask.astype(jnp.int32)
@@ -289,9 +296,9 @@ class Transformer(nnx.Module):
     table = constrain(self.embed[...], (None, None))
     x = jnp.take(table, tokens, axis=0).astype(cfg.compute_dtype)
     x = constrain(x, ("batch", "length", "act_embed"))
-    x, kv = self._run_blocks(x, positions, key_mask, cache, index)
-    if last_only:
-      x = x[:, -1:]
+    rot = rope_angles(positions, cfg.head_dim, cfg.rope_theta)
+    x, kv = self._run_blocks(x, rot, key_mask, cache, index)
+    x = x[:, outputs]
     x = self.final_norm(x)
     new_cache = None if cache is None else KVCache(kv[0], kv[1], key_mask)
     if not self.lm_head:

@@ -61,7 +61,7 @@ def response_logprobs(graphdef, params, prompt, prompt_mask, response, response_
     p_len, n = prompt.shape[1], response.shape[1]
     tokens = jnp.concatenate([prompt, response], axis=1)
     mask = jnp.concatenate([prompt_mask, response_mask], axis=1)
-    logits = models.lm_logits(graphdef, params, tokens, mask)[:, p_len - 1:p_len + n - 1].astype(jnp.float32)
+    logits = models.lm_logits(graphdef, params, tokens, mask, slice(p_len - 1, p_len + n - 1))
     logp_all = jax.nn.log_softmax(logits / temperature, axis=-1)
     logp = jnp.take_along_axis(logp_all, response[..., None], axis=-1)[..., 0]
     return logp * response_mask, jnp.argmax(logits, axis=-1) == response
