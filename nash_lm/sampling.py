@@ -45,6 +45,7 @@ i.e. before compiling.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import NamedTuple
 
@@ -56,6 +57,9 @@ from nash_lm.models import KVCache, init_cache
 from nash_lm.parallel import constrain
 
 __all__ = ["Samples", "Prefilled", "sample", "sample_pair", "prefill", "decode", "filter_logits", "sample_jit"]
+
+GROW = 128  # the decode's KV buffers start with room for GROW new tokens and grow by GROW slots
+
 
 class Samples(NamedTuple):
   tokens: jax.Array       # [B, N] int32
@@ -129,14 +133,18 @@ def _check_args(cfg, prompts, prompt_mask, max_new_tokens, eos_id, pad_id, tempe
     raise ValueError(f"beta={beta}: must lie in [0, 1]")
 
 
-class Prefilled(NamedTuple):
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["logits_pol", "cache_pol", "logits_mix", "cache_mix"],
+                   meta_fields=["prompt_len"])
+@dataclasses.dataclass(frozen=True)
+class Prefilled:
   """The decode loop's starting point: last-position logits and KV cache of each tree ([Rp, V] for the policy,
-  [Rm, V] for the second tree; see the row layout in the module docstring)."""
+  [Rm, V] for the second tree; see the row layout in the module docstring), and the prompt length (static: the
+  first cache slot of the completion; it survives a jit boundary as pytree metadata)."""
   logits_pol: jax.Array
   cache_pol: KVCache
   logits_mix: jax.Array | None
   cache_mix: KVCache | None
-  start: jax.Array  # scalar int32: first cache slot of the completion (the prompt length)
+  prompt_len: int
 
 
 def _model_fn(graphdef, p, tokens, mask, cache, index, outputs=slice(None)):
@@ -163,12 +171,15 @@ def _tile_rows(logits, cache: KVCache, copies: int):
 def prefill(graphdef, params, prompts, prompt_mask, *, max_new_tokens: int, mix_params=None,
             cache_len: int | None = None, policy_copies: int = 1) -> Prefilled:
   """Runs the left-padded prompts through the policy (and the second tree) into fresh KV caches; the policy's
-  rows are then repeated `policy_copies` times (the pair sampler's y and y' rows share one prefill)."""
-  s = cache_len or prompts.shape[1] + max_new_tokens
+  rows are then repeated `policy_copies` times (the pair sampler's y and y' rows share one prefill).
+
+  The caches get `cache_len` slots when it is given, otherwise room for the first GROW new tokens (`decode`
+  grows them as it goes)."""
+  s = cache_len or prompts.shape[1] + min(max_new_tokens, GROW)
   logits_pol, cache_pol = _tile_rows(*_prefill_tree(graphdef, params, prompts, prompt_mask, s), policy_copies)
   logits_mix, cache_mix = (_prefill_tree(graphdef, mix_params, prompts, prompt_mask, s)
                            if mix_params is not None else (None, None))
-  return Prefilled(logits_pol, cache_pol, logits_mix, cache_mix, jnp.asarray(prompts.shape[1], jnp.int32))
+  return Prefilled(logits_pol, cache_pol, logits_mix, cache_mix, prompts.shape[1])
 
 
 def sample(graphdef, params, prompts, prompt_mask, rng, *, max_new_tokens: int, eos_id: int | None,
@@ -235,7 +246,7 @@ def decode(graphdef, params, state: Prefilled, rng, *, max_new_tokens: int, eos_
   if r % len(keys):
     raise ValueError(f"rng: {len(keys)} keys do not split {r} rows into equal blocks")
   blk, v, n = r // len(keys), cfg.vocab_size, max_new_tokens
-  tp = state.start
+  tp = state.prompt_len
   inv_t = 1.0 / jnp.asarray(temperature, jnp.float32)
   model_fn = functools.partial(_model_fn, graphdef)
   filtering = bool(top_k) or not _is_static(top_p, 1.0)
@@ -308,8 +319,26 @@ def decode(graphdef, params, state: Prefilled, rng, *, max_new_tokens: int, eos_
     out["i"] = i + 1
     return out
 
-  st = jax.lax.while_loop(lambda st: (st["i"] < n) & ~jnp.all(st["done"]), body, st)
+  # One while loop per buffer size: iterations [0, end) fit in the slots the prefill allocated; each later loop
+  # first grows both caches by GROW slots (one copy of the caches per loop).
+  size, end = state.cache_pol.mask.shape[1], 0
+  while True:
+    end = min(n, size - tp)
+    st = jax.lax.while_loop(lambda st, end=end: (st["i"] < end) & ~jnp.all(st["done"]), body, st)
+    if end == n:
+      break
+    size = min(tp + n, size + GROW)
+    st = {**st, "cache_pol": _grow(st["cache_pol"], size),
+          "cache_mix": _grow(st["cache_mix"], size) if mixing else None}
   return Samples(st["tokens"], st["mask"], st["lp_pol"], st["lp_ref"], st["lp_samp"])
+
+
+def _grow(cache: KVCache, size: int) -> KVCache:
+  """The cache with empty slots appended up to `size` (keys/values [..., S, hd], mask [B, S])."""
+  pad = lambda x, axis: jnp.pad(x, [(0, size - x.shape[axis]) if a == axis % x.ndim else (0, 0)
+                                    for a in range(x.ndim)])
+  return KVCache(jax.tree.map(lambda x: pad(x, -2), cache.k), jax.tree.map(lambda x: pad(x, -2), cache.v),
+                 pad(cache.mask, 1))
 
 
 def sample_jit(**static):

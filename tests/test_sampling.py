@@ -258,16 +258,26 @@ def test_pair_sampler_matches_the_exact_distributions_and_draws_y_and_y2_indepen
   assert p_indep > 1e-3
 
 
-def test_long_mixture_decode_matches_the_full_forward():
+@pytest.mark.parametrize("grow", [None, 16])
+def test_long_mixture_decode_matches_the_full_forward(monkeypatch, grow):
   """72 new tokens through the per-layer KV buffers (updated in place each step): the sampled log-probs of both
-  trees equal the full cache-free forward pass at every position."""
+  trees equal the full cache-free forward pass at every position. With GROW = 16 the decode runs five loops,
+  the buffers growing 21 -> 37 -> 53 -> 69 -> 77 slots between them."""
   cfg = ModelConfig(vocab_size=11, d_model=16, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=24, max_len=80)
   g, pol = models.init(cfg, "lm", seed=3)
   _, ref = models.init(cfg, "lm", seed=4)
   prompts, pm = _prompts()
   n = 72
-  out = SAMPLE(g, pol, prompts, pm, jax.random.key(5), max_new_tokens=n, eos_id=None, pad_id=0,
-               mix_params=ref, beta=jnp.float32(0.5))
+  make = lambda: jax.jit(lambda pol, ref, x, m, beta: sampling.sample(
+      g, pol, x, m, jax.random.key(5), max_new_tokens=n, eos_id=None, pad_id=0, mix_params=ref, beta=beta))
+  loops = lambda fn: fn.lower(pol, ref, prompts, pm, jnp.float32(0.5)).as_text().count("stablehlo.while")
+  fn = make()
+  one_loop = loops(fn)
+  if grow:  # a fresh trace with the patched constant
+    monkeypatch.setattr(sampling, "GROW", grow)
+    fn = make()
+    assert loops(fn) == one_loop + 4
+  out = fn(pol, ref, prompts, pm, jnp.float32(0.5))
   full = jnp.concatenate([prompts, out.tokens], 1)
   fmask = jnp.concatenate([pm, out.mask], 1)
   tp = prompts.shape[1]
@@ -275,3 +285,12 @@ def test_long_mixture_decode_matches_the_full_forward():
     lp = jax.nn.log_softmax(LM(g, p, full, fmask)[:, tp - 1:-1], -1)
     want = np.take_along_axis(np.asarray(lp), np.asarray(out.tokens)[..., None], -1)[..., 0]
     np.testing.assert_allclose(np.asarray(got), want, atol=2e-5)
+
+
+def test_argmax_is_the_first_maximum_like_numpy():
+  """The sampler's two-reduction argmax against numpy's, on values with many ties and -inf entries."""
+  rs = np.random.RandomState(0)
+  x = rs.randint(0, 5, (300, 37)).astype(np.float32)
+  x[rs.rand(*x.shape) < 0.2] = -np.inf
+  x[7] = -np.inf  # a row with no finite entry: index 0, as numpy
+  np.testing.assert_array_equal(np.asarray(jax.jit(sampling._argmax)(jnp.asarray(x))), np.argmax(x, -1))
