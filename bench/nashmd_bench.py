@@ -241,18 +241,19 @@ def phase_flops(w: Workload) -> dict:
                  head_dim=m.head_dim, d_ff=m.d_ff, vocab_size=m.vocab_size)
     bsz, p, n = w.batch, w.prompt_len, w.new_tokens
 
-    def full(t, head=True):
-        return metrics_lib.lm_forward_flops(**shape, tokens=bsz * t, context=(t + 1) / 2, lm_head=head)
+    def full(t, head=None):  # one causal pass over t tokens per sequence, the LM head at `head` of them
+        return metrics_lib.lm_forward_flops(**shape, tokens=bsz * t, context=(t + 1) / 2,
+                                            head_tokens=bsz * (t if head is None else head))
 
     decode = metrics_lib.lm_forward_flops(**shape, tokens=bsz * n, context=p + n / 2)
-    judge = {"preference": 2 * full(p + 2 * n, head=False), "reward": 2 * full(p + n, head=False)}[w.judge]
+    judge = {"preference": 2 * full(p + 2 * n, head=0), "reward": 2 * full(p + n, head=0)}[w.judge]
     beta = w.mixture_coef
     mixed = 2 if 0.0 < beta < 1.0 else 1
-    out = {"sample_policy": full(p) + decode, "sample_mixture": mixed * (full(p) + decode),
+    out = {"sample_policy": full(p, 1) + decode, "sample_mixture": mixed * (full(p, 1) + decode),
            # one loop: the policy's prefill shared by y and y', the policy on y and y' rows, mu on the y' rows
-           "sample_pair": (1 + (beta > 0.0)) * full(p) + (1 + mixed) * decode,
-           "judge": judge, "update": 4 * full(p + n),
-           "update_policy_fwd_bwd": 3 * full(p + n), "update_ref_fwd": full(p + n)}
+           "sample_pair": (1 + (beta > 0.0)) * full(p, 1) + (1 + mixed) * decode,
+           "judge": judge, "update": 4 * full(p + n, n),
+           "update_policy_fwd_bwd": 3 * full(p + n, n), "update_ref_fwd": full(p + n, n)}
     out["sampling"] = out["sample_pair"]
     out["step"] = out["sampling"] + judge + out["update"]
     # Cross-check against the training loop's own count (the number reported as MFU during training).

@@ -123,7 +123,8 @@ def _attend(q, keys, vals, key_mask, start, cfg):
   allowed = (jnp.arange(s)[None, :] <= q_slot)[None] & (key_mask[:, None, :] > 0)  # [B, T, S]
   scores = jnp.where(allowed[:, None, None], scores, NEG_INF)
   probs = jax.nn.softmax(scores, axis=-1).astype(cfg.compute_dtype)
-  return jnp.einsum("bkgts,bksh->btkgh", probs, vals.astype(cfg.compute_dtype))
+  out = jnp.einsum("bkgts,bksh->bkgth", probs, vals.astype(cfg.compute_dtype))
+  return out.transpose(0, 3, 1, 2, 4)  # [B, T, K, g, hd]
 
 
 class Attention(nnx.Module):

@@ -334,29 +334,30 @@ class Stage:
         b, p = self.st.batch_size, self.data_cfg.prompt_len
         n = int(self.st.get("max_new_tokens", self.data_cfg.response_len))
 
-        def full(t, head=True):  # one causal pass over t tokens per sequence
-            return metrics_lib.lm_forward_flops(**shape, tokens=b * t, context=(t + 1) / 2, lm_head=head)
+        def full(t, head=None):  # one causal pass over t tokens per sequence, the LM head at `head` of them
+            return metrics_lib.lm_forward_flops(**shape, tokens=b * t, context=(t + 1) / 2,
+                                                head_tokens=b * (t if head is None else head))
 
-        if self.algorithm == "sft":
-            return 3 * full(p + n)
+        if self.algorithm == "sft":  # teacher-forced logits at the response (and, with the prompt loss, the prompt)
+            return 3 * full(p + n, None if float(self.st.get("prompt_loss_weight", 0.0)) else n)
         if self.algorithm == "reward":
-            return 3 * 2 * full(p + n, head=False)
+            return 3 * 2 * full(p + n, head=0)
         if self.algorithm == "preference":  # both orders of (x, y, y') in one pass
-            return 3 * 2 * full(p + 2 * n, head=False)
+            return 3 * 2 * full(p + 2 * n, head=0)
         # Sampling (`step.rollout`, one decode loop for y and y'): prompt prefills and per-row decode passes,
         # counted in sequences of the batch; the policy's prefill is shared by its y and y' rows.
         beta = float(self.st.get("beta", 0.0))
         mixed = 2 if 0.0 < beta < 1.0 else 1  # models run per mixture decode step
         prefills, decodes = {"nash_md_pg": (1 + (beta > 0.0), 1 + mixed), "nash_ema_pg": (2, 2), "rlhf": (1, 1),
                              "online_ipo": (1, 2), "ipo_md": (2 * mixed, 2 * mixed)}[self.algorithm]
-        sampling = prefills * full(p) + decodes * metrics_lib.lm_forward_flops(**shape, tokens=b * n,
+        sampling = prefills * full(p, 1) + decodes * metrics_lib.lm_forward_flops(**shape, tokens=b * n,
                                                                               context=p + n / 2)
-        judge = {"preference": 2 * full(p + 2 * n, head=False), "reward": 2 * full(p + n, head=False)}.get(
+        judge = {"preference": 2 * full(p + 2 * n, head=0), "reward": 2 * full(p + n, head=0)}.get(
             self.judge.kind, 0.0)
         if self.algorithm == "rlhf":
-            judge = full(p + n, head=False)
+            judge = full(p + n, head=0)
         scored = 2 if self.algorithm in ("online_ipo", "ipo_md") else 1  # sequences through ref fwd + policy fwd/bwd
-        return sampling + judge + scored * 4 * full(p + n)
+        return sampling + judge + scored * 4 * full(p + n, n)
 
     # -- the loop -------------------------------------------------------------------------------------------------
     def run(self, stop_flag) -> dict:
