@@ -4,8 +4,11 @@
 top_k=0, top_p=1.0, mix_params=None, beta=0.0) -> Samples`
 
   * prompts [B, Tp] int32, left-padded (prompt_mask 1 on real tokens). One prefill over the prompt fills a
-    KV cache of Tp + max_new_tokens slots (or `cache_len`), then a `lax.while_loop` decodes one token per
+    KV cache with room for the first GROW = 128 new tokens, then a `lax.while_loop` decodes one token per
     iteration over that cache, stopping early once every row has emitted `eos_id` (None: never stop early).
+    Longer completions run one loop per GROW tokens, the caches grown by GROW slots in between, so that a
+    decode step attends over at most GROW − 1 empty slots instead of the whole final buffer (its cost is set by
+    the buffer size). `cache_len` instead fixes one buffer of that size for the whole decode.
   * Plain mode (mix_params None): token n is drawn from log π_T = log_softmax(policy_logits / T).
   * Geometric-mixture mode (App. F.1 of Munos et al., the one-step-at-a-time regularised policy): with the
     second tree μ (reference or EMA, same graphdef) token n is drawn from
@@ -187,7 +190,7 @@ def sample(graphdef, params, prompts, prompt_mask, rng, *, max_new_tokens: int, 
            cache_len: int | None = None, predraw_limit: int = 1 << 24) -> Samples:
   """Samples `max_new_tokens` tokens after each left-padded prompt; see the module docstring.
 
-  `cache_len` (default prompt length + max_new_tokens, at most max_len) sets the KV buffer size;
+  `cache_len` (at most max_len) fixes the KV buffer size (default: grown by GROW slots per loop, see above);
   `predraw_limit` is the largest [N, B, V] Gumbel-noise array drawn up front.
   """
   cfg = nnx.merge(graphdef, params).cfg

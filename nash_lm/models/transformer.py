@@ -24,9 +24,9 @@ Conventions
 
 KV cache: `KVCache(k, v, mask)`; `Transformer(tokens, mask, cache=c, index=i)` writes the new keys/values
 and the token mask at buffer slots [i, i + T) and attends over the whole buffer, so one call with the prompt
-is the prefill and calls with T = 1 are decode steps. Per-token cost depends on the buffer size, not on the
-position (reading only the filled prefix would need a slice of each layer's buffer, which XLA:CPU copies: measured
-slower than reading the whole buffer in place).
+is the prefill and calls with T = 1 are decode steps. A decode step's cost depends on the buffer size, not on the
+position (a slice of the filled prefix would be a copy on XLA:CPU); the sampler therefore starts with a small
+buffer and grows it between decode loops (`nash_lm.sampling.GROW`).
 """
 from __future__ import annotations
 
