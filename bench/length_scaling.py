@@ -22,11 +22,14 @@ re-runs both models over the whole prefix at every token), so `--peer-steps` is 
 over fewer steps (the JSON records how many).
 
 Growth: for each side, the log-log slope of step time against N over each doubling and the least-squares slope
-over all N (1 = linear, 2 = quadratic), and t(512) / t(32) (16 = linear, 256 = quadratic).
+over all N (1 = linear, 2 = quadratic), and t(512) / t(32) (16 = linear, 256 = quadratic). The summary also
+gives the same slopes of nash-lm's analytic FLOPs per step (`nashmd_bench.phase_flops`, exact causal attention
+included): the growth any exact implementation at a constant FLOP rate would show.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import math
@@ -179,6 +182,10 @@ def main(argv=None):
         sr = [r for r in rows if r["side"] == side]
         if len(sr) >= 2:
             summary[side] = growth(sr)
+    if len(lengths) >= 2:  # what the arithmetic alone implies (the median_step_s field holds FLOPs here)
+        flops = [{"new_tokens": n, "median_step_s": nb.phase_flops(
+            dataclasses.replace(base, new_tokens=n, max_pos=max_pos))["step"]} for n in lengths]
+        summary["nash_lm_analytic_flops"] = growth(flops)
     emit(summary)
     return summary
 
