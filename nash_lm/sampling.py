@@ -136,8 +136,8 @@ def _check_args(cfg, prompts, prompt_mask, max_new_tokens, eos_id, pad_id, tempe
     raise ValueError(f"beta={beta}: must lie in [0, 1]")
 
 
-@functools.partial(jax.tree_util.register_dataclass, data_fields=["logits_pol", "cache_pol", "logits_mix", "cache_mix"],
-                   meta_fields=["prompt_len"])
+@functools.partial(jax.tree_util.register_dataclass,
+                   data_fields=["logits_pol", "cache_pol", "logits_mix", "cache_mix"], meta_fields=["prompt_len"])
 @dataclasses.dataclass(frozen=True)
 class Prefilled:
   """The decode loop's starting point: last-position logits and KV cache of each tree ([Rp, V] for the policy,
@@ -324,7 +324,7 @@ def decode(graphdef, params, state: Prefilled, rng, *, max_new_tokens: int, eos_
 
   # One while loop per buffer size: iterations [0, end) fit in the slots the prefill allocated; each later loop
   # first grows both caches by GROW slots (one copy of the caches per loop).
-  size, end = state.cache_pol.mask.shape[1], 0
+  size = state.cache_pol.mask.shape[1]
   while True:
     end = min(n, size - tp)
     st = jax.lax.while_loop(lambda st, end=end: (st["i"] < end) & ~jnp.all(st["done"]), body, st)

@@ -143,7 +143,8 @@ class Attention(nnx.Module):
                                 eager_sharding=False)
 
   def __call__(self, x, rot, key_mask, cache_kv=None, index=None):
-    """x [B,T,D]; rot = `rope_angles` of the T positions; key_mask [B,S] (S = T without cache). Returns (out [B,T,D], (k, v) or None).
+    """x [B,T,D]; rot = `rope_angles` of the T positions; key_mask [B,S] (S = T without cache).
+    Returns (out [B,T,D], (k, v) or None).
 
     With a cache, `cache_kv` is this layer's keys/values (k, v), each [B, K, S, hd]: the new keys/values are
     written in place at [:, :, index] (a small dynamic-update-slice on the loop-carried buffer) and the whole
