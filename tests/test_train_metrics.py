@@ -92,4 +92,4 @@ def test_forward_flops_with_the_head_at_some_positions():
     kw = dict(n_layers=1, d_model=8, n_heads=2, n_kv_heads=1, head_dim=4, d_ff=16, vocab_size=10, tokens=3, context=4)
     trunk = 8 * (8 + 8) + 8 * 8 + 3 * 8 * 16 + 2 * 8 * 4
     assert metrics.lm_forward_flops(**kw, head_tokens=1) == 2 * (3 * trunk + 8 * 10)
-    assert metrics.lm_forward_flops(**kw, lm_head=False) == 2 * 3 * trunk
+    assert metrics.lm_forward_flops(**kw, head_tokens=0) == 2 * 3 * trunk

@@ -83,8 +83,7 @@ def positions_from_mask(mask: jax.Array, offset: jax.Array | int = 0) -> jax.Arr
 
 def rope_angles(positions: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
   """(cos, sin) [B, T, hd/2] float32 of the rotary angles at positions [B, T]; computed once per forward pass
-  and shared by every layer's queries and keys (recomputing them inside each fused rotation re-evaluated the
-  sine and cosine once per head)."""
+  and shared by every layer's queries and keys."""
   freq = theta ** (-jnp.arange(0, head_dim // 2, dtype=jnp.float32) * 2.0 / head_dim)
   ang = positions.astype(jnp.float32)[..., None] * freq
   return jnp.cos(ang), jnp.sin(ang)

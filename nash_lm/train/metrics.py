@@ -182,19 +182,18 @@ class MetricsWriter:
 
 
 def lm_forward_flops(*, n_layers: int, d_model: int, n_heads: int, n_kv_heads: int, head_dim: int, d_ff: int,
-                     vocab_size: int, tokens: int, context: int, lm_head: bool = True,
-                     head_tokens: int | None = None) -> float:
+                     vocab_size: int, tokens: int, context: int, head_tokens: int | None = None) -> float:
     """Matmul FLOPs of one decoder forward over `tokens` positions that each attend to `context` positions on
     average (full causal pass over T tokens: tokens = T, context = (T + 1) / 2; one decode step: tokens = 1,
     context = current length). SwiGLU MLP (three d_model x d_ff matmuls). The LM head runs at `head_tokens`
-    of the positions (default all of them; none without `lm_head`): a prefill needs it at the last position only,
+    of the positions (default all of them; 0 for a scalar head): a prefill needs it at the last position only,
     teacher-forced log-probs at the response positions only."""
     q = n_heads * head_dim
     kv = n_kv_heads * head_dim
     proj = d_model * (q + 2 * kv) + q * d_model
     mlp = 3 * d_model * d_ff
     attn = 2 * q * context  # scores (q . k) and the weighted sum of values
-    head_tokens = (tokens if head_tokens is None else head_tokens) if lm_head else 0
+    head_tokens = tokens if head_tokens is None else head_tokens
     return 2.0 * (n_layers * (proj + mlp + attn) * tokens + d_model * vocab_size * head_tokens)
 
 
