@@ -241,12 +241,10 @@ def phase_flops(w: Workload) -> dict:
                  head_dim=m.head_dim, d_ff=m.d_ff, vocab_size=m.vocab_size)
     bsz, p, n = w.batch, w.prompt_len, w.new_tokens
 
-    def full(t, head=None):  # one causal pass over t tokens per sequence, the LM head at `head` of them
-        return metrics_lib.lm_forward_flops(**shape, tokens=bsz * t, context=(t + 1) / 2,
-                                            head_tokens=bsz * (t if head is None else head))
+    full = functools.partial(metrics_lib.causal_pass_flops, seqs=bsz, **shape)  # (length, head positions)
 
     decode = metrics_lib.lm_forward_flops(**shape, tokens=bsz * n, context=p + n / 2)
-    judge = {"preference": 2 * full(p + 2 * n, head=0), "reward": 2 * full(p + n, head=0)}[w.judge]
+    judge = {"preference": 2 * full(p + 2 * n, 0), "reward": 2 * full(p + n, 0)}[w.judge]
     beta = w.mixture_coef
     mixed = 2 if 0.0 < beta < 1.0 else 1
     out = {"sample_policy": full(p, 1) + decode, "sample_mixture": mixed * (full(p, 1) + decode),

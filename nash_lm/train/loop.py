@@ -334,16 +334,14 @@ class Stage:
         b, p = self.st.batch_size, self.data_cfg.prompt_len
         n = int(self.st.get("max_new_tokens", self.data_cfg.response_len))
 
-        def full(t, head=None):  # one causal pass over t tokens per sequence, the LM head at `head` of them
-            return metrics_lib.lm_forward_flops(**shape, tokens=b * t, context=(t + 1) / 2,
-                                                head_tokens=b * (t if head is None else head))
+        full = functools.partial(metrics_lib.causal_pass_flops, seqs=b, **shape)  # (length, head positions)
 
         if self.algorithm == "sft":  # teacher-forced logits at the response (and, with the prompt loss, the prompt)
             return 3 * full(p + n, None if float(self.st.get("prompt_loss_weight", 0.0)) else n)
         if self.algorithm == "reward":
-            return 3 * 2 * full(p + n, head=0)
+            return 3 * 2 * full(p + n, 0)
         if self.algorithm == "preference":  # both orders of (x, y, y') in one pass
-            return 3 * 2 * full(p + 2 * n, head=0)
+            return 3 * 2 * full(p + 2 * n, 0)
         # Sampling (`step.rollout`, one decode loop for y and y'): prompt prefills and per-row decode passes,
         # counted in sequences of the batch; the policy's prefill is shared by its y and y' rows.
         beta = float(self.st.get("beta", 0.0))
@@ -352,10 +350,10 @@ class Stage:
                              "online_ipo": (1, 2), "ipo_md": (2 * mixed, 2 * mixed)}[self.algorithm]
         sampling = prefills * full(p, 1) + decodes * metrics_lib.lm_forward_flops(**shape, tokens=b * n,
                                                                               context=p + n / 2)
-        judge = {"preference": 2 * full(p + 2 * n, head=0), "reward": 2 * full(p + n, head=0)}.get(
+        judge = {"preference": 2 * full(p + 2 * n, 0), "reward": 2 * full(p + n, 0)}.get(
             self.judge.kind, 0.0)
         if self.algorithm == "rlhf":
-            judge = full(p + n, head=0)
+            judge = full(p + n, 0)
         scored = 2 if self.algorithm in ("online_ipo", "ipo_md") else 1  # sequences through ref fwd + policy fwd/bwd
         return sampling + judge + scored * 4 * full(p + n, n)
 

@@ -197,6 +197,13 @@ def lm_forward_flops(*, n_layers: int, d_model: int, n_heads: int, n_kv_heads: i
     return 2.0 * (n_layers * (proj + mlp + attn) * tokens + d_model * vocab_size * head_tokens)
 
 
+def causal_pass_flops(length: int, head_positions: int | None = None, *, seqs: int, **shape) -> float:
+    """`lm_forward_flops` of one cache-free causal pass over `seqs` sequences of `length` tokens, the LM head at
+    `head_positions` of each (default all; 0 for a scalar head). `shape`: the model fields of `lm_forward_flops`."""
+    head = length if head_positions is None else head_positions
+    return lm_forward_flops(**shape, tokens=seqs * length, context=(length + 1) / 2, head_tokens=seqs * head)
+
+
 def measure_peak_flops(dtype=jnp.float32, n: int | None = None, repeats: int = 5) -> float:
     """Measured FLOP/s of a jitted n x n matmul on this process's first device (best of `repeats`)."""
     dev = jax.local_devices()[0]
