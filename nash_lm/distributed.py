@@ -40,65 +40,65 @@ _STATE = {"initialized": False}
 
 
 def _settings_from(config, environ) -> dict | None:
-  """The `jax.distributed.initialize` keyword arguments, or None for a single process."""
-  d = None
-  if config is not None:
-    d = config.get("distributed") if hasattr(config, "get") else getattr(config, "distributed", None)
-  if d is not None and (d.get("coordinator_address") or d.get("auto")):
-    if d.get("auto"):
-      return {}
-    out = {"coordinator_address": str(d["coordinator_address"])}
-    for key, cast in (("num_processes", int), ("process_id", int), ("initialization_timeout", int)):
-      if d.get(key) is not None and d.get(key) != "":
-        out[key] = cast(d[key])
-    if d.get("local_device_ids"):
-      out["local_device_ids"] = [int(x) for x in str(d["local_device_ids"]).split(",")]
-    _check(out, "config.distributed")
-    return out
-  if environ.get(ENV_COORDINATOR):
-    out = {"coordinator_address": environ[ENV_COORDINATOR]}
-    for key, env in (("num_processes", ENV_NUM_PROCESSES), ("process_id", ENV_PROCESS_ID)):
-      if env not in environ:
-        raise ValueError(f"{ENV_COORDINATOR} is set but {env} is not")
-      try:
-        out[key] = int(environ[env])
-      except ValueError:
-        raise ValueError(f"{env}={environ[env]!r}: must be an integer") from None
-    if environ.get(ENV_LOCAL_DEVICES):
-      out["local_device_ids"] = [int(x) for x in environ[ENV_LOCAL_DEVICES].split(",")]
-    _check(out, "environment")
-    return out
-  if environ.get(ENV_AUTO, "").lower() in ("1", "true", "auto"):
-    return {}  # jax detects the cluster (TPU pod metadata, SLURM, Open MPI, GKE)
-  return None
+    """The `jax.distributed.initialize` keyword arguments, or None for a single process."""
+    d = None
+    if config is not None:
+        d = config.get("distributed") if hasattr(config, "get") else getattr(config, "distributed", None)
+    if d is not None and (d.get("coordinator_address") or d.get("auto")):
+        if d.get("auto"):
+            return {}
+        out = {"coordinator_address": str(d["coordinator_address"])}
+        for key, cast in (("num_processes", int), ("process_id", int), ("initialization_timeout", int)):
+            if d.get(key) is not None and d.get(key) != "":
+                out[key] = cast(d[key])
+        if d.get("local_device_ids"):
+            out["local_device_ids"] = [int(x) for x in str(d["local_device_ids"]).split(",")]
+        _check(out, "config.distributed")
+        return out
+    if environ.get(ENV_COORDINATOR):
+        out = {"coordinator_address": environ[ENV_COORDINATOR]}
+        for key, env in (("num_processes", ENV_NUM_PROCESSES), ("process_id", ENV_PROCESS_ID)):
+            if env not in environ:
+                raise ValueError(f"{ENV_COORDINATOR} is set but {env} is not")
+            try:
+                out[key] = int(environ[env])
+            except ValueError:
+                raise ValueError(f"{env}={environ[env]!r}: must be an integer") from None
+        if environ.get(ENV_LOCAL_DEVICES):
+            out["local_device_ids"] = [int(x) for x in environ[ENV_LOCAL_DEVICES].split(",")]
+        _check(out, "environment")
+        return out
+    if environ.get(ENV_AUTO, "").lower() in ("1", "true", "auto"):
+        return {}  # jax detects the cluster (TPU pod metadata, SLURM, Open MPI, GKE)
+    return None
 
 
 def _check(kw: dict, where: str) -> None:
-  n, i = kw.get("num_processes"), kw.get("process_id")
-  if n is not None and n < 1:
-    raise ValueError(f"{where}: num_processes={n} must be at least 1")
-  if n is not None and i is not None and not 0 <= i < n:
-    raise ValueError(f"{where}: process_id={i} must lie in [0, num_processes={n})")
-  addr = kw["coordinator_address"]
-  host, _, port = addr.rpartition(":")
-  if not host or not port.isdigit():
-    raise ValueError(f"{where}: coordinator_address={addr!r} must be host:port")
+    n, i = kw.get("num_processes"), kw.get("process_id")
+    if n is not None and n < 1:
+        raise ValueError(f"{where}: num_processes={n} must be at least 1")
+    if n is not None and i is not None and not 0 <= i < n:
+        raise ValueError(f"{where}: process_id={i} must lie in [0, num_processes={n})")
+    addr = kw["coordinator_address"]
+    host, _, port = addr.rpartition(":")
+    if not host or not port.isdigit():
+        raise ValueError(f"{where}: coordinator_address={addr!r} must be host:port")
 
 
 def initialize(config=None, environ=None) -> bool:
-  """Starts jax.distributed when configured (see the module docstring); returns True when multi-process."""
-  environ = os.environ if environ is None else environ
-  # `python -m nash_lm.distributed` runs this file as __main__, a second copy of the module with its own _STATE,
-  # and `nash_lm.main` then initializes again through the imported copy: jax's own flag covers both.
-  if _STATE["initialized"] or jax.distributed.is_initialized():
+    """Starts jax.distributed when configured (see the module docstring); returns True when multi-process."""
+    environ = os.environ if environ is None else environ
+    # `python -m nash_lm.distributed` runs this file as __main__, a second copy of the module with its own _STATE,
+    # and `nash_lm.main` then initializes again through the imported copy: jax's own flag covers both.
+    if _STATE["initialized"] or jax.distributed.is_initialized():
+        _STATE["initialized"] = True
+        return jax.process_count() > 1
+    kw = _settings_from(config, environ)
+    if kw is None:
+        return False
+    jax.distributed.initialize(**kw)
     _STATE["initialized"] = True
     return jax.process_count() > 1
-  kw = _settings_from(config, environ)
-  if kw is None:
-    return False
-  jax.distributed.initialize(**kw)
-  _STATE["initialized"] = True
-  return jax.process_count() > 1
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -106,67 +106,67 @@ def initialize(config=None, environ=None) -> bool:
 
 
 def host_rows(sharding, global_shape) -> np.ndarray:
-  """Sorted indices along axis 0 of the global rows held by this process's devices."""
-  rows = set()
-  for idx in sharding.addressable_devices_indices_map(tuple(global_shape)).values():
-    sl = idx[0] if idx else slice(None)
-    rows.update(range(*sl.indices(global_shape[0])))
-  return np.asarray(sorted(rows), np.int64)
+    """Sorted indices along axis 0 of the global rows held by this process's devices."""
+    rows = set()
+    for idx in sharding.addressable_devices_indices_map(tuple(global_shape)).values():
+        sl = idx[0] if idx else slice(None)
+        rows.update(range(*sl.indices(global_shape[0])))
+    return np.asarray(sorted(rows), np.int64)
 
 
 def shard_info(sharding, global_batch_size: int) -> tuple[int, int]:
-  """(index, count): this process reads rows [index * n, (index + 1) * n) of every global batch, n = B / count.
+    """(index, count): this process reads rows [index * n, (index + 1) * n) of every global batch, n = B / count.
 
-  Raises ValueError when this process's rows are not one contiguous block of equal size on every process
-  (the mesh then needs a different device order for host-sharded loading)."""
-  rows = host_rows(sharding, (global_batch_size,))
-  n = len(rows)
-  if n == 0 or global_batch_size % n or rows[-1] - rows[0] + 1 != n or rows[0] % n:
-    raise ValueError(f"this process holds rows {rows.tolist()[:8]} of a batch of {global_batch_size}: not one "
-                     f"contiguous equal block")
-  return int(rows[0] // n), global_batch_size // n
+    Raises ValueError when this process's rows are not one contiguous block of equal size on every process
+    (the mesh then needs a different device order for host-sharded loading)."""
+    rows = host_rows(sharding, (global_batch_size,))
+    n = len(rows)
+    if n == 0 or global_batch_size % n or rows[-1] - rows[0] + 1 != n or rows[0] % n:
+        raise ValueError(f"this process holds rows {rows.tolist()[:8]} of a batch of {global_batch_size}: not one "
+                         f"contiguous equal block")
+    return int(rows[0] // n), global_batch_size // n
 
 
 def _per_leaf(fn, tree, sharding):
-  """Maps fn(leaf, sharding) with one sharding for every leaf or a tree of shardings matching `tree`."""
-  if isinstance(sharding, jax.sharding.Sharding):
-    return jax.tree.map(lambda x: fn(x, sharding), tree)
-  return jax.tree.map(fn, tree, sharding)
+    """Maps fn(leaf, sharding) with one sharding for every leaf or a tree of shardings matching `tree`."""
+    if isinstance(sharding, jax.sharding.Sharding):
+        return jax.tree.map(lambda x: fn(x, sharding), tree)
+    return jax.tree.map(fn, tree, sharding)
 
 
 def global_batch(local, sharding, global_batch_size: int | None = None):
-  """A global jax.Array (tree) from this process's rows (`jax.make_array_from_process_local_data`).
-  `sharding`: one sharding for every leaf, or a tree of them matching `local`."""
-  def one(x, sh):
-    x = np.asarray(x)
-    shape = None if global_batch_size is None else (global_batch_size,) + x.shape[1:]
-    return jax.make_array_from_process_local_data(sh, x, shape)
+    """A global jax.Array (tree) from this process's rows (`jax.make_array_from_process_local_data`).
+    `sharding`: one sharding for every leaf, or a tree of them matching `local`."""
+    def one(x, sh):
+        x = np.asarray(x)
+        shape = None if global_batch_size is None else (global_batch_size,) + x.shape[1:]
+        return jax.make_array_from_process_local_data(sh, x, shape)
 
-  return _per_leaf(one, local, sharding)
+    return _per_leaf(one, local, sharding)
 
 
 def global_batch_from_full(full, sharding):
-  """A global jax.Array (tree) from the whole batch, which every process computes identically (only this
-  process's rows are transferred)."""
-  def one(x, sh):
-    x = np.asarray(x)
-    rows = host_rows(sh, x.shape)
-    return jax.make_array_from_process_local_data(sh, x[rows], x.shape)
+    """A global jax.Array (tree) from the whole batch, which every process computes identically (only this
+    process's rows are transferred)."""
+    def one(x, sh):
+        x = np.asarray(x)
+        rows = host_rows(sh, x.shape)
+        return jax.make_array_from_process_local_data(sh, x[rows], x.shape)
 
-  return _per_leaf(one, full, sharding)
+    return _per_leaf(one, full, sharding)
 
 
 def fetch(tree):
-  """Host numpy copies of a tree of (possibly multi-process, sharded) arrays; collective when any array spans
-  processes, so call it on every process."""
-  from jax.experimental import multihost_utils
+    """Host numpy copies of a tree of (possibly multi-process, sharded) arrays; collective when any array spans
+    processes, so call it on every process."""
+    from jax.experimental import multihost_utils
 
-  def one(x):
-    if isinstance(x, jax.Array) and not x.is_fully_addressable:
-      return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-    return np.asarray(jax.device_get(x))
+    def one(x):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+        return np.asarray(jax.device_get(x))
 
-  return jax.tree.map(one, tree)
+    return jax.tree.map(one, tree)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -174,58 +174,58 @@ def fetch(tree):
 
 
 def is_primary() -> bool:
-  return jax.process_index() == 0
+    return jax.process_index() == 0
 
 
 def barrier(name: str) -> None:
-  """All processes wait here (no-op in a single process)."""
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
+    """All processes wait here (no-op in a single process)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
 
-    multihost_utils.sync_global_devices(name)
+        multihost_utils.sync_global_devices(name)
 
 
 def primary_only(fn: Callable) -> Callable:
-  """Runs `fn` on process 0 only, then a barrier; other processes get None."""
-  @functools.wraps(fn)
-  def wrapped(*args, **kwargs):
-    out = fn(*args, **kwargs) if is_primary() else None
-    barrier(f"primary_only:{fn.__name__}")
-    return out
+    """Runs `fn` on process 0 only, then a barrier; other processes get None."""
+    @functools.wraps(fn)
+    def wrapped(*args, **kwargs):
+        out = fn(*args, **kwargs) if is_primary() else None
+        barrier(f"primary_only:{fn.__name__}")
+        return out
 
-  return wrapped
+    return wrapped
 
 
 def _atomic_write(path: str, data: bytes) -> None:
-  tmp = f"{path}.tmp.{os.getpid()}"
-  with open(tmp, "wb") as f:
-    f.write(data)
-  os.replace(tmp, path)
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
 
 
 def write_text(path: str, text: str, *, sync: bool = True) -> None:
-  """Process 0 writes `path` atomically; with `sync`, everyone waits until it is there."""
-  if is_primary():
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    _atomic_write(path, text.encode())
-  if sync:
-    barrier(f"write:{os.path.basename(path)}")
+    """Process 0 writes `path` atomically; with `sync`, everyone waits until it is there."""
+    if is_primary():
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        _atomic_write(path, text.encode())
+    if sync:
+        barrier(f"write:{os.path.basename(path)}")
 
 
 def write_json(path: str, obj: Any, *, sync: bool = True) -> None:
-  write_text(path, json.dumps(obj, indent=2, sort_keys=True), sync=sync)
+    write_text(path, json.dumps(obj, indent=2, sort_keys=True), sync=sync)
 
 
 def main(argv=None) -> None:
-  """Initialise from the environment, then run the normal entry point (`nash_lm.main`)."""
-  initialize()
-  from nash_lm import main as main_lib
+    """Initialise from the environment, then run the normal entry point (`nash_lm.main`)."""
+    initialize()
+    from nash_lm import main as main_lib
 
-  summary = main_lib.main(argv)
-  if jax.process_count() > 1 and is_primary() and isinstance(summary, dict):
-    print(json.dumps({"process_count": jax.process_count(),
-                      "policy_params_sha256": summary.get("policy_params_sha256")}))
+    summary = main_lib.main(argv)
+    if jax.process_count() > 1 and is_primary() and isinstance(summary, dict):
+        print(json.dumps({"process_count": jax.process_count(),
+                          "policy_params_sha256": summary.get("policy_params_sha256")}))
 
 
 if __name__ == "__main__":
-  main()
+    main()

@@ -51,202 +51,202 @@ flags.DEFINE_bool("overwrite", False, "Replace an existing OUT.")
 
 
 def _read_json(path):
-  with open(path) as f:
-    return json.load(f)
+    with open(path) as f:
+        return json.load(f)
 
 
 def flatten(pure: dict, prefix: str = "") -> dict[str, np.ndarray]:
-  """Nested pure dict -> {"a/b/c": leaf}."""
-  out = {}
-  for k, v in pure.items():
-    name = f"{prefix}/{k}" if prefix else str(k)
-    if isinstance(v, dict):
-      out.update(flatten(v, name))
-    else:
-      out[name] = v
-  return out
+    """Nested pure dict -> {"a/b/c": leaf}."""
+    out = {}
+    for k, v in pure.items():
+        name = f"{prefix}/{k}" if prefix else str(k)
+        if isinstance(v, dict):
+            out.update(flatten(v, name))
+        else:
+            out[name] = v
+    return out
 
 
 def unflatten(flat: dict) -> dict:
-  out: dict = {}
-  for name, v in flat.items():
-    node = out
-    keys = name.split("/")
-    for k in keys[:-1]:
-      node = node.setdefault(k, {})
-    node[keys[-1]] = v
-  return out
+    out: dict = {}
+    for name, v in flat.items():
+        node = out
+        keys = name.split("/")
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+        node[keys[-1]] = v
+    return out
 
 
 def find_policy_stage(workdir: str, stage: str = ""):
-  """(stage name, its ModelConfig, the resolved config dict) of the stage to export."""
-  from nash_lm.models import ModelConfig
-  from nash_lm.train import config as cfg_lib
+    """(stage name, its ModelConfig, the resolved config dict) of the stage to export."""
+    from nash_lm.models import ModelConfig
+    from nash_lm.train import config as cfg_lib
 
-  cfg_path = os.path.join(workdir, "config.json")
-  if not os.path.exists(cfg_path):
-    raise ValueError(f"--workdir={workdir}: no config.json (not a train job's workdir)")
-  config = _read_json(cfg_path)
-  stages = config.get("stages", {})
-  order = [s for s in str(config.get("pipeline", "")).split(",") if s]
-  if stage:
-    if stage not in stages:
-      raise ValueError(f"--stage={stage}: not a stage of this workdir (stages: {', '.join(sorted(stages))})")
-    if cfg_lib.produces(stages[stage]["algorithm"]) != "lm":
-      raise ValueError(f"--stage={stage}: algorithm {stages[stage]['algorithm']!r} does not produce a policy")
-  else:
-    policies = [s for s in order if cfg_lib.produces(stages[s]["algorithm"]) == "lm"
-                and os.path.exists(os.path.join(workdir, "stages", s, "done.json"))]
-    if not policies:
-      raise ValueError(f"--workdir={workdir}: no completed policy stage to export")
-    stage = policies[-1]
-  export_dir = os.path.join(workdir, "stages", stage, "export")
-  if not os.path.isdir(export_dir):
-    raise ValueError(f"stage {stage!r}: {export_dir} does not exist (the stage has not finished)")
-  return stage, ModelConfig.from_config(config["model"]), config
+    cfg_path = os.path.join(workdir, "config.json")
+    if not os.path.exists(cfg_path):
+        raise ValueError(f"--workdir={workdir}: no config.json (not a train job's workdir)")
+    config = _read_json(cfg_path)
+    stages = config.get("stages", {})
+    order = [s for s in str(config.get("pipeline", "")).split(",") if s]
+    if stage:
+        if stage not in stages:
+            raise ValueError(f"--stage={stage}: not a stage of this workdir (stages: {', '.join(sorted(stages))})")
+        if cfg_lib.produces(stages[stage]["algorithm"]) != "lm":
+            raise ValueError(f"--stage={stage}: algorithm {stages[stage]['algorithm']!r} does not produce a policy")
+    else:
+        policies = [s for s in order if cfg_lib.produces(stages[s]["algorithm"]) == "lm"
+                    and os.path.exists(os.path.join(workdir, "stages", s, "done.json"))]
+        if not policies:
+            raise ValueError(f"--workdir={workdir}: no completed policy stage to export")
+        stage = policies[-1]
+    export_dir = os.path.join(workdir, "stages", stage, "export")
+    if not os.path.isdir(export_dir):
+        raise ValueError(f"stage {stage!r}: {export_dir} does not exist (the stage has not finished)")
+    return stage, ModelConfig.from_config(config["model"]), config
 
 
 def load_stage_params(workdir: str, stage: str, cfg, which: str = "policy"):
-  """(graphdef, params) of a stage's params export, on the default device."""
-  from nash_lm import models
-  from nash_lm.train import checkpoint as ckpt_lib
+    """(graphdef, params) of a stage's params export, on the default device."""
+    from nash_lm import models
+    from nash_lm.train import checkpoint as ckpt_lib
 
-  graphdef, shapes = models.abstract_init(cfg, "lm")
-  dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  abstract = ckpt_lib.abstract(shapes, jax.tree.map(lambda _: dev, shapes))
-  export_dir = os.path.join(workdir, "stages", stage, "export")
-  if which == "ema":
-    meta = _read_json(os.path.join(workdir, "stages", stage, "done.json"))
-    if "ema_params_sha256" not in meta:
-      raise ValueError(f"--which=ema: stage {stage!r} has no EMA parameters")
-  params = ckpt_lib.load_params(export_dir, {which: abstract})[which]
-  return graphdef, params
+    graphdef, shapes = models.abstract_init(cfg, "lm")
+    dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    abstract = ckpt_lib.abstract(shapes, jax.tree.map(lambda _: dev, shapes))
+    export_dir = os.path.join(workdir, "stages", stage, "export")
+    if which == "ema":
+        meta = _read_json(os.path.join(workdir, "stages", stage, "done.json"))
+        if "ema_params_sha256" not in meta:
+            raise ValueError(f"--which=ema: stage {stage!r} has no EMA parameters")
+    params = ckpt_lib.load_params(export_dir, {which: abstract})[which]
+    return graphdef, params
 
 
 def export_sampler(graphdef, params, *, batch_size: int, prompt_len: int, max_new_tokens: int,
                    temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, eos_id: int | None = 2,
                    pad_id: int = 0, platforms=("cpu",)):
-  """`jax.export.Exported` of the sampler with the parameters (a flat {name: array} dict) as an input."""
-  from nash_lm import sampling
-  from nash_lm.train import checkpoint as ckpt_lib
+    """`jax.export.Exported` of the sampler with the parameters (a flat {name: array} dict) as an input."""
+    from nash_lm import sampling
+    from nash_lm.train import checkpoint as ckpt_lib
 
-  template = params
+    template = params
 
-  def serve(flat_params, prompts, prompt_mask, key_data):
-    tree = ckpt_lib.from_pure_dict(template, unflatten(flat_params))
-    s = sampling.sample(graphdef, tree, prompts, prompt_mask, jax.random.wrap_key_data(key_data),
-                        max_new_tokens=max_new_tokens, eos_id=eos_id, pad_id=pad_id, temperature=temperature,
-                        top_k=top_k, top_p=top_p)
-    return {"tokens": s.tokens, "mask": s.mask, "logp": s.logp_sample}
+    def serve(flat_params, prompts, prompt_mask, key_data):
+        tree = ckpt_lib.from_pure_dict(template, unflatten(flat_params))
+        s = sampling.sample(graphdef, tree, prompts, prompt_mask, jax.random.wrap_key_data(key_data),
+                            max_new_tokens=max_new_tokens, eos_id=eos_id, pad_id=pad_id, temperature=temperature,
+                            top_k=top_k, top_p=top_p)
+        return {"tokens": s.tokens, "mask": s.mask, "logp": s.logp_sample}
 
-  flat = flatten(ckpt_lib.to_pure_dict(params))
-  args = ({k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in flat.items()},
-          jax.ShapeDtypeStruct((batch_size, prompt_len), jnp.int32),
-          jax.ShapeDtypeStruct((batch_size, prompt_len), jnp.int32),
-          jax.ShapeDtypeStruct((2,), jnp.uint32))
-  return jax.export.export(jax.jit(serve), platforms=tuple(platforms))(*args)
+    flat = flatten(ckpt_lib.to_pure_dict(params))
+    args = ({k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in flat.items()},
+            jax.ShapeDtypeStruct((batch_size, prompt_len), jnp.int32),
+            jax.ShapeDtypeStruct((batch_size, prompt_len), jnp.int32),
+            jax.ShapeDtypeStruct((2,), jnp.uint32))
+    return jax.export.export(jax.jit(serve), platforms=tuple(platforms))(*args)
 
 
 def load_sampler(out: str):
-  """The exported sampler of OUT with OUT/params bound: `fn(prompts, prompt_mask, key_data) -> dict`."""
-  import orbax.checkpoint as ocp
+    """The exported sampler of OUT with OUT/params bound: `fn(prompts, prompt_mask, key_data) -> dict`."""
+    import orbax.checkpoint as ocp
 
-  with open(os.path.join(out, "sampler", "sampler.jaxexport"), "rb") as f:
-    exp = jax.export.deserialize(bytearray(f.read()))
-  meta = _read_json(os.path.join(out, "sampler", "sampler.json"))
-  ckptr = ocp.StandardCheckpointer()
-  restored = ckptr.restore(os.path.abspath(os.path.join(out, "params")))
-  ckptr.close()
-  flat = flatten(restored["policy"])
-  missing = sorted(set(meta["param_names"]) - set(flat))
-  if missing:
-    raise ValueError(f"{out}/params: missing parameter {missing[0]!r} that the sampler takes")
-  flat = {k: jnp.asarray(flat[k], dtype=meta["param_dtype"]) for k in meta["param_names"]}
+    with open(os.path.join(out, "sampler", "sampler.jaxexport"), "rb") as f:
+        exp = jax.export.deserialize(bytearray(f.read()))
+    meta = _read_json(os.path.join(out, "sampler", "sampler.json"))
+    ckptr = ocp.StandardCheckpointer()
+    restored = ckptr.restore(os.path.abspath(os.path.join(out, "params")))
+    ckptr.close()
+    flat = flatten(restored["policy"])
+    missing = sorted(set(meta["param_names"]) - set(flat))
+    if missing:
+        raise ValueError(f"{out}/params: missing parameter {missing[0]!r} that the sampler takes")
+    flat = {k: jnp.asarray(flat[k], dtype=meta["param_dtype"]) for k in meta["param_names"]}
 
-  def fn(prompts, prompt_mask, key_data):
-    return exp.call(flat, jnp.asarray(prompts, jnp.int32), jnp.asarray(prompt_mask, jnp.int32),
-                    jnp.asarray(key_data, jnp.uint32))
+    def fn(prompts, prompt_mask, key_data):
+        return exp.call(flat, jnp.asarray(prompts, jnp.int32), jnp.asarray(prompt_mask, jnp.int32),
+                        jnp.asarray(key_data, jnp.uint32))
 
-  return fn
+    return fn
 
 
 def run(workdir: str, out: str, *, stage: str = "", which: str = "policy", params_dtype: str = "bfloat16",
         hf_dtype: str = "float32", tokenizer: str = "", batch_size: int = 8, prompt_len: int = 0,
         max_new_tokens: int = 0, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
         eos_id: int = 2, pad_id: int = 0, platforms=("cpu", "cuda", "tpu"), overwrite: bool = False) -> dict:
-  """Writes OUT/params, OUT/hf, OUT/sampler and OUT/export.json; returns the manifest."""
-  from nash_lm.interop import hf
-  from nash_lm.train import checkpoint as ckpt_lib
+    """Writes OUT/params, OUT/hf, OUT/sampler and OUT/export.json; returns the manifest."""
+    from nash_lm.interop import hf
+    from nash_lm.train import checkpoint as ckpt_lib
 
-  workdir, out = os.path.abspath(workdir), os.path.abspath(out)
-  stage, cfg, config = find_policy_stage(workdir, stage)
-  data = config.get("data", {})
-  prompt_len = prompt_len or int(data.get("prompt_len", 0))
-  max_new_tokens = max_new_tokens or int(data.get("response_len", 0))
-  if prompt_len < 1 or max_new_tokens < 1 or batch_size < 1:
-    raise ValueError(f"--prompt_len={prompt_len}, --max_new_tokens={max_new_tokens}, --batch_size={batch_size}: "
-                     f"all must be positive")
-  if prompt_len + max_new_tokens > cfg.max_len:
-    raise ValueError(f"--prompt_len + --max_new_tokens = {prompt_len + max_new_tokens} exceeds "
-                     f"ModelConfig.max_len={cfg.max_len}")
-  if tokenizer:
-    hf.load_tokenizer(tokenizer, cfg, {"eos_token_id": eos_id if eos_id >= 0 else None, "pad_token_id": pad_id})
-  if os.path.exists(out):
-    if not overwrite:
-      raise ValueError(f"--out={out} exists; pass --overwrite to replace it")
-    shutil.rmtree(out)
-  graphdef, params = load_stage_params(workdir, stage, cfg, which)
-  sha = ckpt_lib.params_sha256(params)
-  os.makedirs(out)
+    workdir, out = os.path.abspath(workdir), os.path.abspath(out)
+    stage, cfg, config = find_policy_stage(workdir, stage)
+    data = config.get("data", {})
+    prompt_len = prompt_len or int(data.get("prompt_len", 0))
+    max_new_tokens = max_new_tokens or int(data.get("response_len", 0))
+    if prompt_len < 1 or max_new_tokens < 1 or batch_size < 1:
+        raise ValueError(f"--prompt_len={prompt_len}, --max_new_tokens={max_new_tokens}, --batch_size={batch_size}: "
+                         f"all must be positive")
+    if prompt_len + max_new_tokens > cfg.max_len:
+        raise ValueError(f"--prompt_len + --max_new_tokens = {prompt_len + max_new_tokens} exceeds "
+                         f"ModelConfig.max_len={cfg.max_len}")
+    if tokenizer:
+        hf.load_tokenizer(tokenizer, cfg, {"eos_token_id": eos_id if eos_id >= 0 else None, "pad_token_id": pad_id})
+    if os.path.exists(out):
+        if not overwrite:
+            raise ValueError(f"--out={out} exists; pass --overwrite to replace it")
+        shutil.rmtree(out)
+    graphdef, params = load_stage_params(workdir, stage, cfg, which)
+    sha = ckpt_lib.params_sha256(params)
+    os.makedirs(out)
 
-  low = jax.tree.map(lambda x: x.astype(jnp.dtype(params_dtype)), params)
-  ckpt_lib.export_params(os.path.join(out, "params"), {"policy": low})
+    low = jax.tree.map(lambda x: x.astype(jnp.dtype(params_dtype)), params)
+    ckpt_lib.export_params(os.path.join(out, "params"), {"policy": low})
 
-  hf.export_llama(graphdef, params, os.path.join(out, "hf"), dtype=hf_dtype,
-                  bos_token_id=1, eos_token_id=eos_id if eos_id >= 0 else None, pad_token_id=pad_id,
-                  tokenizer_json=tokenizer or None)
+    hf.export_llama(graphdef, params, os.path.join(out, "hf"), dtype=hf_dtype,
+                    bos_token_id=1, eos_token_id=eos_id if eos_id >= 0 else None, pad_token_id=pad_id,
+                    tokenizer_json=tokenizer or None)
 
-  settings = dict(batch_size=batch_size, prompt_len=prompt_len, max_new_tokens=max_new_tokens,
-                  temperature=temperature, top_k=top_k, top_p=top_p, eos_id=eos_id if eos_id >= 0 else None,
-                  pad_id=pad_id)
-  exp = export_sampler(graphdef, low, platforms=platforms, **settings)
-  os.makedirs(os.path.join(out, "sampler"))
-  with open(os.path.join(out, "sampler", "sampler.jaxexport"), "wb") as f:
-    f.write(exp.serialize())
-  names = sorted(flatten(ckpt_lib.to_pure_dict(low)))
-  with open(os.path.join(out, "sampler", "sampler.json"), "w") as f:
-    json.dump({**settings, "platforms": list(exp.platforms), "param_names": names, "param_dtype": params_dtype,
-               "inputs": ["params {name: array}", "prompts int32 [B, Tp] (left-padded)",
-                          "prompt_mask int32 [B, Tp]", "key_data uint32 [2]"],
-               "outputs": {"tokens": "int32 [B, N]", "mask": "int32 [B, N]", "logp": "float32 [B, N]"}},
-              f, indent=2)
-  manifest = {"workdir": workdir, "stage": stage, "which": which, "params_sha256": sha,
-              "model": cfg.to_dict(), "params_dtype": params_dtype, "hf_dtype": hf_dtype,
-              "sampler": settings, "platforms": list(exp.platforms),
-              "files": ["params", "hf/model.safetensors", "hf/config.json", "sampler/sampler.jaxexport",
-                        "sampler/sampler.json"]}
-  with open(os.path.join(out, "export.json"), "w") as f:
-    json.dump(manifest, f, indent=2, sort_keys=True)
-  return manifest
+    settings = dict(batch_size=batch_size, prompt_len=prompt_len, max_new_tokens=max_new_tokens,
+                    temperature=temperature, top_k=top_k, top_p=top_p, eos_id=eos_id if eos_id >= 0 else None,
+                    pad_id=pad_id)
+    exp = export_sampler(graphdef, low, platforms=platforms, **settings)
+    os.makedirs(os.path.join(out, "sampler"))
+    with open(os.path.join(out, "sampler", "sampler.jaxexport"), "wb") as f:
+        f.write(exp.serialize())
+    names = sorted(flatten(ckpt_lib.to_pure_dict(low)))
+    with open(os.path.join(out, "sampler", "sampler.json"), "w") as f:
+        json.dump({**settings, "platforms": list(exp.platforms), "param_names": names, "param_dtype": params_dtype,
+                   "inputs": ["params {name: array}", "prompts int32 [B, Tp] (left-padded)",
+                              "prompt_mask int32 [B, Tp]", "key_data uint32 [2]"],
+                   "outputs": {"tokens": "int32 [B, N]", "mask": "int32 [B, N]", "logp": "float32 [B, N]"}},
+                  f, indent=2)
+    manifest = {"workdir": workdir, "stage": stage, "which": which, "params_sha256": sha,
+                "model": cfg.to_dict(), "params_dtype": params_dtype, "hf_dtype": hf_dtype,
+                "sampler": settings, "platforms": list(exp.platforms),
+                "files": ["params", "hf/model.safetensors", "hf/config.json", "sampler/sampler.jaxexport",
+                          "sampler/sampler.json"]}
+    with open(os.path.join(out, "export.json"), "w") as f:
+        json.dump(manifest, f, indent=2, sort_keys=True)
+    return manifest
 
 
 def main(argv):
-  del argv
-  if not FLAGS.workdir or not FLAGS.out:
-    print("error: --workdir and --out are required", file=sys.stderr)
-    sys.exit(2)
-  try:
-    manifest = run(FLAGS.workdir, FLAGS.out, stage=FLAGS.stage, which=FLAGS.which,
-                   params_dtype=FLAGS.params_dtype, hf_dtype=FLAGS.hf_dtype, tokenizer=FLAGS.tokenizer,
-                   batch_size=FLAGS.batch_size, prompt_len=FLAGS.prompt_len, max_new_tokens=FLAGS.max_new_tokens,
-                   temperature=FLAGS.temperature, top_k=FLAGS.top_k, top_p=FLAGS.top_p, eos_id=FLAGS.eos_id,
-                   pad_id=FLAGS.pad_id, platforms=[p for p in FLAGS.platforms.split(",") if p],
-                   overwrite=FLAGS.overwrite)
-  except (ValueError, FileNotFoundError) as e:
-    print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
-    sys.exit(2)
-  print(json.dumps({k: manifest[k] for k in ("stage", "params_sha256", "platforms")}))
+    del argv
+    if not FLAGS.workdir or not FLAGS.out:
+        print("error: --workdir and --out are required", file=sys.stderr)
+        sys.exit(2)
+    try:
+        manifest = run(FLAGS.workdir, FLAGS.out, stage=FLAGS.stage, which=FLAGS.which,
+                       params_dtype=FLAGS.params_dtype, hf_dtype=FLAGS.hf_dtype, tokenizer=FLAGS.tokenizer,
+                       batch_size=FLAGS.batch_size, prompt_len=FLAGS.prompt_len, max_new_tokens=FLAGS.max_new_tokens,
+                       temperature=FLAGS.temperature, top_k=FLAGS.top_k, top_p=FLAGS.top_p, eos_id=FLAGS.eos_id,
+                       pad_id=FLAGS.pad_id, platforms=[p for p in FLAGS.platforms.split(",") if p],
+                       overwrite=FLAGS.overwrite)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
+        sys.exit(2)
+    print(json.dumps({k: manifest[k] for k in ("stage", "params_sha256", "platforms")}))
 
 
 if __name__ == "__main__":
-  app.run(main)
+    app.run(main)

@@ -63,194 +63,194 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
 
 
 def mesh_shape(mesh_config: Any, n_devices: int) -> dict[str, int]:
-  """Resolves the mesh sizes (with -1 auto-fill) for `n_devices`; ValueError naming the field on error."""
-  if hasattr(mesh_config, "to_dict"):
-    mesh_config = mesh_config.to_dict()
-  if isinstance(mesh_config, Mapping):
-    items = list(mesh_config.items())
-  else:
-    items = [tuple(p) for p in mesh_config]
-  sizes: dict[str, int] = {}
-  for name, size in items:
-    if name not in MESH_AXES:
-      raise ValueError(f"mesh.{name}: unknown mesh axis (known: {', '.join(MESH_AXES)})")
-    if name in sizes:
-      raise ValueError(f"mesh.{name}: axis given twice")
-    if not isinstance(size, (int, np.integer)) or isinstance(size, bool) or (size < 1 and size != -1):
-      raise ValueError(f"mesh.{name}={size!r}: must be a positive integer or -1 (auto-fill)")
-    sizes[name] = int(size)
-  for name in MESH_AXES:
-    sizes.setdefault(name, 1)
-  auto = [n for n in MESH_AXES if sizes[n] == -1]
-  if len(auto) > 1:
-    raise ValueError(f"mesh.{auto[1]}=-1: only one axis may be -1 (auto-fill); {auto[0]} already is")
-  fixed = math.prod(s for s in sizes.values() if s != -1)
-  if auto:
-    if n_devices % fixed:
-      raise ValueError(f"mesh.{auto[0]}=-1: the other axes' product {fixed} does not divide the "
-                       f"device count {n_devices}")
-    sizes[auto[0]] = n_devices // fixed
-  elif fixed != n_devices:
-    shape = "x".join(str(sizes[n]) for n in MESH_AXES)
-    raise ValueError(f"mesh: product of axes {shape}={fixed} does not equal the device count {n_devices}")
-  return {n: sizes[n] for n in MESH_AXES}
+    """Resolves the mesh sizes (with -1 auto-fill) for `n_devices`; ValueError naming the field on error."""
+    if hasattr(mesh_config, "to_dict"):
+        mesh_config = mesh_config.to_dict()
+    if isinstance(mesh_config, Mapping):
+        items = list(mesh_config.items())
+    else:
+        items = [tuple(p) for p in mesh_config]
+    sizes: dict[str, int] = {}
+    for name, size in items:
+        if name not in MESH_AXES:
+            raise ValueError(f"mesh.{name}: unknown mesh axis (known: {', '.join(MESH_AXES)})")
+        if name in sizes:
+            raise ValueError(f"mesh.{name}: axis given twice")
+        if not isinstance(size, (int, np.integer)) or isinstance(size, bool) or (size < 1 and size != -1):
+            raise ValueError(f"mesh.{name}={size!r}: must be a positive integer or -1 (auto-fill)")
+        sizes[name] = int(size)
+    for name in MESH_AXES:
+        sizes.setdefault(name, 1)
+    auto = [n for n in MESH_AXES if sizes[n] == -1]
+    if len(auto) > 1:
+        raise ValueError(f"mesh.{auto[1]}=-1: only one axis may be -1 (auto-fill); {auto[0]} already is")
+    fixed = math.prod(s for s in sizes.values() if s != -1)
+    if auto:
+        if n_devices % fixed:
+            raise ValueError(f"mesh.{auto[0]}=-1: the other axes' product {fixed} does not divide the "
+                             f"device count {n_devices}")
+        sizes[auto[0]] = n_devices // fixed
+    elif fixed != n_devices:
+        shape = "x".join(str(sizes[n]) for n in MESH_AXES)
+        raise ValueError(f"mesh: product of axes {shape}={fixed} does not equal the device count {n_devices}")
+    return {n: sizes[n] for n in MESH_AXES}
 
 
 def make_mesh(mesh_config: Any, devices: Sequence[jax.Device] | None = None) -> Mesh:
-  """A Mesh over ('data', 'fsdp', 'tensor') (Auto axis types) from a config; see `mesh_shape`."""
-  devices = list(jax.devices() if devices is None else devices)
-  sizes = mesh_shape(mesh_config, len(devices))
-  return jax.make_mesh(tuple(sizes[n] for n in MESH_AXES), MESH_AXES,
-                       axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
+    """A Mesh over ('data', 'fsdp', 'tensor') (Auto axis types) from a config; see `mesh_shape`."""
+    devices = list(jax.devices() if devices is None else devices)
+    sizes = mesh_shape(mesh_config, len(devices))
+    return jax.make_mesh(tuple(sizes[n] for n in MESH_AXES), MESH_AXES,
+                         axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
 
 
 # ---------------------------------------------------------------------------------------------- rules
 
 
 def _as_axes(mesh_axes: Any) -> tuple[str, ...]:
-  if mesh_axes is None:
-    return ()
-  if isinstance(mesh_axes, str):
-    return (mesh_axes,)
-  return tuple(mesh_axes)
+    if mesh_axes is None:
+        return ()
+    if isinstance(mesh_axes, str):
+        return (mesh_axes,)
+    return tuple(mesh_axes)
 
 
 def validate_rules(rules: Iterable[Any] | None = None, mesh: Mesh | Sequence[str] | None = None
                    ) -> tuple[tuple[str, tuple[str, ...] | None], ...]:
-  """Normalises rules to ((logical, mesh_axes|None), ...); ValueError naming the rule on unknown names."""
-  if rules is None:
-    rules = DEFAULT_RULES
-  if hasattr(rules, "to_dict"):
-    rules = rules.to_dict()
-  if isinstance(rules, Mapping):
-    rules = list(rules.items())
-  if mesh is None:
-    names = MESH_AXES
-  elif isinstance(mesh, Mesh):
-    names = tuple(mesh.axis_names)
-  else:
-    names = tuple(mesh)
-  out = []
-  for i, rule in enumerate(rules):
-    try:
-      logical, mesh_axes = rule
-    except (TypeError, ValueError):
-      raise ValueError(f"rules[{i}]={rule!r}: a rule is a pair (logical, mesh_axes)") from None
-    if logical not in LOGICAL_AXES:
-      raise ValueError(f"rules[{i}]: unknown logical axis {logical!r} (known: {', '.join(LOGICAL_AXES)})")
-    axes = _as_axes(mesh_axes)
-    for a in axes:
-      if a not in names:
-        raise ValueError(f"rules[{i}] ({logical!r}): unknown mesh axis {a!r} (mesh axes: {', '.join(names)})")
-    if len(set(axes)) != len(axes):
-      raise ValueError(f"rules[{i}] ({logical!r}): mesh axis repeated in {axes}")
-    out.append((logical, axes if axes else None))
-  return tuple(out)
+    """Normalises rules to ((logical, mesh_axes|None), ...); ValueError naming the rule on unknown names."""
+    if rules is None:
+        rules = DEFAULT_RULES
+    if hasattr(rules, "to_dict"):
+        rules = rules.to_dict()
+    if isinstance(rules, Mapping):
+        rules = list(rules.items())
+    if mesh is None:
+        names = MESH_AXES
+    elif isinstance(mesh, Mesh):
+        names = tuple(mesh.axis_names)
+    else:
+        names = tuple(mesh)
+    out = []
+    for i, rule in enumerate(rules):
+        try:
+            logical, mesh_axes = rule
+        except (TypeError, ValueError):
+            raise ValueError(f"rules[{i}]={rule!r}: a rule is a pair (logical, mesh_axes)") from None
+        if logical not in LOGICAL_AXES:
+            raise ValueError(f"rules[{i}]: unknown logical axis {logical!r} (known: {', '.join(LOGICAL_AXES)})")
+        axes = _as_axes(mesh_axes)
+        for a in axes:
+            if a not in names:
+                raise ValueError(f"rules[{i}] ({logical!r}): unknown mesh axis {a!r} (mesh axes: {', '.join(names)})")
+        if len(set(axes)) != len(axes):
+            raise ValueError(f"rules[{i}] ({logical!r}): mesh axis repeated in {axes}")
+        out.append((logical, axes if axes else None))
+    return tuple(out)
 
 
 def logical_to_spec(logical_axes: Sequence[str | None], rules, mesh_sizes: Mapping[str, int],
                     shape: Sequence[int] | None = None) -> PartitionSpec:
-  """Maps logical axis names to a PartitionSpec: first rule whose mesh axes are unused and divide the dim."""
-  used: set[str] = set()
-  spec = []
-  for d, name in enumerate(logical_axes):
-    chosen = None
-    if name is not None:
-      for logical, axes in rules:
-        if logical != name:
-          continue
-        axes = tuple(a for a in _as_axes(axes) if mesh_sizes.get(a, 1) > 1)
-        if not axes:
-          break
-        if used.intersection(axes):
-          continue
-        n = math.prod(mesh_sizes[a] for a in axes)
-        if shape is not None and shape[d] % n:
-          continue
-        chosen = axes
-        break
-    if chosen:
-      used.update(chosen)
-      spec.append(chosen[0] if len(chosen) == 1 else chosen)
-    else:
-      spec.append(None)
-  while spec and spec[-1] is None:
-    spec.pop()
-  return PartitionSpec(*spec)
+    """Maps logical axis names to a PartitionSpec: first rule whose mesh axes are unused and divide the dim."""
+    used: set[str] = set()
+    spec = []
+    for d, name in enumerate(logical_axes):
+        chosen = None
+        if name is not None:
+            for logical, axes in rules:
+                if logical != name:
+                    continue
+                axes = tuple(a for a in _as_axes(axes) if mesh_sizes.get(a, 1) > 1)
+                if not axes:
+                    break
+                if used.intersection(axes):
+                    continue
+                n = math.prod(mesh_sizes[a] for a in axes)
+                if shape is not None and shape[d] % n:
+                    continue
+                chosen = axes
+                break
+        if chosen:
+            used.update(chosen)
+            spec.append(chosen[0] if len(chosen) == 1 else chosen)
+        else:
+            spec.append(None)
+    while spec and spec[-1] is None:
+        spec.pop()
+    return PartitionSpec(*spec)
 
 
 def _mesh_sizes(mesh) -> dict[str, int]:
-  return dict(zip(mesh.axis_names, mesh.axis_sizes))
+    return dict(zip(mesh.axis_names, mesh.axis_sizes))
 
 
 def _logical_axes(var: nnx.Variable, ndim: int) -> tuple[str | None, ...]:
-  axes = var.get_metadata().get("out_sharding") or ()
-  axes = tuple(axes)
-  if len(axes) != ndim:
-    raise ValueError(f"parameter with shape of rank {ndim} carries logical axes {axes} of another rank")
-  return axes
+    axes = var.get_metadata().get("out_sharding") or ()
+    axes = tuple(axes)
+    if len(axes) != ndim:
+        raise ValueError(f"parameter with shape of rank {ndim} carries logical axes {axes} of another rank")
+    return axes
 
 
 def param_specs(params, mesh: Mesh, rules=None):
-  """PartitionSpec tree (same structure as `params`) from each Param's logical axes and the rules."""
-  rules = validate_rules(rules, mesh)
-  sizes = _mesh_sizes(mesh)
+    """PartitionSpec tree (same structure as `params`) from each Param's logical axes and the rules."""
+    rules = validate_rules(rules, mesh)
+    sizes = _mesh_sizes(mesh)
 
-  def f(v):
-    if isinstance(v, nnx.Variable):
-      shape = v.get_value().shape
-      return v.replace(logical_to_spec(_logical_axes(v, len(shape)), rules, sizes, shape))
-    return logical_to_spec((None,) * np.ndim(v), rules, sizes)
+    def f(v):
+        if isinstance(v, nnx.Variable):
+            shape = v.get_value().shape
+            return v.replace(logical_to_spec(_logical_axes(v, len(shape)), rules, sizes, shape))
+        return logical_to_spec((None,) * np.ndim(v), rules, sizes)
 
-  return jax.tree.map(f, params, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    return jax.tree.map(f, params, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
 def param_shardings(params, mesh: Mesh, rules=None):
-  """The NamedSharding tree for `params` (concrete or abstract nnx.State); reuse it for policy, ref, EMA."""
-  specs = param_specs(params, mesh, rules)
-  return jax.tree.map(lambda p: NamedSharding(mesh, p), specs,
-                      is_leaf=lambda x: isinstance(x, PartitionSpec))
+    """The NamedSharding tree for `params` (concrete or abstract nnx.State); reuse it for policy, ref, EMA."""
+    specs = param_specs(params, mesh, rules)
+    return jax.tree.map(lambda p: NamedSharding(mesh, p), specs,
+                        is_leaf=lambda x: isinstance(x, PartitionSpec))
 
 
 def describe_shardings(params, shardings) -> list[str]:
-  """One line per parameter: path, shape, dtype, PartitionSpec (for logging at start-up)."""
-  lines = []
-  flat_p = jax.tree_util.tree_flatten_with_path(params)[0]
-  flat_s = jax.tree.leaves(shardings, is_leaf=lambda x: isinstance(x, NamedSharding))
-  for (path, leaf), sh in zip(flat_p, flat_s):
-    name = "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
-    lines.append(f"{name:60s} {str(tuple(leaf.shape)):20s} {str(leaf.dtype):9s} {sh.spec}")
-  return lines
+    """One line per parameter: path, shape, dtype, PartitionSpec (for logging at start-up)."""
+    lines = []
+    flat_p = jax.tree_util.tree_flatten_with_path(params)[0]
+    flat_s = jax.tree.leaves(shardings, is_leaf=lambda x: isinstance(x, NamedSharding))
+    for (path, leaf), sh in zip(flat_p, flat_s):
+        name = "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+        lines.append(f"{name:60s} {str(tuple(leaf.shape)):20s} {str(leaf.dtype):9s} {sh.spec}")
+    return lines
 
 
 def batch_sharding(mesh: Mesh, rules=None, ndim: int = 2, batch_size: int | None = None) -> NamedSharding:
-  """Sharding of a [batch, ...] array: leading dim over the 'batch' rule, other dims replicated."""
-  rules = validate_rules(rules, mesh)
-  shape = None if batch_size is None else (batch_size,) + (1,) * (ndim - 1)
-  spec = logical_to_spec(("batch",) + (None,) * (ndim - 1), rules, _mesh_sizes(mesh), shape)
-  return NamedSharding(mesh, spec)
+    """Sharding of a [batch, ...] array: leading dim over the 'batch' rule, other dims replicated."""
+    rules = validate_rules(rules, mesh)
+    shape = None if batch_size is None else (batch_size,) + (1,) * (ndim - 1)
+    spec = logical_to_spec(("batch",) + (None,) * (ndim - 1), rules, _mesh_sizes(mesh), shape)
+    return NamedSharding(mesh, spec)
 
 
 def shard_batch(batch, mesh: Mesh, rules=None):
-  """device_put every array of a batch pytree with its leading dimension sharded over 'batch'."""
-  rules = validate_rules(rules, mesh)
-  return jax.tree.map(
-      lambda x: jax.device_put(x, batch_sharding(mesh, rules, np.ndim(x), np.shape(x)[0])), batch)
+    """device_put every array of a batch pytree with its leading dimension sharded over 'batch'."""
+    rules = validate_rules(rules, mesh)
+    return jax.tree.map(
+        lambda x: jax.device_put(x, batch_sharding(mesh, rules, np.ndim(x), np.shape(x)[0])), batch)
 
 
 @contextlib.contextmanager
 def activate(mesh: Mesh, rules=None):
-  """Sets the mesh (jax.set_mesh) and the logical rules (flax) so `constrain` shards activations."""
-  rules = validate_rules(rules, mesh)
-  with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
-    yield
+    """Sets the mesh (jax.set_mesh) and the logical rules (flax) so `constrain` shards activations."""
+    rules = validate_rules(rules, mesh)
+    with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
+        yield
 
 
 def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
-  """with_sharding_constraint from logical names, under `activate`; a no-op without mesh and rules."""
-  rules = flax_spmd.get_logical_axis_rules()
-  mesh = jax.sharding.get_abstract_mesh()
-  if not rules or mesh is None or mesh.empty:
-    return x
-  spec = logical_to_spec(logical_axes, rules, _mesh_sizes(mesh), x.shape)
-  return jax.lax.with_sharding_constraint(x, spec)
+    """with_sharding_constraint from logical names, under `activate`; a no-op without mesh and rules."""
+    rules = flax_spmd.get_logical_axis_rules()
+    mesh = jax.sharding.get_abstract_mesh()
+    if not rules or mesh is None or mesh.empty:
+        return x
+    spec = logical_to_spec(logical_axes, rules, _mesh_sizes(mesh), x.shape)
+    return jax.lax.with_sharding_constraint(x, spec)

@@ -65,291 +65,291 @@ GROW = 128  # the decode's KV buffers start with room for GROW new tokens and gr
 
 
 class Samples(NamedTuple):
-  tokens: jax.Array       # [B, N] int32
-  mask: jax.Array         # [B, N] int32, 1 up to and including the first EOS
-  logp_policy: jax.Array  # [B, N] float32, log π_T(token)
-  logp_ref: jax.Array     # [B, N] float32, log μ_T(token) (the policy's when no mix_params)
-  logp_sample: jax.Array  # [B, N] float32, log of the sampling distribution at the token
+    tokens: jax.Array       # [B, N] int32
+    mask: jax.Array         # [B, N] int32, 1 up to and including the first EOS
+    logp_policy: jax.Array  # [B, N] float32, log π_T(token)
+    logp_ref: jax.Array     # [B, N] float32, log μ_T(token) (the policy's when no mix_params)
+    logp_sample: jax.Array  # [B, N] float32, log of the sampling distribution at the token
 
-  def split(self, b: int) -> tuple["Samples", "Samples"]:
-    """(rows [0, b), rows [b, ...)): the two halves of a sample drawn for the prompts twice."""
-    return Samples(*(x[:b] for x in self)), Samples(*(x[b:] for x in self))
+    def split(self, b: int) -> tuple["Samples", "Samples"]:
+        """(rows [0, b), rows [b, ...)): the two halves of a sample drawn for the prompts twice."""
+        return Samples(*(x[:b] for x in self)), Samples(*(x[b:] for x in self))
 
 
 def _is_static(x, value) -> bool:
-  return isinstance(x, (int, float)) and float(x) == value
+    return isinstance(x, (int, float)) and float(x) == value
 
 
 def filter_logits(logits: jax.Array, top_k: int = 0, top_p=1.0) -> jax.Array:
-  """Sets to -inf the tokens outside the top-k and outside the nucleus of mass top_p (keeps ≥ 1 token)."""
-  v = logits.shape[-1]
-  if top_k and top_k < v:
-    kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
-    logits = jnp.where(logits >= kth, logits, -jnp.inf)
-  if not _is_static(top_p, 1.0):
-    order = jnp.argsort(-logits, axis=-1)
-    sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
-    probs = jax.nn.softmax(sorted_logits, axis=-1)
-    mass_before = jnp.cumsum(probs, axis=-1) - probs
-    keep_sorted = mass_before < top_p
-    keep_sorted = keep_sorted.at[..., 0].set(True)
-    keep = jnp.zeros_like(keep_sorted).at[
-        jnp.arange(logits.shape[0])[:, None], order].set(keep_sorted)
-    logits = jnp.where(keep, logits, -jnp.inf)
-  return logits
+    """Sets to -inf the tokens outside the top-k and outside the nucleus of mass top_p (keeps ≥ 1 token)."""
+    v = logits.shape[-1]
+    if top_k and top_k < v:
+        kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
+        logits = jnp.where(logits >= kth, logits, -jnp.inf)
+    if not _is_static(top_p, 1.0):
+        order = jnp.argsort(-logits, axis=-1)
+        sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
+        probs = jax.nn.softmax(sorted_logits, axis=-1)
+        mass_before = jnp.cumsum(probs, axis=-1) - probs
+        keep_sorted = mass_before < top_p
+        keep_sorted = keep_sorted.at[..., 0].set(True)
+        keep = jnp.zeros_like(keep_sorted).at[
+            jnp.arange(logits.shape[0])[:, None], order].set(keep_sorted)
+        logits = jnp.where(keep, logits, -jnp.inf)
+    return logits
 
 
 def _argmax(x: jax.Array) -> jax.Array:
-  """`jnp.argmax(x, -1)` (the first index of the maximum) as two plain reductions, a max and a min over the
-  indices attaining it: XLA:CPU emits the fused (value, index) reduction of argmax as a scalar loop."""
-  v = x.shape[-1]
-  first = jnp.min(jnp.where(x == jnp.max(x, axis=-1, keepdims=True), jnp.arange(v, dtype=jnp.int32), v), axis=-1)
-  return jnp.minimum(first, v - 1)  # a valid id even for NaN logits (the step's finiteness check reports those)
+    """`jnp.argmax(x, -1)` (the first index of the maximum) as two plain reductions, a max and a min over the
+    indices attaining it: XLA:CPU emits the fused (value, index) reduction of argmax as a scalar loop."""
+    v = x.shape[-1]
+    first = jnp.min(jnp.where(x == jnp.max(x, axis=-1, keepdims=True), jnp.arange(v, dtype=jnp.int32), v), axis=-1)
+    return jnp.minimum(first, v - 1)  # a valid id even for NaN logits (the step's finiteness check reports those)
 
 
 def _check_args(cfg, prompts, prompt_mask, max_new_tokens, eos_id, pad_id, temperature, top_k, top_p, beta,
                 cache_len):
-  if prompts.ndim != 2:
-    raise ValueError(f"prompts: expected [B, Tp], got shape {prompts.shape}")
-  if prompt_mask.shape != prompts.shape:
-    raise ValueError(f"prompt_mask: shape {prompt_mask.shape} differs from prompts {prompts.shape}")
-  if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-    raise ValueError(f"max_new_tokens={max_new_tokens!r}: must be a positive int")
-  total = prompts.shape[1] + max_new_tokens
-  if total > cfg.max_len:
-    raise ValueError(f"prompts: prompt length {prompts.shape[1]} + max_new_tokens {max_new_tokens} = {total} "
-                     f"exceeds ModelConfig.max_len={cfg.max_len}")
-  if cache_len is not None and not total <= cache_len <= cfg.max_len:
-    raise ValueError(f"cache_len={cache_len}: must lie in [prompt length + max_new_tokens = {total}, "
-                     f"max_len = {cfg.max_len}]")
-  if eos_id is not None and not 0 <= eos_id < cfg.vocab_size:
-    raise ValueError(f"eos_id={eos_id}: must be a token id in [0, {cfg.vocab_size}) or None")
-  if not 0 <= pad_id < cfg.vocab_size:
-    raise ValueError(f"pad_id={pad_id}: must be a token id in [0, {cfg.vocab_size})")
-  if isinstance(temperature, (int, float)) and temperature <= 0:
-    raise ValueError(f"temperature={temperature}: must be positive")
-  if not isinstance(top_k, int) or not 0 <= top_k <= cfg.vocab_size:
-    raise ValueError(f"top_k={top_k!r}: must be an int in [0, vocab_size={cfg.vocab_size}] (0 = off)")
-  if isinstance(top_p, (int, float)) and not 0 < top_p <= 1:
-    raise ValueError(f"top_p={top_p}: must lie in (0, 1]")
-  if isinstance(beta, (int, float)) and not 0 <= beta <= 1:
-    raise ValueError(f"beta={beta}: must lie in [0, 1]")
+    if prompts.ndim != 2:
+        raise ValueError(f"prompts: expected [B, Tp], got shape {prompts.shape}")
+    if prompt_mask.shape != prompts.shape:
+        raise ValueError(f"prompt_mask: shape {prompt_mask.shape} differs from prompts {prompts.shape}")
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens!r}: must be a positive int")
+    total = prompts.shape[1] + max_new_tokens
+    if total > cfg.max_len:
+        raise ValueError(f"prompts: prompt length {prompts.shape[1]} + max_new_tokens {max_new_tokens} = {total} "
+                         f"exceeds ModelConfig.max_len={cfg.max_len}")
+    if cache_len is not None and not total <= cache_len <= cfg.max_len:
+        raise ValueError(f"cache_len={cache_len}: must lie in [prompt length + max_new_tokens = {total}, "
+                         f"max_len = {cfg.max_len}]")
+    if eos_id is not None and not 0 <= eos_id < cfg.vocab_size:
+        raise ValueError(f"eos_id={eos_id}: must be a token id in [0, {cfg.vocab_size}) or None")
+    if not 0 <= pad_id < cfg.vocab_size:
+        raise ValueError(f"pad_id={pad_id}: must be a token id in [0, {cfg.vocab_size})")
+    if isinstance(temperature, (int, float)) and temperature <= 0:
+        raise ValueError(f"temperature={temperature}: must be positive")
+    if not isinstance(top_k, int) or not 0 <= top_k <= cfg.vocab_size:
+        raise ValueError(f"top_k={top_k!r}: must be an int in [0, vocab_size={cfg.vocab_size}] (0 = off)")
+    if isinstance(top_p, (int, float)) and not 0 < top_p <= 1:
+        raise ValueError(f"top_p={top_p}: must lie in (0, 1]")
+    if isinstance(beta, (int, float)) and not 0 <= beta <= 1:
+        raise ValueError(f"beta={beta}: must lie in [0, 1]")
 
 
 @functools.partial(jax.tree_util.register_dataclass,
                    data_fields=["logits_pol", "cache_pol", "logits_mix", "cache_mix"], meta_fields=["prompt_len"])
 @dataclasses.dataclass(frozen=True)
 class Prefilled:
-  """The decode loop's starting point: last-position logits and KV cache of each tree ([Rp, V] for the policy,
-  [Rm, V] for the second tree; see the row layout in the module docstring), and the prompt length (static: the
-  first cache slot of the completion; it survives a jit boundary as pytree metadata)."""
-  logits_pol: jax.Array
-  cache_pol: KVCache
-  logits_mix: jax.Array | None
-  cache_mix: KVCache | None
-  prompt_len: int
+    """The decode loop's starting point: last-position logits and KV cache of each tree ([Rp, V] for the policy,
+    [Rm, V] for the second tree; see the row layout in the module docstring), and the prompt length (static: the
+    first cache slot of the completion; it survives a jit boundary as pytree metadata)."""
+    logits_pol: jax.Array
+    cache_pol: KVCache
+    logits_mix: jax.Array | None
+    cache_mix: KVCache | None
+    prompt_len: int
 
 
 def _model_fn(graphdef, p, tokens, mask, cache, index, outputs=slice(None)):
-  return nnx.merge(graphdef, p)(tokens, mask, cache=cache, index=index, outputs=outputs)
+    return nnx.merge(graphdef, p)(tokens, mask, cache=cache, index=index, outputs=outputs)
 
 
 def _prefill_tree(graphdef, p, prompts, prompt_mask, cache_len):
-  cfg = nnx.merge(graphdef, p).cfg
-  b, tp = prompts.shape
-  cache = init_cache(cfg, b, cache_len)
-  logits, cache = _model_fn(graphdef, p, prompts.astype(jnp.int32), prompt_mask.astype(jnp.int32), cache, 0,
-                            slice(-1, None))
-  return logits[:, 0], cache
+    cfg = nnx.merge(graphdef, p).cfg
+    b, tp = prompts.shape
+    cache = init_cache(cfg, b, cache_len)
+    logits, cache = _model_fn(graphdef, p, prompts.astype(jnp.int32), prompt_mask.astype(jnp.int32), cache, 0,
+                              slice(-1, None))
+    return logits[:, 0], cache
 
 
 def _tile_rows(logits, cache: KVCache, copies: int):
-  """The same prefilled rows `copies` times along the batch (the batch axis of a stacked [L, B, ...] cache is 1)."""
-  if copies == 1:
-    return logits, cache
-  rep = lambda x: jnp.concatenate([x] * copies, axis=1 if x.ndim == 5 else 0)
-  return rep(logits), KVCache(*jax.tree.map(rep, (cache.k, cache.v, cache.mask)))
+    """The same prefilled rows `copies` times along the batch (the batch axis of a stacked [L, B, ...] cache is 1)."""
+    if copies == 1:
+        return logits, cache
+    rep = lambda x: jnp.concatenate([x] * copies, axis=1 if x.ndim == 5 else 0)
+    return rep(logits), KVCache(*jax.tree.map(rep, (cache.k, cache.v, cache.mask)))
 
 
 def prefill(graphdef, params, prompts, prompt_mask, *, max_new_tokens: int, mix_params=None,
             cache_len: int | None = None, policy_copies: int = 1) -> Prefilled:
-  """Runs the left-padded prompts through the policy (and the second tree) into fresh KV caches; the policy's
-  rows are then repeated `policy_copies` times (the pair sampler's y and y' rows share one prefill).
+    """Runs the left-padded prompts through the policy (and the second tree) into fresh KV caches; the policy's
+    rows are then repeated `policy_copies` times (the pair sampler's y and y' rows share one prefill).
 
-  The caches get `cache_len` slots when it is given, otherwise room for the first GROW new tokens (`decode`
-  grows them as it goes)."""
-  s = cache_len or prompts.shape[1] + min(max_new_tokens, GROW)
-  logits_pol, cache_pol = _tile_rows(*_prefill_tree(graphdef, params, prompts, prompt_mask, s), policy_copies)
-  logits_mix, cache_mix = (_prefill_tree(graphdef, mix_params, prompts, prompt_mask, s)
-                           if mix_params is not None else (None, None))
-  return Prefilled(logits_pol, cache_pol, logits_mix, cache_mix, prompts.shape[1])
+    The caches get `cache_len` slots when it is given, otherwise room for the first GROW new tokens (`decode`
+    grows them as it goes)."""
+    s = cache_len or prompts.shape[1] + min(max_new_tokens, GROW)
+    logits_pol, cache_pol = _tile_rows(*_prefill_tree(graphdef, params, prompts, prompt_mask, s), policy_copies)
+    logits_mix, cache_mix = (_prefill_tree(graphdef, mix_params, prompts, prompt_mask, s)
+                             if mix_params is not None else (None, None))
+    return Prefilled(logits_pol, cache_pol, logits_mix, cache_mix, prompts.shape[1])
 
 
 def sample(graphdef, params, prompts, prompt_mask, rng, *, max_new_tokens: int, eos_id: int | None,
            pad_id: int, temperature=1.0, top_k: int = 0, top_p=1.0, mix_params=None, beta=0.0,
            cache_len: int | None = None, predraw_limit: int = 1 << 24) -> Samples:
-  """Samples `max_new_tokens` tokens after each left-padded prompt; see the module docstring.
+    """Samples `max_new_tokens` tokens after each left-padded prompt; see the module docstring.
 
-  `cache_len` (at most max_len) fixes the KV buffer size (default: grown by GROW slots per loop, see above);
-  `predraw_limit` is the largest [N, B, V] Gumbel-noise array drawn up front.
-  """
-  cfg = nnx.merge(graphdef, params).cfg
-  _check_args(cfg, prompts, prompt_mask, max_new_tokens, eos_id, pad_id, temperature, top_k, top_p, beta,
-              cache_len)
-  state = prefill(graphdef, params, prompts, prompt_mask, max_new_tokens=max_new_tokens,
-                  mix_params=mix_params, cache_len=cache_len)
-  return decode(graphdef, params, state, rng, max_new_tokens=max_new_tokens, eos_id=eos_id, pad_id=pad_id,
-                temperature=temperature, top_k=top_k, top_p=top_p, mix_params=mix_params, beta=beta,
-                predraw_limit=predraw_limit)
+    `cache_len` (at most max_len) fixes the KV buffer size (default: grown by GROW slots per loop, see above);
+    `predraw_limit` is the largest [N, B, V] Gumbel-noise array drawn up front.
+    """
+    cfg = nnx.merge(graphdef, params).cfg
+    _check_args(cfg, prompts, prompt_mask, max_new_tokens, eos_id, pad_id, temperature, top_k, top_p, beta,
+                cache_len)
+    state = prefill(graphdef, params, prompts, prompt_mask, max_new_tokens=max_new_tokens,
+                    mix_params=mix_params, cache_len=cache_len)
+    return decode(graphdef, params, state, rng, max_new_tokens=max_new_tokens, eos_id=eos_id, pad_id=pad_id,
+                  temperature=temperature, top_k=top_k, top_p=top_p, mix_params=mix_params, beta=beta,
+                  predraw_limit=predraw_limit)
 
 
 def sample_pair(graphdef, params, prompts, prompt_mask, rng, *, max_new_tokens: int, eos_id: int | None,
                 pad_id: int, temperature=1.0, top_k: int = 0, top_p=1.0, mix_params=None, beta=0.0,
                 cache_len: int | None = None, predraw_limit: int = 1 << 24) -> tuple[Samples, Samples]:
-  """`(y, y2)`: y ~ π and y2 ~ π^(1−β)·μ^β (μ = mix_params; y2 ~ π when it is None) in one decode loop.
+    """`(y, y2)`: y ~ π and y2 ~ π^(1−β)·μ^β (μ = mix_params; y2 ~ π when it is None) in one decode loop.
 
-  `rng` is `(key_y, key_y2)` or one key (split in two). See the module docstring."""
-  cfg = nnx.merge(graphdef, params).cfg
-  _check_args(cfg, prompts, prompt_mask, max_new_tokens, eos_id, pad_id, temperature, top_k, top_p, beta,
-              cache_len)
-  if not isinstance(rng, (tuple, list)):
-    rng = tuple(jax.random.split(rng))
-  if len(rng) != 2:
-    raise ValueError(f"rng: expected one key or a pair (key_y, key_y2), got {len(rng)} keys")
-  b = prompts.shape[0]
-  if mix_params is not None and _is_static(beta, 0.0):
-    mix_params = None  # y2 ~ π alone
-  policy_on_y2 = not (mix_params is not None and _is_static(beta, 1.0))
-  state = prefill(graphdef, params, prompts, prompt_mask, max_new_tokens=max_new_tokens, mix_params=mix_params,
-                  cache_len=cache_len, policy_copies=2 if policy_on_y2 else 1)
-  out = decode(graphdef, params, state, tuple(rng), max_new_tokens=max_new_tokens, eos_id=eos_id, pad_id=pad_id,
-               temperature=temperature, top_k=top_k, top_p=top_p, mix_params=mix_params, beta=beta,
-               predraw_limit=predraw_limit, rows=2 * b)
-  return out.split(b)
+    `rng` is `(key_y, key_y2)` or one key (split in two). See the module docstring."""
+    cfg = nnx.merge(graphdef, params).cfg
+    _check_args(cfg, prompts, prompt_mask, max_new_tokens, eos_id, pad_id, temperature, top_k, top_p, beta,
+                cache_len)
+    if not isinstance(rng, (tuple, list)):
+        rng = tuple(jax.random.split(rng))
+    if len(rng) != 2:
+        raise ValueError(f"rng: expected one key or a pair (key_y, key_y2), got {len(rng)} keys")
+    b = prompts.shape[0]
+    if mix_params is not None and _is_static(beta, 0.0):
+        mix_params = None  # y2 ~ π alone
+    policy_on_y2 = not (mix_params is not None and _is_static(beta, 1.0))
+    state = prefill(graphdef, params, prompts, prompt_mask, max_new_tokens=max_new_tokens, mix_params=mix_params,
+                    cache_len=cache_len, policy_copies=2 if policy_on_y2 else 1)
+    out = decode(graphdef, params, state, tuple(rng), max_new_tokens=max_new_tokens, eos_id=eos_id, pad_id=pad_id,
+                 temperature=temperature, top_k=top_k, top_p=top_p, mix_params=mix_params, beta=beta,
+                 predraw_limit=predraw_limit, rows=2 * b)
+    return out.split(b)
 
 
 def decode(graphdef, params, state: Prefilled, rng, *, max_new_tokens: int, eos_id: int | None, pad_id: int,
            temperature=1.0, top_k: int = 0, top_p=1.0, mix_params=None, beta=0.0,
            predraw_limit: int = 1 << 24, rows: int | None = None) -> Samples:
-  """The `lax.while_loop` decode from a `prefill` state (arguments as in `sample`, which checks them).
+    """The `lax.while_loop` decode from a `prefill` state (arguments as in `sample`, which checks them).
 
-  `rows` (default: the policy's rows Rp) is the number R of sampled rows: the policy covers rows [0, Rp), the
-  second tree the last Rm; `rng` is one key or a tuple of keys, one per equal block of rows."""
-  cfg = nnx.merge(graphdef, params).cfg
-  mixing = mix_params is not None
-  if mixing != (state.cache_mix is not None):
-    raise ValueError("mix_params: must be given to both prefill and decode, or to neither")
-  rp = state.logits_pol.shape[0]
-  rm = state.logits_mix.shape[0] if mixing else 0
-  r = rows or rp
-  if not (rp <= r and rm <= r and rp + rm >= r):
-    raise ValueError(f"rows={r}: the policy's {rp} rows and the second tree's {rm} must cover them")
-  lo = r - rm  # rows [0, lo): policy only; [lo, rp): both (the mixture); [rp, r): second tree only
-  keys = tuple(rng) if isinstance(rng, (tuple, list)) else (rng,)
-  if r % len(keys):
-    raise ValueError(f"rng: {len(keys)} keys do not split {r} rows into equal blocks")
-  blk, v, n = r // len(keys), cfg.vocab_size, max_new_tokens
-  tp = state.prompt_len
-  inv_t = 1.0 / jnp.asarray(temperature, jnp.float32)
-  model_fn = functools.partial(_model_fn, graphdef)
-  filtering = bool(top_k) or not _is_static(top_p, 1.0)
+    `rows` (default: the policy's rows Rp) is the number R of sampled rows: the policy covers rows [0, Rp), the
+    second tree the last Rm; `rng` is one key or a tuple of keys, one per equal block of rows."""
+    cfg = nnx.merge(graphdef, params).cfg
+    mixing = mix_params is not None
+    if mixing != (state.cache_mix is not None):
+        raise ValueError("mix_params: must be given to both prefill and decode, or to neither")
+    rp = state.logits_pol.shape[0]
+    rm = state.logits_mix.shape[0] if mixing else 0
+    r = rows or rp
+    if not (rp <= r and rm <= r and rp + rm >= r):
+        raise ValueError(f"rows={r}: the policy's {rp} rows and the second tree's {rm} must cover them")
+    lo = r - rm  # rows [0, lo): policy only; [lo, rp): both (the mixture); [rp, r): second tree only
+    keys = tuple(rng) if isinstance(rng, (tuple, list)) else (rng,)
+    if r % len(keys):
+        raise ValueError(f"rng: {len(keys)} keys do not split {r} rows into equal blocks")
+    blk, v, n = r // len(keys), cfg.vocab_size, max_new_tokens
+    tp = state.prompt_len
+    inv_t = 1.0 / jnp.asarray(temperature, jnp.float32)
+    model_fn = functools.partial(_model_fn, graphdef)
+    filtering = bool(top_k) or not _is_static(top_p, 1.0)
 
-  predraw = n * r * v <= predraw_limit
-  if predraw:
-    gumbel_all = jnp.concatenate([jax.random.gumbel(k, (n, blk, v), jnp.float32) for k in keys], axis=1)
-
-  def step_noise(i):
+    predraw = n * r * v <= predraw_limit
     if predraw:
-      return jax.lax.dynamic_index_in_dim(gumbel_all, i, 0, keepdims=False)
-    return jnp.concatenate([jax.random.gumbel(jax.random.fold_in(k, i), (blk, v), jnp.float32) for k in keys])
+        gumbel_all = jnp.concatenate([jax.random.gumbel(k, (n, blk, v), jnp.float32) for k in keys], axis=1)
 
-  def cat(*parts):
-    parts = [x for x in parts if x.shape[0]]
-    return parts[0] if len(parts) == 1 else jnp.concatenate(parts)
+    def step_noise(i):
+        if predraw:
+            return jax.lax.dynamic_index_in_dim(gumbel_all, i, 0, keepdims=False)
+        return jnp.concatenate([jax.random.gumbel(jax.random.fold_in(k, i), (blk, v), jnp.float32) for k in keys])
 
-  zeros_f = jnp.zeros((r, n), jnp.float32)
-  st = dict(
-      i=jnp.zeros((), jnp.int32),
-      done=jnp.zeros((r,), bool),
-      tokens=jnp.full((r, n), pad_id, jnp.int32),
-      mask=jnp.zeros((r, n), jnp.int32),
-      lp_pol=zeros_f, lp_ref=zeros_f, lp_samp=zeros_f,
-      logits_pol=state.logits_pol, cache_pol=state.cache_pol,
-      logits_mix=state.logits_mix, cache_mix=state.cache_mix,
-  )
+    def cat(*parts):
+        parts = [x for x in parts if x.shape[0]]
+        return parts[0] if len(parts) == 1 else jnp.concatenate(parts)
 
-  def body(st):
-    i = st["i"]
-    # Scaled logits z/T; log-softmaxes are only needed at the chosen token (z_tok/T − logsumexp), and the
-    # argmax input skips the per-row normalising constants (argmax and top-k/top-p are shift-invariant).
-    z_pol = st["logits_pol"] * inv_t
-    if mixing:
-      z_mix = st["logits_mix"] * inv_t
-      both = (1.0 - beta) * z_pol[lo:] + beta * z_mix[:rp - lo]  # exactly z_pol at β = 0 and z_mix at β = 1
-      unnorm = cat(z_pol[:lo], both, z_mix[rp - lo:])
-    else:
-      unnorm = z_pol
-    unnorm = filter_logits(unnorm, top_k, top_p)
-    unnorm = constrain(unnorm, ("batch", "vocab"))
-    tok = _argmax(unnorm + step_noise(i))
-    pick = lambda z, t: jnp.take_along_axis(z, t[:, None], axis=-1)[:, 0]
-    lse = lambda z: jax.nn.logsumexp(z, axis=-1)
-    lp_a = pick(z_pol, tok[:rp]) - lse(z_pol)  # [Rp]
-    if mixing:
-      lp_b = pick(z_mix, tok[lo:]) - lse(z_mix)  # [Rm]
-      lp_pol_tok, lp_ref_tok = cat(lp_a, lp_b[rp - lo:]), cat(lp_a[:lo], lp_b)
-    else:
-      lp_pol_tok = lp_ref_tok = lp_a
-    if (mixing and rp > lo) or filtering:
-      lp_samp_tok = pick(unnorm, tok) - lse(unnorm)
-    else:
-      lp_samp_tok = lp_pol_tok  # every row samples one model, unfiltered
-    live = ~st["done"]
-    tok = jnp.where(live, tok, pad_id)
-    out = dict(st)
-    out["tokens"] = st["tokens"].at[:, i].set(tok)
-    out["mask"] = st["mask"].at[:, i].set(live.astype(jnp.int32))
-    out["lp_pol"] = st["lp_pol"].at[:, i].set(jnp.where(live, lp_pol_tok, 0.0))
-    out["lp_ref"] = st["lp_ref"].at[:, i].set(jnp.where(live, lp_ref_tok, 0.0))
-    out["lp_samp"] = st["lp_samp"].at[:, i].set(jnp.where(live, lp_samp_tok, 0.0))
-    out["done"] = st["done"] | (tok == eos_id) if eos_id is not None else st["done"]
-    step_mask = live.astype(jnp.int32)[:, None]
-    logits, out["cache_pol"] = model_fn(params, tok[:rp, None], step_mask[:rp], st["cache_pol"], tp + i)
-    out["logits_pol"] = logits[:, 0]
-    if mixing:
-      logits, out["cache_mix"] = model_fn(mix_params, tok[lo:, None], step_mask[lo:], st["cache_mix"], tp + i)
-      out["logits_mix"] = logits[:, 0]
-    out["i"] = i + 1
-    return out
+    zeros_f = jnp.zeros((r, n), jnp.float32)
+    st = dict(
+        i=jnp.zeros((), jnp.int32),
+        done=jnp.zeros((r,), bool),
+        tokens=jnp.full((r, n), pad_id, jnp.int32),
+        mask=jnp.zeros((r, n), jnp.int32),
+        lp_pol=zeros_f, lp_ref=zeros_f, lp_samp=zeros_f,
+        logits_pol=state.logits_pol, cache_pol=state.cache_pol,
+        logits_mix=state.logits_mix, cache_mix=state.cache_mix,
+    )
 
-  # One while loop per buffer size: iterations [0, end) fit in the slots the prefill allocated; each later loop
-  # first grows both caches by GROW slots (one copy of the caches per loop).
-  size = state.cache_pol.mask.shape[1]
-  while True:
-    end = min(n, size - tp)
-    st = jax.lax.while_loop(lambda st, end=end: (st["i"] < end) & ~jnp.all(st["done"]), body, st)
-    if end == n:
-      break
-    size = min(tp + n, size + GROW)
-    st = {**st, "cache_pol": _grow(st["cache_pol"], size),
-          "cache_mix": _grow(st["cache_mix"], size) if mixing else None}
-  return Samples(st["tokens"], st["mask"], st["lp_pol"], st["lp_ref"], st["lp_samp"])
+    def body(st):
+        i = st["i"]
+        # Scaled logits z/T; log-softmaxes are only needed at the chosen token (z_tok/T − logsumexp), and the
+        # argmax input skips the per-row normalising constants (argmax and top-k/top-p are shift-invariant).
+        z_pol = st["logits_pol"] * inv_t
+        if mixing:
+            z_mix = st["logits_mix"] * inv_t
+            both = (1.0 - beta) * z_pol[lo:] + beta * z_mix[:rp - lo]  # exactly z_pol at β = 0 and z_mix at β = 1
+            unnorm = cat(z_pol[:lo], both, z_mix[rp - lo:])
+        else:
+            unnorm = z_pol
+        unnorm = filter_logits(unnorm, top_k, top_p)
+        unnorm = constrain(unnorm, ("batch", "vocab"))
+        tok = _argmax(unnorm + step_noise(i))
+        pick = lambda z, t: jnp.take_along_axis(z, t[:, None], axis=-1)[:, 0]
+        lse = lambda z: jax.nn.logsumexp(z, axis=-1)
+        lp_a = pick(z_pol, tok[:rp]) - lse(z_pol)  # [Rp]
+        if mixing:
+            lp_b = pick(z_mix, tok[lo:]) - lse(z_mix)  # [Rm]
+            lp_pol_tok, lp_ref_tok = cat(lp_a, lp_b[rp - lo:]), cat(lp_a[:lo], lp_b)
+        else:
+            lp_pol_tok = lp_ref_tok = lp_a
+        if (mixing and rp > lo) or filtering:
+            lp_samp_tok = pick(unnorm, tok) - lse(unnorm)
+        else:
+            lp_samp_tok = lp_pol_tok  # every row samples one model, unfiltered
+        live = ~st["done"]
+        tok = jnp.where(live, tok, pad_id)
+        out = dict(st)
+        out["tokens"] = st["tokens"].at[:, i].set(tok)
+        out["mask"] = st["mask"].at[:, i].set(live.astype(jnp.int32))
+        out["lp_pol"] = st["lp_pol"].at[:, i].set(jnp.where(live, lp_pol_tok, 0.0))
+        out["lp_ref"] = st["lp_ref"].at[:, i].set(jnp.where(live, lp_ref_tok, 0.0))
+        out["lp_samp"] = st["lp_samp"].at[:, i].set(jnp.where(live, lp_samp_tok, 0.0))
+        out["done"] = st["done"] | (tok == eos_id) if eos_id is not None else st["done"]
+        step_mask = live.astype(jnp.int32)[:, None]
+        logits, out["cache_pol"] = model_fn(params, tok[:rp, None], step_mask[:rp], st["cache_pol"], tp + i)
+        out["logits_pol"] = logits[:, 0]
+        if mixing:
+            logits, out["cache_mix"] = model_fn(mix_params, tok[lo:, None], step_mask[lo:], st["cache_mix"], tp + i)
+            out["logits_mix"] = logits[:, 0]
+        out["i"] = i + 1
+        return out
+
+    # One while loop per buffer size: iterations [0, end) fit in the slots the prefill allocated; each later loop
+    # first grows both caches by GROW slots (one copy of the caches per loop).
+    size = state.cache_pol.mask.shape[1]
+    while True:
+        end = min(n, size - tp)
+        st = jax.lax.while_loop(lambda st, end=end: (st["i"] < end) & ~jnp.all(st["done"]), body, st)
+        if end == n:
+            break
+        size = min(tp + n, size + GROW)
+        st = {**st, "cache_pol": _grow(st["cache_pol"], size),
+              "cache_mix": _grow(st["cache_mix"], size) if mixing else None}
+    return Samples(st["tokens"], st["mask"], st["lp_pol"], st["lp_ref"], st["lp_samp"])
 
 
 def _grow(cache: KVCache, size: int) -> KVCache:
-  """The cache with empty slots appended up to `size` (keys/values [..., S, hd], mask [B, S])."""
-  pad = lambda x, axis: jnp.pad(x, [(0, size - x.shape[axis]) if a == axis % x.ndim else (0, 0)
-                                    for a in range(x.ndim)])
-  return KVCache(jax.tree.map(lambda x: pad(x, -2), cache.k), jax.tree.map(lambda x: pad(x, -2), cache.v),
-                 pad(cache.mask, 1))
+    """The cache with empty slots appended up to `size` (keys/values [..., S, hd], mask [B, S])."""
+    pad = lambda x, axis: jnp.pad(x, [(0, size - x.shape[axis]) if a == axis % x.ndim else (0, 0)
+                                      for a in range(x.ndim)])
+    return KVCache(jax.tree.map(lambda x: pad(x, -2), cache.k), jax.tree.map(lambda x: pad(x, -2), cache.v),
+                   pad(cache.mask, 1))
 
 
 def sample_jit(**static):
-  """`jax.jit`-compiled `sample` with the keyword arguments in `static` fixed (max_new_tokens, eos_id,
-  pad_id, temperature, top_k, top_p, ...); graphdef is a static argument.
+    """`jax.jit`-compiled `sample` with the keyword arguments in `static` fixed (max_new_tokens, eos_id,
+    pad_id, temperature, top_k, top_p, ...); graphdef is a static argument.
 
-  Returns fn(graphdef, params, prompts, prompt_mask, rng, mix_params=None, beta=0.0) -> Samples.
-  """
-  def fn(graphdef, params, prompts, prompt_mask, rng, mix_params=None, beta=0.0):
-    return sample(graphdef, params, prompts, prompt_mask, rng, mix_params=mix_params, beta=beta, **static)
-  return jax.jit(fn, static_argnums=0)
+    Returns fn(graphdef, params, prompts, prompt_mask, rng, mix_params=None, beta=0.0) -> Samples.
+    """
+    def fn(graphdef, params, prompts, prompt_mask, rng, mix_params=None, beta=0.0):
+        return sample(graphdef, params, prompts, prompt_mask, rng, mix_params=mix_params, beta=beta, **static)
+    return jax.jit(fn, static_argnums=0)

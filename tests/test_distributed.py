@@ -31,77 +31,77 @@ JOB_OVERRIDES = ["--config.pipeline=sft,nash_md_oracle", "--config.mesh.data=1",
 
 
 def _source_hash() -> str:
-  """Hash of the package sources this process imported (the tree is shared with concurrent editors)."""
-  import hashlib
+    """Hash of the package sources this process imported (the tree is shared with concurrent editors)."""
+    import hashlib
 
-  h = hashlib.sha256()
-  for dirpath, _, files in sorted(os.walk(os.path.join(ROOT, "nash_lm"))):
-    for f in sorted(files):
-      if f.endswith(".py"):
-        h.update(open(os.path.join(dirpath, f), "rb").read())
-  return h.hexdigest()
+    h = hashlib.sha256()
+    for dirpath, _, files in sorted(os.walk(os.path.join(ROOT, "nash_lm"))):
+        for f in sorted(files):
+            if f.endswith(".py"):
+                h.update(open(os.path.join(dirpath, f), "rb").read())
+    return h.hexdigest()
 
 
 def _worker(out: str) -> None:
-  """One process of the run: global batches from process-local rows, compiled steps, orbax save/restore."""
-  from nash_lm import distributed
+    """One process of the run: global batches from process-local rows, compiled steps, orbax save/restore."""
+    from nash_lm import distributed
 
-  multi = distributed.initialize()
-  import jax
-  import numpy as np
+    multi = distributed.initialize()
+    import jax
+    import numpy as np
 
-  sys.path.insert(0, ROOT)
-  from configs import tiny
-  from nash_lm import parallel
-  from nash_lm.data import synthetic
-  from nash_lm.train import checkpoint as ckpt_lib
-  from nash_lm.train import loop
-  from nash_lm.train import state as state_lib
+    sys.path.insert(0, ROOT)
+    from configs import tiny
+    from nash_lm import parallel
+    from nash_lm.data import synthetic
+    from nash_lm.train import checkpoint as ckpt_lib
+    from nash_lm.train import loop
+    from nash_lm.train import state as state_lib
 
-  config = tiny.get_config()
-  config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 1, 2, 1
-  config.pipeline = "sft"
-  config.stages.sft.steps = STEPS
-  workdir = os.path.join(out, "wd")
-  mesh, rules, _ = loop.prepare(config, workdir)
-  assert mesh.size == 2 and jax.process_count() == (2 if multi else 1)
-  result = {"process_count": jax.process_count(), "losses": [], "source_sha256": _source_hash()}
-  with parallel.activate(mesh, rules):
-    stage = loop.Stage(config, "sft", workdir, mesh, rules, 1e12, writer=None)
-    stage._build()
-    policy = stage._init_policy()
-    mut = jax.jit(lambda p: state_lib.init_state(p, stage.tx, stage.seed), out_shardings=stage.mut_sh)(policy)
-    train_step = stage._compile()
-    it = synthetic.BatchIterator(stage.train_data, stage.st.batch_size, stage.seed, "train")
-    for _ in range(STEPS):
-      full = next(it)
-      batch = distributed.global_batch_from_full(full, stage.batch_sh)
-      # the same global batch assembled from this host's rows only
-      local = {k: np.asarray(v)[distributed.host_rows(stage.batch_sh[k], v.shape)] for k, v in full.items()}
-      again = distributed.global_batch(local, stage.batch_sh, stage.st.batch_size)
-      for k in full:
-        np.testing.assert_array_equal(distributed.fetch(again[k]), full[k])
-      mut, metrics = train_step(mut, batch)
-      result["losses"].append(float(distributed.fetch(metrics["loss"])))
-    result["policy_params_sha256"] = ckpt_lib.params_sha256(distributed.fetch(mut.policy))
-    result["embed_sharding"] = str(jax.tree.leaves(mut.policy["embed"])[0].sharding.spec)
+    config = tiny.get_config()
+    config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 1, 2, 1
+    config.pipeline = "sft"
+    config.stages.sft.steps = STEPS
+    workdir = os.path.join(out, "wd")
+    mesh, rules, _ = loop.prepare(config, workdir)
+    assert mesh.size == 2 and jax.process_count() == (2 if multi else 1)
+    result = {"process_count": jax.process_count(), "losses": [], "source_sha256": _source_hash()}
+    with parallel.activate(mesh, rules):
+        stage = loop.Stage(config, "sft", workdir, mesh, rules, 1e12, writer=None)
+        stage._build()
+        policy = stage._init_policy()
+        mut = jax.jit(lambda p: state_lib.init_state(p, stage.tx, stage.seed), out_shardings=stage.mut_sh)(policy)
+        train_step = stage._compile()
+        it = synthetic.BatchIterator(stage.train_data, stage.st.batch_size, stage.seed, "train")
+        for _ in range(STEPS):
+            full = next(it)
+            batch = distributed.global_batch_from_full(full, stage.batch_sh)
+            # the same global batch assembled from this host's rows only
+            local = {k: np.asarray(v)[distributed.host_rows(stage.batch_sh[k], v.shape)] for k, v in full.items()}
+            again = distributed.global_batch(local, stage.batch_sh, stage.st.batch_size)
+            for k in full:
+                np.testing.assert_array_equal(distributed.fetch(again[k]), full[k])
+            mut, metrics = train_step(mut, batch)
+            result["losses"].append(float(distributed.fetch(metrics["loss"])))
+        result["policy_params_sha256"] = ckpt_lib.params_sha256(distributed.fetch(mut.policy))
+        result["embed_sharding"] = str(jax.tree.leaves(mut.policy["embed"])[0].sharding.spec)
 
-    # orbax save and restore across processes, into the abstract sharded state
-    ckpt = ckpt_lib.Checkpointer(os.path.join(out, "ckpt"), keep=1, async_save=True)
-    ckpt.save(STEPS, mut, it.get_state(), {"stage": "sft"})
-    ckpt.close()
-    ckpt = ckpt_lib.Checkpointer(os.path.join(out, "ckpt"), keep=1, async_save=True)
-    restored, data_state, _ = ckpt.restore(ckpt.latest_step(), stage.abstract_mut)
-    ckpt.close()
-    result["restored_sha256"] = ckpt_lib.params_sha256(distributed.fetch(restored.policy))
-    result["restored_step"] = int(distributed.fetch(restored.step))
-    result["data_state"] = data_state
-  result["shard_info"] = list(distributed.shard_info(stage.batch_sh["tokens"] if "tokens" in stage.batch_sh
-                                                     else next(iter(stage.batch_sh.values())),
-                                                     stage.st.batch_size))
-  # every process reports its own view; process 0 alone writes the shared result
-  distributed.write_json(os.path.join(out, f"view_{jax.process_index()}.json"), result, sync=False)
-  distributed.write_json(os.path.join(out, "result.json"), result)
+        # orbax save and restore across processes, into the abstract sharded state
+        ckpt = ckpt_lib.Checkpointer(os.path.join(out, "ckpt"), keep=1, async_save=True)
+        ckpt.save(STEPS, mut, it.get_state(), {"stage": "sft"})
+        ckpt.close()
+        ckpt = ckpt_lib.Checkpointer(os.path.join(out, "ckpt"), keep=1, async_save=True)
+        restored, data_state, _ = ckpt.restore(ckpt.latest_step(), stage.abstract_mut)
+        ckpt.close()
+        result["restored_sha256"] = ckpt_lib.params_sha256(distributed.fetch(restored.policy))
+        result["restored_step"] = int(distributed.fetch(restored.step))
+        result["data_state"] = data_state
+    result["shard_info"] = list(distributed.shard_info(stage.batch_sh["tokens"] if "tokens" in stage.batch_sh
+                                                       else next(iter(stage.batch_sh.values())),
+                                                       stage.st.batch_size))
+    # every process reports its own view; process 0 alone writes the shared result
+    distributed.write_json(os.path.join(out, f"view_{jax.process_index()}.json"), result, sync=False)
+    distributed.write_json(os.path.join(out, "result.json"), result)
 
 
 ENV = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS",)}
@@ -110,158 +110,159 @@ SINGLE_ENV = {**{k: v for k, v in ENV.items() if not k.startswith("NASH_LM_")}, 
 
 
 def _run_single(out):
-  r = subprocess.run(["timeout", "300", sys.executable, __file__, "worker", out], env=SINGLE_ENV, cwd=ROOT,
-                     capture_output=True, text=True)
-  assert r.returncode == 0, r.stderr[-3000:]
-  return json.load(open(os.path.join(out, "result.json")))
+    r = subprocess.run(["timeout", "300", sys.executable, __file__, "worker", out], env=SINGLE_ENV, cwd=ROOT,
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return json.load(open(os.path.join(out, "result.json")))
 
 
 def _launch_two(out, command, logdir):
-  cmd = [sys.executable, os.path.join(ROOT, "launch", "local.py"), "--num_processes=2", "--devices_per_process=1",
-         "--timeout=420", f"--logdir={logdir}", "--", *command]
-  r = subprocess.run(cmd, env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=480)
-  logs = ""
-  for i in range(2):
-    p = os.path.join(logdir, f"process_{i}.log")
-    logs += f"\n--- process {i}\n" + (open(p).read()[-2500:] if os.path.exists(p) else "")
-  assert r.returncode == 0, r.stderr[-2000:] + logs
-  return r
+    cmd = [sys.executable, os.path.join(ROOT, "launch", "local.py"), "--num_processes=2", "--devices_per_process=1",
+           "--timeout=420", f"--logdir={logdir}", "--", *command]
+    r = subprocess.run(cmd, env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=480)
+    logs = ""
+    for i in range(2):
+        p = os.path.join(logdir, f"process_{i}.log")
+        logs += f"\n--- process {i}\n" + (open(p).read()[-2500:] if os.path.exists(p) else "")
+    assert r.returncode == 0, r.stderr[-2000:] + logs
+    return r
 
 
 def _run_two(out):
-  _launch_two(out, [sys.executable, __file__, "worker", out], f"{out}/logs")
-  return json.load(open(os.path.join(out, "result.json")))
+    _launch_two(out, [sys.executable, __file__, "worker", out], f"{out}/logs")
+    return json.load(open(os.path.join(out, "result.json")))
 
 
 def _job(workdir, module="nash_lm.distributed"):
-  """The job's command line: `nash_lm.distributed` (the launch scripts' entry point) or `nash_lm.main` (which
-  starts jax.distributed itself from the launcher's environment)."""
-  return ["-m", module, "--config=configs/tiny.py", f"--workdir={workdir}", *JOB_OVERRIDES]
+    """The job's command line: `nash_lm.distributed` (the launch scripts' entry point) or `nash_lm.main` (which
+    starts jax.distributed itself from the launcher's environment)."""
+    return ["-m", module, "--config=configs/tiny.py", f"--workdir={workdir}", *JOB_OVERRIDES]
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-  one = _run_single(str(tmp_path_factory.mktemp("one")))
-  two_dir = str(tmp_path_factory.mktemp("two"))
-  return one, _run_two(two_dir), two_dir
+    one = _run_single(str(tmp_path_factory.mktemp("one")))
+    two_dir = str(tmp_path_factory.mktemp("two"))
+    return one, _run_two(two_dir), two_dir
 
 
 @pytest.fixture(scope="module")
 def jobs(tmp_path_factory):
-  """The training job on one process (2 devices) and on two processes (1 device each), same global mesh."""
-  one = str(tmp_path_factory.mktemp("job_one"))
-  source = _source_hash()
-  r = subprocess.run(["timeout", "420", sys.executable, *_job(f"{one}/wd", "nash_lm.main")], env=SINGLE_ENV, cwd=ROOT,
-                     capture_output=True, text=True)
-  assert r.returncode == 0, r.stderr[-3000:]
-  two = str(tmp_path_factory.mktemp("job_two"))
-  _launch_two(two, [sys.executable, *_job(f"{two}/wd")], f"{two}/logs")
-  with open(f"{two}/logs/process_0.log") as f:
-    printed = f.read()
-  assert _source_hash() == source, "nash_lm/ sources changed during the runs"
-  return f"{one}/wd", f"{two}/wd", printed
+    """The training job on one process (2 devices) and on two processes (1 device each), same global mesh."""
+    one = str(tmp_path_factory.mktemp("job_one"))
+    source = _source_hash()
+    r = subprocess.run(["timeout", "420", sys.executable, *_job(f"{one}/wd", "nash_lm.main")], env=SINGLE_ENV, cwd=ROOT,
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    two = str(tmp_path_factory.mktemp("job_two"))
+    _launch_two(two, [sys.executable, *_job(f"{two}/wd")], f"{two}/logs")
+    with open(f"{two}/logs/process_0.log") as f:
+        printed = f.read()
+    assert _source_hash() == source, "nash_lm/ sources changed during the runs"
+    return f"{one}/wd", f"{two}/wd", printed
 
 
 def test_two_processes_match_one_process_on_the_same_global_mesh(runs):
-  one, two, two_dir = runs
-  assert one["process_count"] == 1 and two["process_count"] == 2
-  assert two["source_sha256"] == one["source_sha256"], "nash_lm/ sources changed between the two runs"
-  assert "fsdp" in two["embed_sharding"]  # parameters really are sharded across the two processes
-  assert two["policy_params_sha256"] == one["policy_params_sha256"]
-  assert two["losses"] == pytest.approx(one["losses"], abs=1e-6)
-  assert len(set(one["losses"])) == STEPS  # the steps did change the parameters
-  assert two["restored_sha256"] == two["policy_params_sha256"] == one["restored_sha256"]
-  assert two["restored_step"] == STEPS and two["data_state"] == one["data_state"]
-  assert one["shard_info"] == [0, 1] and two["shard_info"] == [0, 2]
-  # process 0 wrote the shared files; process 1's view file was never written by anyone
-  assert os.path.exists(os.path.join(two_dir, "view_0.json"))
-  assert not os.path.exists(os.path.join(two_dir, "view_1.json"))
-  assert not [f for f in os.listdir(two_dir) if ".tmp." in f]
+    one, two, two_dir = runs
+    assert one["process_count"] == 1 and two["process_count"] == 2
+    assert two["source_sha256"] == one["source_sha256"], "nash_lm/ sources changed between the two runs"
+    assert "fsdp" in two["embed_sharding"]  # parameters really are sharded across the two processes
+    assert two["policy_params_sha256"] == one["policy_params_sha256"]
+    assert two["losses"] == pytest.approx(one["losses"], abs=1e-6)
+    assert len(set(one["losses"])) == STEPS  # the steps did change the parameters
+    assert two["restored_sha256"] == two["policy_params_sha256"] == one["restored_sha256"]
+    assert two["restored_step"] == STEPS and two["data_state"] == one["data_state"]
+    assert one["shard_info"] == [0, 1] and two["shard_info"] == [0, 2]
+    # process 0 wrote the shared files; process 1's view file was never written by anyone
+    assert os.path.exists(os.path.join(two_dir, "view_0.json"))
+    assert not os.path.exists(os.path.join(two_dir, "view_1.json"))
+    assert not [f for f in os.listdir(two_dir) if ".tmp." in f]
 
 
 def _read(path):
-  with open(path) as f:
-    return json.load(f)
+    with open(path) as f:
+        return json.load(f)
 
 
 def _metrics(workdir):
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    return [json.loads(line) for line in f]
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
 
 
 def test_training_job_on_two_processes_matches_one_process(jobs):
-  one, two, printed = jobs
-  s1, s2 = _read(f"{one}/summary.json"), _read(f"{two}/summary.json")
-  print("policy_params_sha256: one process", s1["policy_params_sha256"], "two processes", s2["policy_params_sha256"])
-  assert s1["status"] == s2["status"] == "complete" and s2["pipeline"] == ["sft", "nash_md_oracle"]
-  assert s2["policy_params_sha256"] == s1["policy_params_sha256"]
-  for name in ("sft", "nash_md_oracle"):
-    assert s2["stages"][name]["policy_params_sha256"] == s1["stages"][name]["policy_params_sha256"], name
-    assert s2["stages"][name]["steps"] == s1["stages"][name]["steps"]
-  assert s2["stages"]["sft"]["policy_params_sha256"] != s2["policy_params_sha256"]  # the policy stage trained
-  # process 0 printed the hash it saw; the evaluation (sampling + host oracle on fetched arrays) agrees too
-  assert json.dumps({"process_count": 2, "policy_params_sha256": s2["policy_params_sha256"]}) in printed
-  assert s2["final_eval"] == pytest.approx(s1["final_eval"], abs=1e-6)
-  # metrics.jsonl: written once (by process 0), the same steps and losses as one process
-  m1, m2 = _metrics(one), _metrics(two)
-  assert [(r["stage"], r["step"]) for r in m2] == [(r["stage"], r["step"]) for r in m1]
-  assert [r.get("loss") for r in m2] == pytest.approx([r.get("loss") for r in m1], abs=1e-6)
-  assert len(os.listdir(f"{two}/tensorboard")) == 1
-  for name in ("sft", "nash_md_oracle"):
-    assert sorted(os.listdir(f"{two}/stages/{name}")) == ["checkpoints", "done.json", "export", "fingerprint.json"]
-  leftovers = [os.path.join(d, f) for d, _, fs in os.walk(two) for f in fs if ".tmp" in f or "partial" in f]
-  assert not leftovers
+    one, two, printed = jobs
+    s1, s2 = _read(f"{one}/summary.json"), _read(f"{two}/summary.json")
+    print("policy_params_sha256: one process", s1["policy_params_sha256"], "two processes", s2["policy_params_sha256"])
+    assert s1["status"] == s2["status"] == "complete" and s2["pipeline"] == ["sft", "nash_md_oracle"]
+    assert s2["policy_params_sha256"] == s1["policy_params_sha256"]
+    for name in ("sft", "nash_md_oracle"):
+        assert s2["stages"][name]["policy_params_sha256"] == s1["stages"][name]["policy_params_sha256"], name
+        assert s2["stages"][name]["steps"] == s1["stages"][name]["steps"]
+    assert s2["stages"]["sft"]["policy_params_sha256"] != s2["policy_params_sha256"]  # the policy stage trained
+    # process 0 printed the hash it saw; the evaluation (sampling + host oracle on fetched arrays) agrees too
+    assert json.dumps({"process_count": 2, "policy_params_sha256": s2["policy_params_sha256"]}) in printed
+    assert s2["final_eval"] == pytest.approx(s1["final_eval"], abs=1e-6)
+    # metrics.jsonl: written once (by process 0), the same steps and losses as one process
+    m1, m2 = _metrics(one), _metrics(two)
+    assert [(r["stage"], r["step"]) for r in m2] == [(r["stage"], r["step"]) for r in m1]
+    assert [r.get("loss") for r in m2] == pytest.approx([r.get("loss") for r in m1], abs=1e-6)
+    assert len(os.listdir(f"{two}/tensorboard")) == 1
+    for name in ("sft", "nash_md_oracle"):
+        assert sorted(os.listdir(f"{two}/stages/{name}")) == ["checkpoints", "done.json", "export", "fingerprint.json"]
+    leftovers = [os.path.join(d, f) for d, _, fs in os.walk(two) for f in fs if ".tmp" in f or "partial" in f]
+    assert not leftovers
 
 
 def test_training_job_on_two_processes_skips_finished_stages(jobs, tmp_path):
-  _, two, _ = jobs
-  before = _read(f"{two}/summary.json")
-  lines = len(_metrics(two))
-  done = {n: os.stat(f"{two}/stages/{n}/done.json").st_mtime_ns for n in ("sft", "nash_md_oracle")}
-  _launch_two(str(tmp_path), [sys.executable, *_job(two, "nash_lm.main")], f"{tmp_path}/logs")
-  after = _read(f"{two}/summary.json")
-  assert after["policy_params_sha256"] == before["policy_params_sha256"]
-  assert after["stages"] == before["stages"] and after["wall_time_s"] != before["wall_time_s"]  # rewritten
-  assert len(_metrics(two)) == lines
-  assert {n: os.stat(f"{two}/stages/{n}/done.json").st_mtime_ns for n in done} == done
-  with open(f"{tmp_path}/logs/process_0.log") as f:
-    log = f.read()
-  assert "sft:" not in log and "nash_md_oracle:" not in log, log[-2000:]  # no progress bar: nothing trained
+    _, two, _ = jobs
+    before = _read(f"{two}/summary.json")
+    lines = len(_metrics(two))
+    done = {n: os.stat(f"{two}/stages/{n}/done.json").st_mtime_ns for n in ("sft", "nash_md_oracle")}
+    _launch_two(str(tmp_path), [sys.executable, *_job(two, "nash_lm.main")], f"{tmp_path}/logs")
+    after = _read(f"{two}/summary.json")
+    assert after["policy_params_sha256"] == before["policy_params_sha256"]
+    assert after["stages"] == before["stages"] and after["wall_time_s"] != before["wall_time_s"]  # rewritten
+    assert len(_metrics(two)) == lines
+    assert {n: os.stat(f"{two}/stages/{n}/done.json").st_mtime_ns for n in done} == done
+    with open(f"{tmp_path}/logs/process_0.log") as f:
+        log = f.read()
+    assert "sft:" not in log and "nash_md_oracle:" not in log, log[-2000:]  # no progress bar: nothing trained
 
 
 def test_initialize_settings_from_config_and_environment():
-  from nash_lm import distributed
+    from nash_lm import distributed
 
-  assert distributed._settings_from(None, {}) is None
-  env = {"NASH_LM_COORDINATOR": "10.0.0.2:1234", "NASH_LM_NUM_PROCESSES": "4", "NASH_LM_PROCESS_ID": "3"}
-  assert distributed._settings_from(None, env) == {"coordinator_address": "10.0.0.2:1234", "num_processes": 4,
-                                                   "process_id": 3}
-  assert distributed._settings_from(None, {"NASH_LM_DISTRIBUTED": "auto"}) == {}
-  cfg = {"distributed": {"coordinator_address": "h:9", "num_processes": 2, "process_id": 0,
-                         "local_device_ids": "0,1"}}
-  assert distributed._settings_from(cfg, {})["local_device_ids"] == [0, 1]
-  bad = [
-      (None, {**env, "NASH_LM_PROCESS_ID": "4"}, "process_id=4 must lie in [0, num_processes=4)"),
-      (None, {"NASH_LM_COORDINATOR": "h:1", "NASH_LM_NUM_PROCESSES": "2"}, "NASH_LM_PROCESS_ID is not"),
-      (None, {**env, "NASH_LM_NUM_PROCESSES": "two"}, "NASH_LM_NUM_PROCESSES='two': must be an integer"),
-      ({"distributed": {"coordinator_address": "nohost"}}, {}, "coordinator_address='nohost' must be host:port"),
-  ]
-  for config, environ, msg in bad:
-    with pytest.raises(ValueError, match=msg.replace("[", r"\[").replace(")", r"\)").replace("(", r"\(")):
-      distributed._settings_from(config, environ)
+    assert distributed._settings_from(None, {}) is None
+    env = {"NASH_LM_COORDINATOR": "10.0.0.2:1234", "NASH_LM_NUM_PROCESSES": "4", "NASH_LM_PROCESS_ID": "3"}
+    assert distributed._settings_from(None, env) == {"coordinator_address": "10.0.0.2:1234", "num_processes": 4,
+                                                     "process_id": 3}
+    assert distributed._settings_from(None, {"NASH_LM_DISTRIBUTED": "auto"}) == {}
+    cfg = {"distributed": {"coordinator_address": "h:9", "num_processes": 2, "process_id": 0,
+                           "local_device_ids": "0,1"}}
+    assert distributed._settings_from(cfg, {})["local_device_ids"] == [0, 1]
+    bad = [
+        (None, {**env, "NASH_LM_PROCESS_ID": "4"}, "process_id=4 must lie in [0, num_processes=4)"),
+        (None, {"NASH_LM_COORDINATOR": "h:1", "NASH_LM_NUM_PROCESSES": "2"}, "NASH_LM_PROCESS_ID is not"),
+        (None, {**env, "NASH_LM_NUM_PROCESSES": "two"}, "NASH_LM_NUM_PROCESSES='two': must be an integer"),
+        ({"distributed": {"coordinator_address": "nohost"}}, {}, "coordinator_address='nohost' must be host:port"),
+    ]
+    for config, environ, msg in bad:
+        with pytest.raises(ValueError, match=msg.replace("[", r"\[").replace(")", r"\)").replace("(", r"\(")):
+            distributed._settings_from(config, environ)
 
 
 def test_local_launcher_reports_a_failing_process(tmp_path):
-  """A process that fails makes the launcher exit non-zero and kill its peer (which would otherwise wait)."""
-  script = "import os, sys, time; i = int(os.environ['NASH_LM_PROCESS_ID']); time.sleep(300 if i == 0 else 0); sys.exit(3)"
-  t0 = time.monotonic()
-  r = subprocess.run([sys.executable, os.path.join(ROOT, "launch", "local.py"), "--num_processes=2",
-                      "--timeout=60", f"--logdir={tmp_path}", "--", sys.executable, "-c", script],
-                     capture_output=True, text=True, timeout=60)
-  assert r.returncode == 3, r.stderr
-  assert "process 1 exited with 3" in r.stderr
-  assert time.monotonic() - t0 < 30  # process 0 (sleeping 300 s) was killed, not waited for
+    """A process that fails makes the launcher exit non-zero and kill its peer (which would otherwise wait)."""
+    script = ("import os, sys, time; i = int(os.environ['NASH_LM_PROCESS_ID']); "
+              "time.sleep(300 if i == 0 else 0); sys.exit(3)")
+    t0 = time.monotonic()
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "launch", "local.py"), "--num_processes=2",
+                        "--timeout=60", f"--logdir={tmp_path}", "--", sys.executable, "-c", script],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 3, r.stderr
+    assert "process 1 exited with 3" in r.stderr
+    assert time.monotonic() - t0 < 30  # process 0 (sleeping 300 s) was killed, not waited for
 
 
 if __name__ == "__main__" and len(sys.argv) == 3 and sys.argv[1] == "worker":
-  _worker(sys.argv[2])
+    _worker(sys.argv[2])

@@ -23,28 +23,28 @@ _SETTINGS = {"llama": {}, "gemma": {"activation": "gelu_tanh"}, "qwen2": {"qkv_b
 
 
 def config_for(cfg, arch: str):
-  """`cfg` with the architecture's decoder settings (activation, q/k/v biases)."""
-  if arch not in ARCHS:
-    raise ValueError(f"architecture {arch!r}: must be one of {ARCHS}")
-  return dataclasses.replace(cfg, **_SETTINGS[arch]).validate()
+    """`cfg` with the architecture's decoder settings (activation, q/k/v biases)."""
+    if arch not in ARCHS:
+        raise ValueError(f"architecture {arch!r}: must be one of {ARCHS}")
+    return dataclasses.replace(cfg, **_SETTINGS[arch]).validate()
 
 
 def build_abstract(cfg, arch: str):
-  """(graphdef, params of ShapeDtypeStruct) of the decoder for a Hugging Face architecture."""
-  return models.abstract_init(config_for(cfg, arch), "lm")
+    """(graphdef, params of ShapeDtypeStruct) of the decoder for a Hugging Face architecture."""
+    return models.abstract_init(config_for(cfg, arch), "lm")
 
 
 def init(cfg, arch: str, seed: int = 0, shardings=None):
-  """(graphdef, randomly initialised params) of the decoder for a Hugging Face architecture, created by one
-  jitted program (already sharded with `shardings`, a tree from `nash_lm.parallel.param_shardings`)."""
-  return models.init(config_for(cfg, arch), "lm", seed, shardings=shardings)
+    """(graphdef, randomly initialised params) of the decoder for a Hugging Face architecture, created by one
+    jitted program (already sharded with `shardings`, a tree from `nash_lm.parallel.param_shardings`)."""
+    return models.init(config_for(cfg, arch), "lm", seed, shardings=shardings)
 
 
 def architecture_of(graphdef, params) -> str:
-  """'llama', 'gemma' or 'qwen2' from the decoder settings of a (graphdef, params) pair."""
-  cfg = models.config_of(graphdef, params)
-  found = [arch for arch, settings in _SETTINGS.items()
-           if settings and all(getattr(cfg, k) == v for k, v in settings.items())]
-  if len(found) > 1:
-    raise ValueError(f"model mixes architectures {found}")
-  return found[0] if found else "llama"
+    """'llama', 'gemma' or 'qwen2' from the decoder settings of a (graphdef, params) pair."""
+    cfg = models.config_of(graphdef, params)
+    found = [arch for arch, settings in _SETTINGS.items()
+             if settings and all(getattr(cfg, k) == v for k, v in settings.items())]
+    if len(found) > 1:
+        raise ValueError(f"model mixes architectures {found}")
+    return found[0] if found else "llama"

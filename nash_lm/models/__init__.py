@@ -41,94 +41,94 @@ __all__ = [
 
 
 def _build(cfg: ModelConfig, kind: str, seed):
-  key = jax.random.key(seed) if isinstance(seed, int) else seed
-  if kind == "lm":
-    return Transformer(cfg, key)
-  if kind == "preference":
-    return PreferenceModel(cfg, key)
-  if kind == "reward":
-    return RewardModel(cfg, key)
-  raise ValueError(f"kind={kind!r}: must be one of {KINDS}")
+    key = jax.random.key(seed) if isinstance(seed, int) else seed
+    if kind == "lm":
+        return Transformer(cfg, key)
+    if kind == "preference":
+        return PreferenceModel(cfg, key)
+    if kind == "reward":
+        return RewardModel(cfg, key)
+    raise ValueError(f"kind={kind!r}: must be one of {KINDS}")
 
 
 @functools.lru_cache(maxsize=64)
 def _jitted_init(cfg: ModelConfig, kind: str):
-  return jax.jit(lambda key: nnx.state(_build(cfg, kind, key), nnx.Param))
+    return jax.jit(lambda key: nnx.state(_build(cfg, kind, key), nnx.Param))
 
 
 def init(cfg: ModelConfig, kind: str = "lm", seed: int = 0, shardings=None):
-  """Builds the model and splits it: (graphdef, params nnx.State). Validates cfg first.
+    """Builds the model and splits it: (graphdef, params nnx.State). Validates cfg first.
 
-  The parameters are created by one jit-compiled program (much faster than op-by-op creation); with
-  `shardings` (a tree from `nash_lm.parallel.param_shardings`) they are created already sharded.
-  """
-  graphdef, _ = abstract_init(cfg, kind)
-  key = jax.random.key(seed) if isinstance(seed, int) else seed
-  if shardings is None:
-    params = _jitted_init(cfg, kind)(key)
-  else:
-    params = jax.jit(lambda key: nnx.state(_build(cfg, kind, key), nnx.Param), out_shardings=shardings)(key)
-  return graphdef, params
+    The parameters are created by one jit-compiled program (much faster than op-by-op creation); with
+    `shardings` (a tree from `nash_lm.parallel.param_shardings`) they are created already sharded.
+    """
+    graphdef, _ = abstract_init(cfg, kind)
+    key = jax.random.key(seed) if isinstance(seed, int) else seed
+    if shardings is None:
+        params = _jitted_init(cfg, kind)(key)
+    else:
+        params = jax.jit(lambda key: nnx.state(_build(cfg, kind, key), nnx.Param), out_shardings=shardings)(key)
+    return graphdef, params
 
 
 def abstract_init(cfg: ModelConfig, kind: str = "lm"):
-  """(graphdef, params of jax.ShapeDtypeStruct) without allocating anything."""
-  cfg.validate()
-  if kind not in KINDS:
-    raise ValueError(f"kind={kind!r}: must be one of {KINDS}")
-  model = nnx.eval_shape(lambda: _build(cfg, kind, 0))
-  return nnx.split(model, nnx.Param)
+    """(graphdef, params of jax.ShapeDtypeStruct) without allocating anything."""
+    cfg.validate()
+    if kind not in KINDS:
+        raise ValueError(f"kind={kind!r}: must be one of {KINDS}")
+    model = nnx.eval_shape(lambda: _build(cfg, kind, 0))
+    return nnx.split(model, nnx.Param)
 
 
 def num_params(params) -> int:
-  return sum(int(x.size) for x in jax.tree.leaves(params))
+    return sum(int(x.size) for x in jax.tree.leaves(params))
 
 
 def config_of(graphdef, params) -> ModelConfig:
-  """The ModelConfig of a (graphdef, params) pair."""
-  return nnx.merge(graphdef, params).cfg
+    """The ModelConfig of a (graphdef, params) pair."""
+    return nnx.merge(graphdef, params).cfg
 
 
 def check_length(cfg: ModelConfig, length: int, what: str = "tokens") -> None:
-  """ValueError naming the field when a sequence is longer than cfg.max_len (raised while tracing)."""
-  if length > cfg.max_len:
-    raise ValueError(f"{what}: length {length} exceeds ModelConfig.max_len={cfg.max_len}")
+    """ValueError naming the field when a sequence is longer than cfg.max_len (raised while tracing)."""
+    if length > cfg.max_len:
+        raise ValueError(f"{what}: length {length} exceeds ModelConfig.max_len={cfg.max_len}")
 
 
 def _check_tokens(tokens, mask, what="tokens"):
-  if tokens.ndim != 2 or mask.shape != tokens.shape:
-    raise ValueError(f"{what}: expected [B, T] tokens and a mask of the same shape, got {tokens.shape} and "
-                     f"{mask.shape}")
+    if tokens.ndim != 2 or mask.shape != tokens.shape:
+        raise ValueError(f"{what}: expected [B, T] tokens and a mask of the same shape, got {tokens.shape} and "
+                         f"{mask.shape}")
 
 
 def lm_logits(graphdef, params, tokens, mask, outputs: slice = slice(None)):
-  """Next-token logits [B, T, V] float32 of an 'lm' model (at the positions `outputs` selects, default all)."""
-  model = nnx.merge(graphdef, params)
-  _check_tokens(tokens, mask)
-  check_length(model.cfg, tokens.shape[1])
-  logits, _ = model(tokens, mask, outputs=outputs)
-  return logits
+    """Next-token logits [B, T, V] float32 of an 'lm' model (at the positions `outputs` selects, default all)."""
+    model = nnx.merge(graphdef, params)
+    _check_tokens(tokens, mask)
+    check_length(model.cfg, tokens.shape[1])
+    logits, _ = model(tokens, mask, outputs=outputs)
+    return logits
 
 
 def forward_cached(graphdef, params, tokens, mask, cache: KVCache, index, outputs: slice = slice(None)):
-  """Runs T tokens into cache slots [index, index + T); returns (logits f32 at `outputs`, new cache)."""
-  model = nnx.merge(graphdef, params)
-  return model(tokens, mask, cache=cache, index=index, outputs=outputs)
+    """Runs T tokens into cache slots [index, index + T); returns (logits f32 at `outputs`, new cache)."""
+    model = nnx.merge(graphdef, params)
+    return model(tokens, mask, cache=cache, index=index, outputs=outputs)
 
 
 def preference_prob(graphdef, params, prompt, prompt_mask, y, y_mask, y2, y2_mask):
-  """P(y ≻ y2 | prompt) [B] float32 of a 'preference' model (see `heads.PreferenceModel`)."""
-  model = nnx.merge(graphdef, params)
-  _check_tokens(prompt, prompt_mask, "prompt")
-  _check_tokens(y, y_mask, "y")
-  _check_tokens(y2, y2_mask, "y2")
-  check_length(model.cfg, prompt.shape[1] + y.shape[1] + y2.shape[1], "prompt + y + y2")
-  return model(prompt, prompt_mask, y, y_mask, y2, y2_mask)
+    """P(y ≻ y2 | prompt) [B] float32 of a 'preference' model (see `heads.PreferenceModel`)."""
+    model = nnx.merge(graphdef, params)
+    _check_tokens(prompt, prompt_mask, "prompt")
+    _check_tokens(y, y_mask, "y")
+    _check_tokens(y2, y2_mask, "y2")
+    check_length(model.cfg, prompt.shape[1] + y.shape[1] + y2.shape[1], "prompt + y + y2")
+    return model(prompt, prompt_mask, y, y_mask, y2, y2_mask)
 
 
 def reward(graphdef, params, tokens, mask):
-  """Scalar reward [B] float32 of a 'reward' model on tokens [x; y]."""
-  model = nnx.merge(graphdef, params)
-  _check_tokens(tokens, mask)
-  check_length(model.cfg, tokens.shape[1])
-  return model(tokens, mask)
+    """Scalar reward [B] float32 of a 'reward' model on tokens [x; y]."""
+    model = nnx.merge(graphdef, params)
+    _check_tokens(tokens, mask)
+    check_length(model.cfg, tokens.shape[1])
+    return model(tokens, mask)

@@ -22,53 +22,53 @@ from nash_lm.models.transformer import Transformer, _param
 
 
 def last_real_index(mask: jax.Array) -> jax.Array:
-  """Index of the last position with mask 1 in each row (0 for an empty row)."""
-  t = mask.shape[-1]
-  idx = jnp.where(mask > 0, jnp.arange(t), -1)
-  return jnp.maximum(jnp.max(idx, axis=-1), 0)
+    """Index of the last position with mask 1 in each row (0 for an empty row)."""
+    t = mask.shape[-1]
+    idx = jnp.where(mask > 0, jnp.arange(t), -1)
+    return jnp.maximum(jnp.max(idx, axis=-1), 0)
 
 
 def pooled_last(hidden: jax.Array, mask: jax.Array) -> jax.Array:
-  """hidden [B, T, D] at each row's last real token -> [B, D]."""
-  idx = last_real_index(mask)
-  return jnp.take_along_axis(hidden, idx[:, None, None], axis=1)[:, 0]
+    """hidden [B, T, D] at each row's last real token -> [B, D]."""
+    idx = last_real_index(mask)
+    return jnp.take_along_axis(hidden, idx[:, None, None], axis=1)[:, 0]
 
 
 def exact_sigmoid(d: jax.Array) -> jax.Array:
-  """σ(d) arranged so that exact_sigmoid(d) + exact_sigmoid(−d) == 1 exactly in floating point."""
-  s = jax.nn.sigmoid(-jnp.abs(d))  # in (0, 1/2]
-  return jnp.where(d > 0, 1.0 - s, s)
+    """σ(d) arranged so that exact_sigmoid(d) + exact_sigmoid(−d) == 1 exactly in floating point."""
+    s = jax.nn.sigmoid(-jnp.abs(d))  # in (0, 1/2]
+    return jnp.where(d > 0, 1.0 - s, s)
 
 
 class PreferenceModel(nnx.Module):
-  def __init__(self, cfg: ModelConfig, key):
-    k1, k2 = jax.random.split(key)
-    self.cfg = cfg
-    self.backbone = Transformer(cfg, k1, lm_head=False)
-    self.score = _param(k2, (cfg.d_model,), cfg.d_model ** -0.5, ("embed",), cfg.weight_dtype)
+    def __init__(self, cfg: ModelConfig, key):
+        k1, k2 = jax.random.split(key)
+        self.cfg = cfg
+        self.backbone = Transformer(cfg, k1, lm_head=False)
+        self.score = _param(k2, (cfg.d_model,), cfg.d_model ** -0.5, ("embed",), cfg.weight_dtype)
 
-  def pair_score(self, tokens, mask):
-    """f on concatenated sequences [B, T] -> [B] float32."""
-    h, _ = self.backbone(tokens, mask)
-    return pooled_last(h, mask) @ self.score[...].astype(jnp.float32)
+    def pair_score(self, tokens, mask):
+        """f on concatenated sequences [B, T] -> [B] float32."""
+        h, _ = self.backbone(tokens, mask)
+        return pooled_last(h, mask) @ self.score[...].astype(jnp.float32)
 
-  def __call__(self, prompt, prompt_mask, y, y_mask, y2, y2_mask):
-    b = prompt.shape[0]
-    both = lambda a, p, q: jnp.concatenate([jnp.concatenate([a, p, q], 1), jnp.concatenate([a, q, p], 1)], 0)
-    tokens = both(prompt, y, y2)
-    mask = both(prompt_mask.astype(jnp.int32), y_mask.astype(jnp.int32), y2_mask.astype(jnp.int32))
-    f = self.pair_score(tokens, mask)
-    return exact_sigmoid(f[:b] - f[b:])
+    def __call__(self, prompt, prompt_mask, y, y_mask, y2, y2_mask):
+        b = prompt.shape[0]
+        both = lambda a, p, q: jnp.concatenate([jnp.concatenate([a, p, q], 1), jnp.concatenate([a, q, p], 1)], 0)
+        tokens = both(prompt, y, y2)
+        mask = both(prompt_mask.astype(jnp.int32), y_mask.astype(jnp.int32), y2_mask.astype(jnp.int32))
+        f = self.pair_score(tokens, mask)
+        return exact_sigmoid(f[:b] - f[b:])
 
 
 class RewardModel(nnx.Module):
-  def __init__(self, cfg: ModelConfig, key):
-    k1, k2 = jax.random.split(key)
-    self.cfg = cfg
-    self.backbone = Transformer(cfg, k1, lm_head=False)
-    self.score = _param(k2, (cfg.d_model,), cfg.d_model ** -0.5, ("embed",), cfg.weight_dtype)
-    self.bias = nnx.Param(jnp.zeros((), cfg.weight_dtype), out_sharding=(), eager_sharding=False)
+    def __init__(self, cfg: ModelConfig, key):
+        k1, k2 = jax.random.split(key)
+        self.cfg = cfg
+        self.backbone = Transformer(cfg, k1, lm_head=False)
+        self.score = _param(k2, (cfg.d_model,), cfg.d_model ** -0.5, ("embed",), cfg.weight_dtype)
+        self.bias = nnx.Param(jnp.zeros((), cfg.weight_dtype), out_sharding=(), eager_sharding=False)
 
-  def __call__(self, tokens, mask):
-    h, _ = self.backbone(tokens, mask)
-    return pooled_last(h, mask) @ self.score[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
+    def __call__(self, tokens, mask):
+        h, _ = self.backbone(tokens, mask)
+        return pooled_last(h, mask) @ self.score[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)

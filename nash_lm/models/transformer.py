@@ -44,266 +44,267 @@ NEG_INF = -1e30
 
 
 def _param(key, shape, std, axes, dtype):
-  value = (std * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
-  return nnx.Param(value, out_sharding=tuple(axes), eager_sharding=False)
+    value = (std * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
+    return nnx.Param(value, out_sharding=tuple(axes), eager_sharding=False)
 
 
 def _ones(shape, axes, dtype):
-  return nnx.Param(jnp.ones(shape, dtype), out_sharding=tuple(axes), eager_sharding=False)
+    return nnx.Param(jnp.ones(shape, dtype), out_sharding=tuple(axes), eager_sharding=False)
 
 
 class KVCache(NamedTuple):
-  """Keys and values, and the slot mask [B, S] (int32). Per layer [B, n_kv_heads, S, head_dim]: a tuple of
-  n_layers arrays (layers in a Python loop), or one array stacked along a leading layer axis (`scan_layers`).
+    """Keys and values, and the slot mask [B, S] (int32). Per layer [B, n_kv_heads, S, head_dim]: a tuple of
+    n_layers arrays (layers in a Python loop), or one array stacked along a leading layer axis (`scan_layers`).
 
-  One array per layer lets each decode step update its layer's buffer in place and hand it to the attention
-  as is: no per-step copy of a layer's slice out of a stacked buffer. Heads before slots, so each
-  (batch, kv-head) block of the buffer is contiguous for the attention matmuls."""
-  k: tuple[jax.Array, ...] | jax.Array
-  v: tuple[jax.Array, ...] | jax.Array
-  mask: jax.Array
+    One array per layer lets each decode step update its layer's buffer in place and hand it to the attention
+    as is: no per-step copy of a layer's slice out of a stacked buffer. Heads before slots, so each
+    (batch, kv-head) block of the buffer is contiguous for the attention matmuls."""
+    k: tuple[jax.Array, ...] | jax.Array
+    v: tuple[jax.Array, ...] | jax.Array
+    mask: jax.Array
 
 
 def init_cache(cfg: ModelConfig, batch: int, length: int) -> KVCache:
-  """An empty cache with `length` slots, in the compute dtype."""
-  shape = (batch, cfg.n_kv_heads, length, cfg.head_dim)
-  if cfg.scan_layers:
-    z = jnp.zeros((cfg.n_layers,) + shape, cfg.compute_dtype)
-  else:
-    z = tuple(jnp.zeros(shape, cfg.compute_dtype) for _ in range(cfg.n_layers))
-  return KVCache(z, z, jnp.zeros((batch, length), jnp.int32))
+    """An empty cache with `length` slots, in the compute dtype."""
+    shape = (batch, cfg.n_kv_heads, length, cfg.head_dim)
+    if cfg.scan_layers:
+        z = jnp.zeros((cfg.n_layers,) + shape, cfg.compute_dtype)
+    else:
+        z = tuple(jnp.zeros(shape, cfg.compute_dtype) for _ in range(cfg.n_layers))
+    return KVCache(z, z, jnp.zeros((batch, length), jnp.int32))
 
 
 def positions_from_mask(mask: jax.Array, offset: jax.Array | int = 0) -> jax.Array:
-  """Position of each real token: number of real tokens before it (+ offset); padding gets its neighbour's."""
-  mask = mask.astype(jnp.int32)
-  pos = jnp.cumsum(mask, axis=-1) - 1 + jnp.asarray(offset, jnp.int32)[..., None]
-  return jnp.maximum(pos, 0)
+    """Position of each real token: number of real tokens before it (+ offset); padding gets its neighbour's."""
+    mask = mask.astype(jnp.int32)
+    pos = jnp.cumsum(mask, axis=-1) - 1 + jnp.asarray(offset, jnp.int32)[..., None]
+    return jnp.maximum(pos, 0)
 
 
 def rope_angles(positions: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
-  """(cos, sin) [B, T, hd/2] float32 of the rotary angles at positions [B, T]; computed once per forward pass
-  and shared by every layer's queries and keys."""
-  freq = theta ** (-jnp.arange(0, head_dim // 2, dtype=jnp.float32) * 2.0 / head_dim)
-  ang = positions.astype(jnp.float32)[..., None] * freq
-  return jnp.cos(ang), jnp.sin(ang)
+    """(cos, sin) [B, T, hd/2] float32 of the rotary angles at positions [B, T]; computed once per forward pass
+    and shared by every layer's queries and keys."""
+    freq = theta ** (-jnp.arange(0, head_dim // 2, dtype=jnp.float32) * 2.0 / head_dim)
+    ang = positions.astype(jnp.float32)[..., None] * freq
+    return jnp.cos(ang), jnp.sin(ang)
 
 
 def rope(x: jax.Array, rot: tuple[jax.Array, jax.Array]) -> jax.Array:
-  """Rotary embedding (rotate-half form) on the last axis of x [B, T, ..., hd] with rot = `rope_angles(...)`."""
-  cos, sin = (a.reshape(a.shape[:2] + (1,) * (x.ndim - 3) + a.shape[-1:]) for a in rot)
-  x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
-  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-  return out.astype(x.dtype)
+    """Rotary embedding (rotate-half form) on the last axis of x [B, T, ..., hd] with rot = `rope_angles(...)`."""
+    cos, sin = (a.reshape(a.shape[:2] + (1,) * (x.ndim - 3) + a.shape[-1:]) for a in rot)
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x.dtype)
 
 
 class RMSNorm(nnx.Module):
-  def __init__(self, cfg: ModelConfig, axes=("embed",)):
-    self.eps = float(cfg.norm_eps)
-    self.scale = _ones((cfg.d_model,), axes, cfg.weight_dtype)
+    def __init__(self, cfg: ModelConfig, axes=("embed",)):
+        self.eps = float(cfg.norm_eps)
+        self.scale = _ones((cfg.d_model,), axes, cfg.weight_dtype)
 
-  def __call__(self, x):
-    dtype = x.dtype
-    x = x.astype(jnp.float32)
-    x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + self.eps)
-    return (x * self.scale[...].astype(jnp.float32)).astype(dtype)
+    def __call__(self, x):
+        dtype = x.dtype
+        x = x.astype(jnp.float32)
+        x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + self.eps)
+        return (x * self.scale[...].astype(jnp.float32)).astype(dtype)
 
 
 ATTN_BLOCK = 128  # query block of the cache-free causal attention
 
 
 def _attend(q, keys, vals, key_mask, start, cfg):
-  """Softmax attention of queries q [B, T, K, g, hd] at buffer slots start + [0, T) over keys/values
-  [B, K, S, hd]: a query sees slots at or before its own that hold real tokens (key_mask [B, S] > 0)."""
-  t, s = q.shape[1], keys.shape[2]
-  scores = jnp.einsum("btkgh,bksh->bkgts", q, keys, preferred_element_type=jnp.float32)
-  scores = scores * (cfg.head_dim ** -0.5)
-  q_slot = start + jnp.arange(t)[:, None]
-  allowed = (jnp.arange(s)[None, :] <= q_slot)[None] & (key_mask[:, None, :] > 0)  # [B, T, S]
-  scores = jnp.where(allowed[:, None, None], scores, NEG_INF)
-  probs = jax.nn.softmax(scores, axis=-1).astype(cfg.compute_dtype)
-  out = jnp.einsum("bkgts,bksh->bkgth", probs, vals.astype(cfg.compute_dtype))
-  return out.transpose(0, 3, 1, 2, 4)  # [B, T, K, g, hd]
+    """Softmax attention of queries q [B, T, K, g, hd] at buffer slots start + [0, T) over keys/values
+    [B, K, S, hd]: a query sees slots at or before its own that hold real tokens (key_mask [B, S] > 0)."""
+    t, s = q.shape[1], keys.shape[2]
+    scores = jnp.einsum("btkgh,bksh->bkgts", q, keys, preferred_element_type=jnp.float32)
+    scores = scores * (cfg.head_dim ** -0.5)
+    q_slot = start + jnp.arange(t)[:, None]
+    allowed = (jnp.arange(s)[None, :] <= q_slot)[None] & (key_mask[:, None, :] > 0)  # [B, T, S]
+    scores = jnp.where(allowed[:, None, None], scores, NEG_INF)
+    probs = jax.nn.softmax(scores, axis=-1).astype(cfg.compute_dtype)
+    out = jnp.einsum("bkgts,bksh->bkgth", probs, vals.astype(cfg.compute_dtype))
+    return out.transpose(0, 3, 1, 2, 4)  # [B, T, K, g, hd]
 
 
 class Attention(nnx.Module):
-  """Grouped-query self-attention with a fused q/k/v kernel [embed, kv-heads, group + 2, head_dim] and, with
-  `cfg.qkv_bias` (Qwen2), a bias [kv-heads, group + 2, head_dim] added before RoPE."""
+    """Grouped-query self-attention with a fused q/k/v kernel [embed, kv-heads, group + 2, head_dim] and, with
+    `cfg.qkv_bias` (Qwen2), a bias [kv-heads, group + 2, head_dim] added before RoPE."""
 
-  def __init__(self, cfg: ModelConfig, key):
-    self.cfg = cfg
-    k1, k2 = jax.random.split(key)
-    d, kv, g, hd = cfg.d_model, cfg.n_kv_heads, cfg.group_size, cfg.head_dim
-    self.qkv = _param(k1, (d, kv, g + 2, hd), d ** -0.5, ("embed", "heads", "qkv", "kv"), cfg.weight_dtype)
-    self.out = _param(k2, (kv, g, hd, d), (cfg.n_heads * hd) ** -0.5 / math.sqrt(2 * cfg.n_layers),
-                      ("heads", "qkv", "kv", "embed"), cfg.weight_dtype)
-    if cfg.qkv_bias:
-      self.qkv_bias = nnx.Param(jnp.zeros((kv, g + 2, hd), cfg.weight_dtype), out_sharding=("heads", "qkv", "kv"),
-                                eager_sharding=False)
+    def __init__(self, cfg: ModelConfig, key):
+        self.cfg = cfg
+        k1, k2 = jax.random.split(key)
+        d, kv, g, hd = cfg.d_model, cfg.n_kv_heads, cfg.group_size, cfg.head_dim
+        self.qkv = _param(k1, (d, kv, g + 2, hd), d ** -0.5, ("embed", "heads", "qkv", "kv"), cfg.weight_dtype)
+        self.out = _param(k2, (kv, g, hd, d), (cfg.n_heads * hd) ** -0.5 / math.sqrt(2 * cfg.n_layers),
+                          ("heads", "qkv", "kv", "embed"), cfg.weight_dtype)
+        if cfg.qkv_bias:
+            self.qkv_bias = nnx.Param(jnp.zeros((kv, g + 2, hd), cfg.weight_dtype), out_sharding=("heads", "qkv", "kv"),
+                                      eager_sharding=False)
 
-  def __call__(self, x, rot, key_mask, cache_kv=None, index=None):
-    """x [B,T,D]; rot = `rope_angles` of the T positions; key_mask [B,S] (S = T without cache).
-    Returns (out [B,T,D], (k, v) or None).
+    def __call__(self, x, rot, key_mask, cache_kv=None, index=None):
+        """x [B,T,D]; rot = `rope_angles` of the T positions; key_mask [B,S] (S = T without cache).
+        Returns (out [B,T,D], (k, v) or None).
 
-    With a cache, `cache_kv` is this layer's keys/values (k, v), each [B, K, S, hd]: the new keys/values are
-    written in place at [:, :, index] (a small dynamic-update-slice on the loop-carried buffer) and the whole
-    buffer is attended over.
-    """
-    cfg = self.cfg
-    dt = cfg.compute_dtype
-    g = cfg.group_size
-    qkv = jnp.einsum("btd,dkgh->btkgh", x, self.qkv[...].astype(dt))
-    if cfg.qkv_bias:
-      qkv = qkv + self.qkv_bias[...].astype(dt)
-    qkv = constrain(qkv, ("batch", "length", "heads", "qkv", "kv"))
-    q = rope(qkv[:, :, :, :g], rot)
-    k = rope(qkv[:, :, :, g], rot)
-    v = qkv[:, :, :, g + 1]
-    k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, K, T, hd]
-    t = x.shape[1]
-    if cache_kv is None:
-      keys, vals, start = k, v, 0
-    else:
-      k_buf, v_buf = cache_kv
-      zero = jnp.zeros((), jnp.int32)
-      at = (zero, zero, jnp.asarray(index, jnp.int32), zero)
-      k_buf = jax.lax.dynamic_update_slice(k_buf, k.astype(k_buf.dtype), at)
-      v_buf = jax.lax.dynamic_update_slice(v_buf, v.astype(v_buf.dtype), at)
-      keys, vals, start = k_buf, v_buf, index
-    keys = constrain(keys, ("batch", "heads", "length", "kv"))
-    vals = constrain(vals, ("batch", "heads", "length", "kv"))
-    if cache_kv is None and t > ATTN_BLOCK:
-      # Causal attention by query blocks: block [a, b) needs keys [0, b) only, so the fully masked upper
-      # blocks are never computed (about half the score FLOPs and memory at long T; exact).
-      o = jnp.concatenate([_attend(q[:, a:a + ATTN_BLOCK], keys[:, :, :a + ATTN_BLOCK],
-                                   vals[:, :, :a + ATTN_BLOCK], key_mask[:, :a + ATTN_BLOCK], a, cfg)
-                           for a in range(0, t, ATTN_BLOCK)], axis=1)
-    else:
-      o = _attend(q, keys, vals, key_mask, start, cfg)
-    o = constrain(o, ("batch", "length", "heads", "qkv", "kv"))
-    out = jnp.einsum("btkgh,kghd->btd", o, self.out[...].astype(dt))
-    return out, (None if cache_kv is None else (k_buf, v_buf))
+        With a cache, `cache_kv` is this layer's keys/values (k, v), each [B, K, S, hd]: the new keys/values are
+        written in place at [:, :, index] (a small dynamic-update-slice on the loop-carried buffer) and the whole
+        buffer is attended over.
+        """
+        cfg = self.cfg
+        dt = cfg.compute_dtype
+        g = cfg.group_size
+        qkv = jnp.einsum("btd,dkgh->btkgh", x, self.qkv[...].astype(dt))
+        if cfg.qkv_bias:
+            qkv = qkv + self.qkv_bias[...].astype(dt)
+        qkv = constrain(qkv, ("batch", "length", "heads", "qkv", "kv"))
+        q = rope(qkv[:, :, :, :g], rot)
+        k = rope(qkv[:, :, :, g], rot)
+        v = qkv[:, :, :, g + 1]
+        k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, K, T, hd]
+        t = x.shape[1]
+        if cache_kv is None:
+            keys, vals, start = k, v, 0
+        else:
+            k_buf, v_buf = cache_kv
+            zero = jnp.zeros((), jnp.int32)
+            at = (zero, zero, jnp.asarray(index, jnp.int32), zero)
+            k_buf = jax.lax.dynamic_update_slice(k_buf, k.astype(k_buf.dtype), at)
+            v_buf = jax.lax.dynamic_update_slice(v_buf, v.astype(v_buf.dtype), at)
+            keys, vals, start = k_buf, v_buf, index
+        keys = constrain(keys, ("batch", "heads", "length", "kv"))
+        vals = constrain(vals, ("batch", "heads", "length", "kv"))
+        if cache_kv is None and t > ATTN_BLOCK:
+            # Causal attention by query blocks: block [a, b) needs keys [0, b) only, so the fully masked upper
+            # blocks are never computed (about half the score FLOPs and memory at long T; exact).
+            o = jnp.concatenate([_attend(q[:, a:a + ATTN_BLOCK], keys[:, :, :a + ATTN_BLOCK],
+                                         vals[:, :, :a + ATTN_BLOCK], key_mask[:, :a + ATTN_BLOCK], a, cfg)
+                                 for a in range(0, t, ATTN_BLOCK)], axis=1)
+        else:
+            o = _attend(q, keys, vals, key_mask, start, cfg)
+        o = constrain(o, ("batch", "length", "heads", "qkv", "kv"))
+        out = jnp.einsum("btkgh,kghd->btd", o, self.out[...].astype(dt))
+        return out, (None if cache_kv is None else (k_buf, v_buf))
 
 
 class MLP(nnx.Module):
-  """Gated MLP with a fused gate/up kernel [embed, 2, mlp]: SwiGLU, or GeGLU (tanh GeLU) with
-  `cfg.activation='gelu_tanh'` (Gemma)."""
+    """Gated MLP with a fused gate/up kernel [embed, 2, mlp]: SwiGLU, or GeGLU (tanh GeLU) with
+    `cfg.activation='gelu_tanh'` (Gemma)."""
 
-  def __init__(self, cfg: ModelConfig, key):
-    self.cfg = cfg
-    k1, k2 = jax.random.split(key)
-    self.gate_up = _param(k1, (cfg.d_model, 2, cfg.d_ff), cfg.d_model ** -0.5, ("embed", "qkv", "mlp"),
-                          cfg.weight_dtype)
-    self.down = _param(k2, (cfg.d_ff, cfg.d_model), cfg.d_ff ** -0.5 / math.sqrt(2 * cfg.n_layers),
-                       ("mlp", "embed"), cfg.weight_dtype)
+    def __init__(self, cfg: ModelConfig, key):
+        self.cfg = cfg
+        k1, k2 = jax.random.split(key)
+        self.gate_up = _param(k1, (cfg.d_model, 2, cfg.d_ff), cfg.d_model ** -0.5, ("embed", "qkv", "mlp"),
+                              cfg.weight_dtype)
+        self.down = _param(k2, (cfg.d_ff, cfg.d_model), cfg.d_ff ** -0.5 / math.sqrt(2 * cfg.n_layers),
+                           ("mlp", "embed"), cfg.weight_dtype)
 
-  def __call__(self, x):
-    dt = self.cfg.compute_dtype
-    h = jnp.einsum("btd,dcf->btcf", x, self.gate_up[...].astype(dt))
-    h = constrain(h, ("batch", "length", "qkv", "mlp"))
-    gate = h[:, :, 0]
-    gate = jax.nn.silu(gate) if self.cfg.activation == "silu" else jax.nn.gelu(gate, approximate=True)
-    h = gate * h[:, :, 1]
-    return jnp.einsum("btf,fd->btd", h, self.down[...].astype(dt))
+    def __call__(self, x):
+        dt = self.cfg.compute_dtype
+        h = jnp.einsum("btd,dcf->btcf", x, self.gate_up[...].astype(dt))
+        h = constrain(h, ("batch", "length", "qkv", "mlp"))
+        gate = h[:, :, 0]
+        gate = jax.nn.silu(gate) if self.cfg.activation == "silu" else jax.nn.gelu(gate, approximate=True)
+        h = gate * h[:, :, 1]
+        return jnp.einsum("btf,fd->btd", h, self.down[...].astype(dt))
 
 
 class Block(nnx.Module):
-  def __init__(self, cfg: ModelConfig, key):
-    k1, k2 = jax.random.split(key)
-    self.attn_norm = RMSNorm(cfg)
-    self.attn = Attention(cfg, k1)
-    self.mlp_norm = RMSNorm(cfg)
-    self.mlp = MLP(cfg, k2)
+    def __init__(self, cfg: ModelConfig, key):
+        k1, k2 = jax.random.split(key)
+        self.attn_norm = RMSNorm(cfg)
+        self.attn = Attention(cfg, k1)
+        self.mlp_norm = RMSNorm(cfg)
+        self.mlp = MLP(cfg, k2)
 
-  def __call__(self, x, rot, key_mask, cache_kv=None, index=None):
-    h, new_kv = self.attn(self.attn_norm(x), rot, key_mask, cache_kv, index)
-    x = constrain(x + h, ("batch", "length", "act_embed"))
-    x = constrain(x + self.mlp(self.mlp_norm(x)), ("batch", "length", "act_embed"))
-    return x, new_kv
+    def __call__(self, x, rot, key_mask, cache_kv=None, index=None):
+        h, new_kv = self.attn(self.attn_norm(x), rot, key_mask, cache_kv, index)
+        x = constrain(x + h, ("batch", "length", "act_embed"))
+        x = constrain(x + self.mlp(self.mlp_norm(x)), ("batch", "length", "act_embed"))
+        return x, new_kv
 
 
 class Transformer(nnx.Module):
-  """Decoder: embedding -> blocks -> final RMSNorm -> (LM head, tied or not) when `lm_head`."""
+    """Decoder: embedding -> blocks -> final RMSNorm -> (LM head, tied or not) when `lm_head`."""
 
-  def __init__(self, cfg: ModelConfig, key, *, lm_head: bool = True):
-    cfg.validate()
-    self.cfg = cfg
-    self.lm_head = lm_head
-    k_emb, k_blocks, k_head = jax.random.split(key, 3)
-    self.embed = _param(k_emb, (cfg.vocab_size, cfg.d_model), cfg.d_model ** -0.5, ("vocab", "embed"), cfg.weight_dtype)
-    keys = jax.random.split(k_blocks, cfg.n_layers)
-    if cfg.scan_layers:
-      make = nnx.vmap(lambda k: Block(cfg, k), in_axes=0, out_axes=0,
-                      transform_metadata={nnx.PARTITION_NAME: "layers"})
-      self.blocks = make(keys)
-    else:
-      self.blocks = nnx.List([Block(cfg, keys[i]) for i in range(cfg.n_layers)])
-    self.final_norm = RMSNorm(cfg)
-    if lm_head and not cfg.tie_embeddings:
-      self.head = _param(k_head, (cfg.d_model, cfg.vocab_size), cfg.d_model ** -0.5, ("embed", "vocab"),
-                         cfg.weight_dtype)
+    def __init__(self, cfg: ModelConfig, key, *, lm_head: bool = True):
+        cfg.validate()
+        self.cfg = cfg
+        self.lm_head = lm_head
+        k_emb, k_blocks, k_head = jax.random.split(key, 3)
+        self.embed = _param(k_emb, (cfg.vocab_size, cfg.d_model), cfg.d_model ** -0.5, ("vocab", "embed"),
+                            cfg.weight_dtype)
+        keys = jax.random.split(k_blocks, cfg.n_layers)
+        if cfg.scan_layers:
+            make = nnx.vmap(lambda k: Block(cfg, k), in_axes=0, out_axes=0,
+                            transform_metadata={nnx.PARTITION_NAME: "layers"})
+            self.blocks = make(keys)
+        else:
+            self.blocks = nnx.List([Block(cfg, keys[i]) for i in range(cfg.n_layers)])
+        self.final_norm = RMSNorm(cfg)
+        if lm_head and not cfg.tie_embeddings:
+            self.head = _param(k_head, (cfg.d_model, cfg.vocab_size), cfg.d_model ** -0.5, ("embed", "vocab"),
+                               cfg.weight_dtype)
 
-  def _run_blocks(self, x, rot, key_mask, cache, index):
-    cfg = self.cfg
+    def _run_blocks(self, x, rot, key_mask, cache, index):
+        cfg = self.cfg
 
-    def layer(block_state, block_def, x, kv):  # kv: this layer's (k, v) or None
-      block = nnx.merge(block_def, block_state)
-      if kv is None:
-        y, _ = block(x, rot, key_mask)
-        return y, None
-      return block(x, rot, key_mask, kv, index)
+        def layer(block_state, block_def, x, kv):  # kv: this layer's (k, v) or None
+            block = nnx.merge(block_def, block_state)
+            if kv is None:
+                y, _ = block(x, rot, key_mask)
+                return y, None
+            return block(x, rot, key_mask, kv, index)
 
-    use_remat = cfg.remat and cache is None
-    if cfg.scan_layers:  # the stacked caches are scanned over with the blocks and come back stacked
-      block_def, stacked = nnx.split(self.blocks)
+        use_remat = cfg.remat and cache is None
+        if cfg.scan_layers:  # the stacked caches are scanned over with the blocks and come back stacked
+            block_def, stacked = nnx.split(self.blocks)
 
-      def body(x, xs):
-        block_state, kv = xs
-        return layer(block_state, block_def, x, kv)
+            def body(x, xs):
+                block_state, kv = xs
+                return layer(block_state, block_def, x, kv)
 
-      if use_remat:
-        body = jax.checkpoint(body, prevent_cse=False)
-      x, kv = jax.lax.scan(body, x, (stacked, None if cache is None else (cache.k, cache.v)))
-      return x, kv
-    new = []
-    for i, blk in enumerate(self.blocks):
-      block_def, block_state = nnx.split(blk)
-      fn = lambda st, x, kv, block_def=block_def: layer(st, block_def, x, kv)
-      if use_remat:
-        fn = jax.checkpoint(fn, prevent_cse=False)
-      x, kv = fn(block_state, x, None if cache is None else (cache.k[i], cache.v[i]))
-      new.append(kv)
-    return x, (None if cache is None else (tuple(k for k, _ in new), tuple(v for _, v in new)))
+            if use_remat:
+                body = jax.checkpoint(body, prevent_cse=False)
+            x, kv = jax.lax.scan(body, x, (stacked, None if cache is None else (cache.k, cache.v)))
+            return x, kv
+        new = []
+        for i, blk in enumerate(self.blocks):
+            block_def, block_state = nnx.split(blk)
+            fn = lambda st, x, kv, block_def=block_def: layer(st, block_def, x, kv)
+            if use_remat:
+                fn = jax.checkpoint(fn, prevent_cse=False)
+            x, kv = fn(block_state, x, None if cache is None else (cache.k[i], cache.v[i]))
+            new.append(kv)
+        return x, (None if cache is None else (tuple(k for k, _ in new), tuple(v for _, v in new)))
 
-  def __call__(self, tokens, mask, cache: KVCache | None = None, index=None, outputs: slice = slice(None)):
-    """tokens, mask [B, T] -> (logits [B,T',V] f32 or hidden [B,T',D] f32, updated cache or None).
+    def __call__(self, tokens, mask, cache: KVCache | None = None, index=None, outputs: slice = slice(None)):
+        """tokens, mask [B, T] -> (logits [B,T',V] f32 or hidden [B,T',D] f32, updated cache or None).
 
-    With `cache`, the T tokens go to buffer slots [index, index + T) and attend over the whole buffer.
-    `outputs` (a static slice of the T positions; default all) selects the positions that get the final norm
-    and the LM head: `slice(-1, None)` for the sampler's prefill, the response positions for teacher-forced
-    log-probs (the head's FLOPs and the [B, T, V] logits are not spent on the prompt).
-    """
-    cfg = self.cfg
-    mask = mask.astype(jnp.int32)
-    if cache is None:
-      positions = positions_from_mask(mask)
-      key_mask = mask
-    else:
-      offset = jnp.sum(cache.mask, axis=-1)  # real tokens already in the buffer
-      positions = positions_from_mask(mask, offset)
-      key_mask = jax.lax.dynamic_update_slice_in_dim(cache.mask, mask, index, axis=1)
-    # FSDP semantics: gather the (vocab/embed-sharded) table before the lookup; a gather from a table
-    # sharded along the looked-up axis would force XLA into a full rematerialisation.
-    table = constrain(self.embed[...], (None, None))
-    x = jnp.take(table, tokens, axis=0).astype(cfg.compute_dtype)
-    x = constrain(x, ("batch", "length", "act_embed"))
-    rot = rope_angles(positions, cfg.head_dim, cfg.rope_theta)
-    x, kv = self._run_blocks(x, rot, key_mask, cache, index)
-    x = x[:, outputs]
-    x = self.final_norm(x)
-    new_cache = None if cache is None else KVCache(kv[0], kv[1], key_mask)
-    if not self.lm_head:
-      return x.astype(jnp.float32), new_cache
-    w = self.embed[...].T if cfg.tie_embeddings else self.head[...]
-    logits = jnp.einsum("btd,dv->btv", x, w.astype(cfg.compute_dtype), preferred_element_type=jnp.float32)
-    return constrain(logits, ("batch", "length", "vocab")), new_cache
+        With `cache`, the T tokens go to buffer slots [index, index + T) and attend over the whole buffer.
+        `outputs` (a static slice of the T positions; default all) selects the positions that get the final norm
+        and the LM head: `slice(-1, None)` for the sampler's prefill, the response positions for teacher-forced
+        log-probs (the head's FLOPs and the [B, T, V] logits are not spent on the prompt).
+        """
+        cfg = self.cfg
+        mask = mask.astype(jnp.int32)
+        if cache is None:
+            positions = positions_from_mask(mask)
+            key_mask = mask
+        else:
+            offset = jnp.sum(cache.mask, axis=-1)  # real tokens already in the buffer
+            positions = positions_from_mask(mask, offset)
+            key_mask = jax.lax.dynamic_update_slice_in_dim(cache.mask, mask, index, axis=1)
+        # FSDP semantics: gather the (vocab/embed-sharded) table before the lookup; a gather from a table
+        # sharded along the looked-up axis would force XLA into a full rematerialisation.
+        table = constrain(self.embed[...], (None, None))
+        x = jnp.take(table, tokens, axis=0).astype(cfg.compute_dtype)
+        x = constrain(x, ("batch", "length", "act_embed"))
+        rot = rope_angles(positions, cfg.head_dim, cfg.rope_theta)
+        x, kv = self._run_blocks(x, rot, key_mask, cache, index)
+        x = x[:, outputs]
+        x = self.final_norm(x)
+        new_cache = None if cache is None else KVCache(kv[0], kv[1], key_mask)
+        if not self.lm_head:
+            return x.astype(jnp.float32), new_cache
+        w = self.embed[...].T if cfg.tie_embeddings else self.head[...]
+        logits = jnp.einsum("btd,dv->btv", x, w.astype(cfg.compute_dtype), preferred_element_type=jnp.float32)
+        return constrain(logits, ("batch", "length", "vocab")), new_cache
