@@ -9,7 +9,6 @@ Writes WORKDIR/token_game.json and token_game.md (duality gap per policy, reduct
 """
 import ml_collections
 
-from nash_lm.tasks.pipeline import HOST_ORACLE
 from nash_lm.train.config import stage
 
 
@@ -41,8 +40,8 @@ def get_config():
     t.judge_model = ml_collections.ConfigDict(model)
     t.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
     t.rules = ""
-    policy = dict(ref="sft", judge=HOST_ORACLE, tau=0.2, steps=2000, batch_size=256, lr=2e-4, lr_schedule="cosine", max_new_tokens=L,
-                  log_every=250, checkpoint_every=1000, eval_batches=1)
+    policy = dict(ref="sft", judge="host_oracle", tau=0.2, steps=2000, batch_size=256, lr=2e-4, lr_schedule="cosine",
+                  max_new_tokens=L, log_every=250, checkpoint_every=1000, eval_batches=1)
     t.stages = ml_collections.ConfigDict()
     t.stages.sft = stage("sft", steps=600, batch_size=64, lr=3e-3, log_every=100, checkpoint_every=600,
                          eval_batches=4)

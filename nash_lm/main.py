@@ -3,14 +3,16 @@
 Thin by design (all logic lives in importable modules, usable from Colab): it parses the config file with
 ml_collections' `config_flags`, looks up `config.job` in `JOBS` and calls that job's `run(config, workdir)`.
 Multi-host: `jax.distributed` is started here from `config.distributed` or the environment (see
-`nash_lm.distributed`; `launch/local.py` and the pod/SLURM scripts set it), before any device is touched, so
-`python -m nash_lm.main` and `python -m nash_lm.distributed` both work on every host.
-Bad input (an unknown flag or config field, a value out of range) ends with one line on stderr and exit code 2,
-before anything is compiled or written.
+`nash_lm.distributed`; `launch/local.py` and the pod/SLURM scripts set it), before any device is touched.
+
+Bad input (a missing or unloadable config file, an unknown flag or config field, a value out of range) ends
+with one line on stderr and exit code 2, before anything is compiled or written. A job stopped by SIGTERM
+(`nash_lm.train.pipeline.Preempted`: the current step is checkpointed) exits 0; the same command resumes it.
 """
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
 from absl import flags
@@ -21,7 +23,7 @@ from nash_lm import distributed
 # job name -> "module:function"; each function takes (config, workdir) and returns a summary dict.
 JOBS = {
     "games": "nash_lm.games.report:run",
-    "train": "nash_lm.train.loop:run",
+    "train": "nash_lm.train.pipeline:run",
     "ye_offline": "nash_lm.learning.experiments:run_offline",
     "ye_online": "nash_lm.learning.experiments:run_online",
     "token_game": "nash_lm.tasks.pipeline:run_token_game",
@@ -33,24 +35,45 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a configs/*.p
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for metrics, checkpoints and reports.")
 
 
-class ConfigError(ValueError):
-    """A configuration or input error reported as one line with exit code 2."""
-
-
 def _fail(message: str) -> None:
     print(f"error: {message}", file=sys.stderr)
     sys.exit(2)
 
 
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def _flag_error(e: BaseException, argv) -> str:
+    """One line for a failure to parse the flags or to load the config file."""
+    path = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), "")
+    if isinstance(e, flags.Error):
+        return _one_line(e)
+    if isinstance(e, AttributeError) and isinstance(e.__context__, KeyError):  # --config.<unknown>=v
+        field = str(e.__context__.args[0]).strip("'\"") if e.__context__.args else ""
+        bad = next((a.split("=", 1)[0] for a in argv if a.startswith("--config.") and field in a.split("=", 1)[0]),
+                   f"--config.{field}")
+        return f"{bad}: no such field in {path}"
+    if isinstance(e, SyntaxError):
+        return f"--config: {e.filename}:{e.lineno}: {e.msg}"
+    return f"--config: {path} cannot be loaded: {type(e).__name__}: {_one_line(e)}"
+
+
 def main(argv=None) -> dict:
     argv = list(sys.argv if argv is None else argv)
+    path = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+    if path is not None and not os.path.isfile(path.split(":", 1)[0]):
+        _fail(f"--config: {path}: no such file")
     try:
         flags.FLAGS(argv)
-    except (flags.Error, KeyError, AttributeError, TypeError, ValueError) as e:
-        _fail(str(e).strip().splitlines()[0] if str(e).strip() else repr(e))
-    config, workdir = _CONFIG.value, _WORKDIR.value
+        config, workdir = _CONFIG.value, _WORKDIR.value
+    except Exception as e:  # a flag, an override or the config file itself
+        _fail(_flag_error(e, argv))
     if config is None:
         _fail("--config is required (e.g. --config=configs/games.py)")
+    if not hasattr(config, "get"):
+        _fail("--config: get_config() must return an ml_collections.ConfigDict")
     if not workdir:
         _fail("--workdir is required")
     job = config.get("job")
@@ -59,13 +82,18 @@ def main(argv=None) -> dict:
     try:  # before anything touches devices; a no-op for one process without distributed settings
         distributed.initialize(config)
     except ValueError as e:
-        _fail(str(e).splitlines()[0])
+        _fail(_one_line(e))
     module_name, fn_name = JOBS[job].split(":")
     run = getattr(importlib.import_module(module_name), fn_name)
+    from nash_lm.train.pipeline import Preempted
+
     try:
         return run(config, workdir)
     except ValueError as e:  # validation errors from the job: one line, exit 2
-        _fail(str(e).splitlines()[0])
+        _fail(_one_line(e))
+    except Preempted as e:
+        print(f"preempted: {e}; rerun the same command to resume", file=sys.stderr)
+        return {"status": "preempted", "message": str(e)}
 
 
 if __name__ == "__main__":

@@ -17,8 +17,9 @@ with two arms sharing round 0 and spending the same label budget:
 
 Round 1's main agent is trained against pm0 from sft in both arms, so it is one shared stage (`main1`); the arms
 differ from the pairs of round 1 on. Stages: sft, pm0, main1, enh_pm1, sym_pm1, enh_main2, enh_pm2, sym_main2, ...
-built from the config's templates (`online.policy`, `online.judge`) with `nash_lm.train.config.stage()`; each is
-run by `pipeline.run_stages` with its own data, so a killed job resumes stage by stage (done.json). The pair
+built from the config's templates (`online.policy`, `online.judge`) with `nash_lm.train.config.stage()` and run
+by one training pipeline (`nash_lm.train.pipeline.Pipeline`; an error in a generated stage names its template's
+field), each stage with its own data, so a killed job resumes stage by stage (done.json). The pair
 sets are deterministic functions of the config, seeds and exports (fixed keys per arm and round); they are also
 cached in WORKDIR/online/*.npz together with the fingerprints of the stages they came from (a cache whose
 fingerprints differ is regenerated). The enhancer's candidates and scores are saved there as well.
@@ -34,19 +35,17 @@ import functools
 import hashlib
 import json
 import os
-import re
 import time
 import zlib
 
 import jax
 import numpy as np
 
-from nash_lm import models, parallel
+from nash_lm import distributed, models
 from nash_lm.evaluation import tournament
 from nash_lm.tasks import docstrings, pipeline, rater as rater_lib
 from nash_lm.train import config as cfg_lib
-from nash_lm.train import loop
-from nash_lm.train import metrics as metrics_lib
+from nash_lm.train.pipeline import Pipeline
 
 ARMS = {"enhancer": "enh", "symmetric": "sym"}
 MAIN_ALGORITHMS = ("nash_md_pg", "online_ipo")
@@ -102,37 +101,26 @@ def _from_template(on, key: str, algorithm: str, **inputs):
         raise ValueError(f"config.online.{key}: {str(e).split(': ', 1)[-1]}") from None
 
 
-def build_train_config(config, task_hash: str, n_examples: int, arms) -> tuple:
-    """The training config with every stage of the online rounds added; (cfg, order, template of each stage)."""
+def build_train_config(config, task_hash: str, arms) -> tuple:
+    """The training config with every stage of the online rounds added; (cfg, order, origins), origins naming
+    the template each generated stage came from (`config.online.policy` / `config.online.judge`)."""
     on = config.online
-    cfg = pipeline.train_config(config, task_hash, n_examples)
-    template = {}
+    cfg = pipeline.train_config(config, task_hash)
+    origins = {}
     extra = {"beta": float(on.beta)} if on.algorithm == "nash_md_pg" else {}
     for r in range(1, on.rounds + 1):
         for arm in arms:
             main, prev = main_name(arm, r), ("sft" if r == 1 else main_name(arm, r - 1))
-            if main not in template:
+            if main not in origins:
                 cfg.stages[main] = _from_template(on, "policy", on.algorithm, init=prev, ref="sft",
                                                   judge=pm_name(arm, r - 1), **extra)
-                template[main] = "policy"
+                origins[main] = "config.online.policy"
             name = pm_name(arm, r)
             cfg.stages[name] = _from_template(on, "judge", "preference", init=pm_name(arm, r - 1))
-            template[name] = "judge"
+            origins[name] = "config.online.judge"
     order = stage_order(arms, on.rounds)
     cfg.pipeline = ",".join(order)
-    return cfg, order, template
-
-
-def validate(cfg, template: dict) -> None:
-    """`train.config.validate` on every stage; errors in templated stages name the template's field."""
-    try:
-        cfg_lib.validate(cfg)
-    except ValueError as e:
-        msg = str(e)
-        m = re.match(r"config\.stages\.([A-Za-z0-9_]+)(.*)", msg, re.S)
-        if m and m.group(1) in template:
-            msg = f"config.online.{template[m.group(1)]}{m.group(2)} (stage {m.group(1)})"
-        raise ValueError(msg) from None
+    return cfg, order, origins
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -146,15 +134,9 @@ def _pref(graphdef, params, prompt, prompt_mask, y, y_mask, y2, y2_mask):
 
 def preference_probs(graphdef, params, prompt, prompt_mask, y, y_mask, y2, y2_mask) -> np.ndarray:
     """P_pm(y > y2 | prompt) [N] float32, in padded batches of 256 (one compilation)."""
-    out = []
-    arrays = [np.asarray(a) for a in (prompt, prompt_mask, y, y_mask, y2, y2_mask)]
     dtypes = (np.int32, np.float32, np.int32, np.float32, np.int32, np.float32)
-    for i in range(0, len(arrays[0]), _SCORE_BATCH):
-        chunk = [a[i:i + _SCORE_BATCH].astype(d) for a, d in zip(arrays, dtypes)]
-        n = len(chunk[0])
-        if n < _SCORE_BATCH:
-            chunk = [np.concatenate([c, np.repeat(c[:1], _SCORE_BATCH - n, 0)]) for c in chunk]
-        out.append(np.asarray(_pref(graphdef, params, *chunk))[:n])
+    arrays = [np.asarray(a).astype(d) for a, d in zip((prompt, prompt_mask, y, y_mask, y2, y2_mask), dtypes)]
+    out = pipeline.in_batches(lambda *chunk: _pref(graphdef, params, *chunk), arrays, _SCORE_BATCH)
     return np.concatenate(out).astype(np.float32)
 
 
@@ -176,13 +158,13 @@ def round_pairs(arm: str, gd, params, judge, prompts: dict, k: int, key, rlen: i
     Enhancer: y ~ pi, y' = the best of k samples of pi under `judge` = (graphdef, params) of pm_{r-1}."""
     p, pm_ = prompts["prompt"], prompts["prompt_mask"]
     k1, k2 = jax.random.split(key)
-    y, ym = pipeline._sample_tokens(gd, params, p, pm_, k1, rlen, 1.0)
+    y, ym = pipeline.sample_tokens(gd, params, p, pm_, k1, rlen)
     if arm == "symmetric":
-        y2, y2m = pipeline._sample_tokens(gd, params, p, pm_, k2, rlen, 1.0)
+        y2, y2m = pipeline.sample_tokens(gd, params, p, pm_, k2, rlen)
         return {"prompt": p, "prompt_mask": pm_, "y": y, "y_mask": ym, "y2": y2, "y2_mask": y2m}, {}
     m = len(p)
     rep = lambda a: np.repeat(a, k, axis=0)  # row i*k + j: candidate j of prompt i
-    c, cm = pipeline._sample_tokens(gd, params, rep(p), rep(pm_), k2, rlen, 1.0)
+    c, cm = pipeline.sample_tokens(gd, params, rep(p), rep(pm_), k2, rlen)
     scores = preference_probs(judge[0], judge[1], rep(p), rep(pm_), c, cm, rep(y), rep(ym)).reshape(m, k)
     best = best_of_k(scores)
     c, cm = c.reshape(m, k, -1), cm.reshape(m, k, -1)
@@ -217,14 +199,6 @@ PAIR_KEYS = ("prompt", "prompt_mask", "y", "y_mask", "y2", "y2_mask", "label", "
 
 # ----------------------------------------------------------------------------------------------------------
 # Evaluation
-
-
-def load_judge(cfg, workdir: str, name: str):
-    """(graphdef, params) of a preference stage's export."""
-    mesh = parallel.make_mesh(cfg.mesh)
-    rules = parallel.validate_rules(cfg_lib.parse_rules(cfg.rules), mesh)
-    gd, abstract, _ = loop.abstract_params(cfg_lib.model_config(cfg, "judge_model"), "preference", 0, mesh, rules)
-    return gd, loop.load_export(workdir, name, abstract)
 
 
 def judge_accuracy(judge, pairs: dict, noise: float) -> dict:
@@ -304,25 +278,27 @@ def run_online_lm(config, workdir: str) -> dict:
         raise ValueError(f"config.task.eval_pairs_per_prompt: must be an int >= 1, got {task.eval_pairs_per_prompt}")
     if not 0.0 <= task.rater_noise <= 0.5:
         raise ValueError(f"config.task.rater_noise: must be in [0, 0.5], got {task.rater_noise}")
-    task_hash = pipeline._task_hash(config, ("task", "online"))
-    cfg, order, template = build_train_config(config, task_hash, 10**9, arms)
-    validate(cfg, template)  # every stage, before anything is written
+    task_hash = pipeline.task_hash(config, ("task", "online"))
+    cfg, order, origins = build_train_config(config, task_hash, arms)
     tournament.interval(0, 1, task.tournament.ci_method)
+    with Pipeline(cfg, workdir, data={}, origins=origins) as pipe:  # every stage checked, nothing written yet
+        return _run_rounds(config, pipe, arms, task_hash, t0)
+
+
+def _run_rounds(config, pipe: Pipeline, arms, task_hash: str, t0: float) -> dict:
+    task, on, workdir = config.task, config.online, pipe.workdir
     os.makedirs(os.path.join(workdir, "online"), exist_ok=True)
-    pipeline._write_json(os.path.join(workdir, "config.json"), cfg_lib.to_jsonable(config))
+    distributed.write_json(os.path.join(workdir, "config.json"), cfg_lib.to_jsonable(config))
 
     # round 0 inputs: corpus, tokenizer, arrays (as the docstrings job builds them)
     d = pipeline.prepare_docstrings(config, workdir, "online_lm")
     corpus, tok, plen, rlen = d.corpus, d.tokenizer, d.prompt_len, d.response_len
-    train_ex, test_ex = d.splits["train"], d.splits["test"]
+    test_ex = d.splits["test"]
     sft = {s: d.arrays[("sft", s)] for s in ("train", "eval")}
     prompts = {s: d.arrays[("prompts", s)] for s in ("train", "eval")}
     oracle = rater_lib.token_oracle(rater_lib.Rater(corpus, noise=task.rater_noise, seed=task.seed), tok, corpus,
                                     plen)
-    pipeline.set_oracle(oracle)
-    cfg, order, template = build_train_config(config, task_hash, len(train_ex), arms)
-    peak = float(cfg.peak_tflops) * 1e12 if cfg.peak_tflops > 0 else metrics_lib.measure_peak_flops()
-    fp = {name: cfg_lib.fingerprint_hash(cfg_lib.stage_fingerprint(cfg, name)) for name in order}
+    fp = {name: spec.fingerprint_hash for name, spec in pipe.spec.stages.items()}
     results, held_out = {}, {}
 
     def run(name, pairs_train=None):
@@ -332,10 +308,10 @@ def run_online_lm(config, workdir: str) -> dict:
             data[("pairs", "eval")] = held_out["eval"]
         if pairs_train is not None:
             data[("pairs", "train")] = pairs_train
-        results.update(pipeline.run_stages(cfg, workdir, [name], lambda kind, split: data[(kind, split)], peak))
+        results.update(pipe.run([name], data=data))
 
     run("sft")
-    gd, mu = pipeline.load_lm(cfg, workdir, "sft")
+    gd, mu = pipe.params("sft")
     odir = os.path.join(workdir, "online")
     eval_pairs = _cached(os.path.join(odir, "eval_pairs.npz"), fp["sft"] + task_hash, lambda: pipeline.label_pairs(
         oracle, mu_pairs(gd, mu, prompts["eval"], task.eval_pairs_per_prompt, _key(task.seed, "eval"), rlen),
@@ -348,7 +324,7 @@ def run_online_lm(config, workdir: str) -> dict:
     print(f"[online_lm] round 0: {n0} pairs from mu labelled by the rater (mean P = {pairs0['label'].mean():.3f})",
           flush=True)
     run("pm0", pairs0)
-    judges = {"pm0": load_judge(cfg, workdir, "pm0")}
+    judges = {"pm0": pipe.params("pm0")}
     round0 = {"labels": n0, "pm": "pm0", "pm_accuracy": judge_accuracy(judges["pm0"], eval_pairs,
                                                                          task.rater_noise)["accuracy"]}
     union = {arm: pairs0 for arm in arms}
@@ -364,7 +340,7 @@ def run_online_lm(config, workdir: str) -> dict:
             main, prev_pm, pm = main_name(arm, r), pm_name(arm, r - 1), pm_name(arm, r)
             if main not in results:
                 run(main)
-            _, pi = pipeline.load_lm(cfg, workdir, main)
+            _, pi = pipe.params(main)
             # the round's training prompts: a fixed permutation per round (cycled when more pairs than prompts)
             perm = np.random.default_rng([task.seed, 11, r]).permutation(n_train)
             idx = np.resize(perm, on.pairs_per_round)
@@ -386,7 +362,7 @@ def run_online_lm(config, workdir: str) -> dict:
             print(f"[online_lm] round {r} {arm}: {len(new['y'])} new pairs (mean P(y > y') = "
                   f"{new['label'].mean():.3f}), {labels[arm]} labels in all", flush=True)
             run(pm, union[arm])
-            judges[pm] = load_judge(cfg, workdir, pm)
+            judges[pm] = pipe.params(pm)
             acc = judge_accuracy(judges[pm], eval_pairs, task.rater_noise)["accuracy"]
             round_rows[arm] = {"arm": arm, "round": r, "main": main, "pm": pm, "labels_total": labels[arm],
                                "labels_main_judge": labels[arm] - len(new["y"]), "pm_accuracy": acc,
@@ -398,7 +374,7 @@ def run_online_lm(config, workdir: str) -> dict:
         mains = list(dict.fromkeys(row["main"] for row in round_rows.values()))
         policies = {"sft": pipeline.TextSampler(gd, mu, tok, plen, rlen, tconf.temperature)}
         for name in mains:
-            policies[name] = pipeline.TextSampler(gd, pipeline.load_lm(cfg, workdir, name)[1], tok, plen, rlen,
+            policies[name] = pipeline.TextSampler(gd, pipe.params(name)[1], tok, plen, rlen,
                                                   tconf.temperature)
         result = tournament.run(policies, test_prompts, judge_rater, samples_per_prompt=tconf.samples_per_prompt,
                                 seed=task.seed + r, method=tconf.ci_method)
@@ -416,7 +392,7 @@ def run_online_lm(config, workdir: str) -> dict:
               "best_of_k": int(on.best_of_k), "pairs_per_round": int(on.pairs_per_round), "round0": round0,
               "rounds": rounds, "head_to_head": head_to_head, "labels": labels, "enhancer_files": enhancer_files,
               "n_test_prompts": len(test_prompts), "wall_time_s": time.time() - t0}
-    pipeline._write_json(os.path.join(workdir, "online_lm.json"), report)
+    distributed.write_json(os.path.join(workdir, "online_lm.json"), report)
     md = _markdown(report)
     with open(os.path.join(workdir, "online_lm.md"), "w") as f:
         f.write(md)
@@ -425,6 +401,6 @@ def run_online_lm(config, workdir: str) -> dict:
     summary = {"status": "complete", "wall_time_s": time.time() - t0, "labels": labels, "report": "online_lm.json",
                "stages": {k: v.get("eval", {}) for k, v in results.items()},
                "tokenizer": tok.path, "config_sha256": hashlib.sha256(
-                   json.dumps(cfg_lib.to_jsonable(cfg), sort_keys=True).encode()).hexdigest()}
-    pipeline._write_json(os.path.join(workdir, "summary.json"), summary)
+                   json.dumps(cfg_lib.to_jsonable(pipe.spec.config), sort_keys=True).encode()).hexdigest()}
+    distributed.write_json(os.path.join(workdir, "summary.json"), summary)
     return summary

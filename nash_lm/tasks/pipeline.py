@@ -1,4 +1,4 @@
-"""Jobs of the embedded tasks: the training loop's stages run on task data, then task-specific evaluation.
+"""Jobs of the embedded tasks: the training pipeline's stages run on task data, then task-specific evaluation.
 
 Two jobs (registered in `nash_lm.main.JOBS`):
 
@@ -12,13 +12,14 @@ Two jobs (registered in `nash_lm.main.JOBS`):
   token-level and the sequence-level mixture, and the equilibrium each mixture leads to.
 
 Each job's config holds the task fields and a complete training config `config.train` (the schema of
-`nash_lm.train.config`); its `data` entry only sets the array shapes (vocab_size, prompt_len, response_len,
-n_examples) and a seed that is a hash of the task fields, so that stage fingerprints change with the task. The
-stages themselves are the training loop's (`nash_lm.train.loop.Stage`: compiled steps, checkpoints, resume,
-metrics, a progress bar per stage); `TaskStage` only swaps the synthetic arrays for the task's.
+`nash_lm.train.config`); its `data` entry only sets the array shapes (vocab_size, prompt_len, response_len) and a
+seed that is a hash of the task fields, so that stage fingerprints change with the task. The stages are run by
+the training pipeline (`nash_lm.train.pipeline.Pipeline`: validation first, compiled steps, checkpoints, resume,
+SIGTERM, metrics, a progress bar per stage), with the task's arrays handed to it as its data and, for the token
+game, the exact preference as its host oracle (`judge = 'host_oracle'`).
 
-Host oracles are named in configs as `host_oracle:nash_lm.tasks.pipeline:oracle`; `oracle` calls the oracle the
-running job installed with `set_oracle` (the rater on token arrays, or the exact token-game preference).
+This module also holds the pieces the docstring jobs share (`nash_lm.tasks.online_lm` uses them too): batched
+sampling of token arrays, text samplers for the tournament, pair labelling, the docstring data.
 """
 from __future__ import annotations
 
@@ -34,114 +35,48 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from nash_lm import models, parallel, sampling
+from nash_lm import distributed, models, sampling
 from nash_lm.data import features
 from nash_lm.data import tokenizer as tokenizer_lib
+from nash_lm.data.synthetic import BOS_ID, EOS_ID, PAD_ID
 from nash_lm.evaluation import tournament
 from nash_lm.tasks import docstrings, rater as rater_lib, token_game as tg
+from nash_lm.train import algorithms
 from nash_lm.train import config as cfg_lib
-from nash_lm.train import loop
-from nash_lm.train import metrics as metrics_lib
-
-HOST_ORACLE = "host_oracle:nash_lm.tasks.pipeline:oracle"
-PAD, BOS, EOS = 0, 1, 2
-_ORACLE = {}
-
-
-def set_oracle(fn) -> None:
-    _ORACLE["fn"] = fn
-
-
-def oracle(prompt, prompt_mask, y, y_mask, y2, y2_mask):
-    """The host oracle installed by the running job: P(y > y2 | prompt) [B]."""
-    if "fn" not in _ORACLE:
-        raise RuntimeError("nash_lm.tasks.pipeline.oracle: no oracle installed (run a task job)")
-    return _ORACLE["fn"](prompt, prompt_mask, y, y_mask, y2, y2_mask)
-
+from nash_lm.train.pipeline import Pipeline
 
 # ----------------------------------------------------------------------------------------------------------
-# Running loop stages on task arrays
+# The training config of a task job
 
 
-class TaskStage(loop.Stage):
-    """A training-loop stage whose data are the task's arrays: provider(kind, split) with kind in
-    {'sft', 'pairs', 'prompts'} and split in {'train', 'eval'}."""
-
-    provider = None
-
-    def _build(self):
-        super()._build()
-        kind = "sft" if self.algorithm == "sft" else ("pairs" if self.is_judge else "prompts")
-        self.train_data = self.provider(kind, "train")
-        self.eval_data = self.provider(kind, "eval")
-        self.batch_sh = {k: self._batch_sharding(v.ndim) for k, v in self.train_data.items()}
-
-
-def _copy(config) -> ml_collections.ConfigDict:
-    return ml_collections.ConfigDict(config.to_dict())
-
-
-def train_config(config, task_hash: str, n_examples: int) -> ml_collections.ConfigDict:
-    """The job's training config with data shapes and a task-dependent seed filled in."""
-    cfg = _copy(config.train)
-    cfg.data.n_examples = int(n_examples)
+def train_config(config, task_hash: str) -> ml_collections.ConfigDict:
+    """The job's training config with a task-dependent data seed filled in."""
+    cfg = ml_collections.ConfigDict(config.train.to_dict())
     cfg.data.seed = int(task_hash[:7], 16)
     return cfg
 
 
-def run_stages(cfg, workdir: str, names: list[str], provider, peak: float) -> dict:
-    """Runs the named stages of `cfg` in order through the training loop (skipping complete ones)."""
-    cfg = _copy(cfg)
-    cfg.pipeline = ",".join(names)
-    mesh, rules, order = loop.prepare(cfg, workdir)
-    os.makedirs(workdir, exist_ok=True)
-    writer = metrics_lib.MetricsWriter(workdir)
-    results = {}
-    try:
-        with parallel.activate(mesh, rules):
-            for name in order:
-                done = os.path.join(loop._stage_dir(workdir, name), "done.json")
-                if os.path.exists(done):
-                    with open(done) as f:
-                        results[name] = json.load(f)
-                    continue
-                stage = TaskStage(cfg, name, workdir, mesh, rules, peak, writer)
-                stage.provider = provider
-                results[name] = stage.run(lambda: False)
-    finally:
-        writer.close()
-    return results
-
-
-def load_lm(cfg, workdir: str, name: str, key: str = "policy"):
-    """(graphdef, params) of an lm stage's export (key 'policy', or 'ema' for a Nash-EMA-PG stage)."""
-    from nash_lm.train import checkpoint as ckpt_lib
-
-    mesh = parallel.make_mesh(cfg.mesh)
-    rules = parallel.validate_rules(cfg_lib.parse_rules(cfg.rules), mesh)
-    model_cfg = cfg_lib.model_config(cfg, "model")
-    graphdef, abstract, _ = loop.abstract_params(model_cfg, "lm", 0, mesh, rules)
-    keys = ("policy", "ema") if cfg.stages[name].algorithm == "nash_ema_pg" else ("policy",)
-    path = os.path.join(loop._stage_dir(workdir, name), "export")
-    if not os.path.isdir(path):
-        raise ValueError(f"missing stage output {name!r}: {path} does not exist")
-    tree = ckpt_lib.load_params(path, {k: abstract for k in keys})
-    return graphdef, tree[key]
-
-
-def _task_hash(config, fields) -> str:
+def task_hash(config, fields) -> str:
+    """SHA-256 of the task fields of a job config (seeds the stages' data, keys caches)."""
     payload = {k: config[k].to_dict() if hasattr(config[k], "to_dict") else config[k] for k in fields}
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def _write_json(path, obj):
-    with open(path + ".tmp", "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-    os.replace(path + ".tmp", path)
+def in_batches(fn, arrays: list, batch_size: int) -> list:
+    """fn(*chunk) over consecutive chunks of `batch_size` rows of `arrays`, the last chunk padded with copies of
+    its first row to the full size (one compilation); each output sliced back to the real rows."""
+    out = []
+    for i in range(0, len(arrays[0]), batch_size):
+        chunk = [a[i:i + batch_size] for a in arrays]
+        n = len(chunk[0])
+        if n < batch_size:
+            chunk = [np.concatenate([c, np.repeat(c[:1], batch_size - n, 0)]) for c in chunk]
+        out.append(jax.tree.map(lambda x: np.asarray(x)[:n], fn(*chunk)))
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Docstring summarization
+# Sampling and labelling
 
 
 class TextSampler:
@@ -151,54 +86,43 @@ class TextSampler:
                  batch_size: int = 256):
         self.graphdef, self.params, self.tok = graphdef, params, tok
         self.prompt_len, self.batch_size = prompt_len, batch_size
-        self._fn = _sampler(max_new_tokens, temperature)
+        self.max_new_tokens, self.temperature = max_new_tokens, temperature
 
     def __call__(self, prompts, seed):
         rows = [features.encode_prompt(self.tok, p, self.prompt_len) for p in prompts]
         toks = np.stack([r[0] for r in rows])
         masks = np.stack([r[1] for r in rows]).astype(np.int32)
-        out = []
-        key = jax.random.PRNGKey(seed)
-        for i in range(0, len(prompts), self.batch_size):
-            key, sub = jax.random.split(key)
-            t, m = _pad_batch(toks[i:i + self.batch_size], masks[i:i + self.batch_size], self.batch_size)
-            s = self._fn(self.graphdef, self.params, t, m, sub)
-            tokens, mask = np.asarray(s.tokens), np.asarray(s.mask)
-            n = min(self.batch_size, len(prompts) - i)
-            out += [features.decode_response(self.tok, tokens[j], mask[j]) for j in range(n)]
-        return out
-
-
-def _pad_batch(t, m, b):
-    if len(t) == b:
-        return t, m
-    reps = b - len(t)
-    return np.concatenate([t, np.repeat(t[:1], reps, 0)]), np.concatenate([m, np.repeat(m[:1], reps, 0)])
+        tokens, mask = sample_tokens(self.graphdef, self.params, toks, masks, jax.random.PRNGKey(seed),
+                                     self.max_new_tokens, self.temperature, self.batch_size)
+        return [features.decode_response(self.tok, tokens[j], mask[j]) for j in range(len(prompts))]
 
 
 @functools.lru_cache(maxsize=None)
 def _sampler(max_new_tokens, temperature):
-    return sampling.sample_jit(max_new_tokens=max_new_tokens, eos_id=EOS, pad_id=PAD, temperature=temperature)
+    return sampling.sample_jit(max_new_tokens=max_new_tokens, eos_id=EOS_ID, pad_id=PAD_ID, temperature=temperature)
 
 
-def _sample_tokens(graphdef, params, prompt, prompt_mask, key, max_new_tokens, temperature, batch_size=256):
+def sample_tokens(graphdef, params, prompt, prompt_mask, key, max_new_tokens, temperature=1.0, batch_size=256):
+    """(tokens [N, T] int, mask [N, T] float32) of one sample per prompt row, in batches of `batch_size` (each
+    batch with its own key split from `key`)."""
     fn = _sampler(max_new_tokens, temperature)
-    ys, ms = [], []
-    for i in range(0, len(prompt), batch_size):
+
+    def one(t, m):
+        nonlocal key
         key, sub = jax.random.split(key)
-        t, m = _pad_batch(prompt[i:i + batch_size], prompt_mask[i:i + batch_size].astype(np.int32), batch_size)
         s = fn(graphdef, params, t, m, sub)
-        n = min(batch_size, len(prompt) - i)
-        ys.append(np.asarray(s.tokens)[:n])
-        ms.append(np.asarray(s.mask)[:n].astype(np.float32))
-    return np.concatenate(ys), np.concatenate(ms)
+        return s.tokens, s.mask
+
+    chunks = in_batches(one, [np.asarray(prompt), np.asarray(prompt_mask).astype(np.int32)], batch_size)
+    return (np.concatenate([c[0] for c in chunks]),
+            np.concatenate([c[1] for c in chunks]).astype(np.float32))
 
 
 def sample_pairs(graphdef, params, prompts: dict, per_prompt: int, k1, k2, response_len: int) -> dict:
     """`per_prompt` pairs y ~ pi (key k1), y' ~ pi (key k2) for every prompt row of {prompt, prompt_mask}."""
     src = {k: np.repeat(prompts[k], per_prompt, axis=0) for k in ("prompt", "prompt_mask")}
-    y, ym = _sample_tokens(graphdef, params, src["prompt"], src["prompt_mask"], k1, response_len, 1.0)
-    y2, y2m = _sample_tokens(graphdef, params, src["prompt"], src["prompt_mask"], k2, response_len, 1.0)
+    y, ym = sample_tokens(graphdef, params, src["prompt"], src["prompt_mask"], k1, response_len)
+    y2, y2m = sample_tokens(graphdef, params, src["prompt"], src["prompt_mask"], k2, response_len)
     return {**src, "y": y, "y_mask": ym, "y2": y2, "y2_mask": y2m}
 
 
@@ -255,60 +179,54 @@ def prepare_docstrings(config, workdir: str, tag: str) -> DocstringData:
 def run_docstrings(config, workdir: str) -> dict:
     """The `docstrings` job (see the module docstring); returns the summary written to WORKDIR/summary.json."""
     t0 = time.time()
-    workdir = os.path.abspath(workdir)
     task = config.task
     docstrings.CorpusConfig(**task.corpus.to_dict()).validate()  # bad values fail before anything is written
     k_pairs = int(task.pairs_per_prompt)
     if k_pairs < 1:
         raise ValueError(f"config.task.pairs_per_prompt: must be >= 1, got {k_pairs}")
-    cfg_lib.validate(config.train)  # every stage, before any is run
-    os.makedirs(workdir, exist_ok=True)
-    _write_json(os.path.join(workdir, "config.json"), cfg_lib.to_jsonable(config))
-    d = prepare_docstrings(config, workdir, "docstrings")
-    corpus, tok, plen, rlen = d.corpus, d.tokenizer, d.prompt_len, d.response_len
-    train_ex, test_ex = d.splits["train"], d.splits["test"]
-    arrays = dict(d.arrays)
-    rater = rater_lib.Rater(corpus, noise=task.rater_noise, seed=task.seed)
-    set_oracle(rater_lib.token_oracle(rater, tok, corpus, plen))
-    cfg = train_config(config, _task_hash(config, ("task",)), len(train_ex))
-    provider = lambda kind, split: arrays[(kind, split)]
-    peak = float(cfg.peak_tflops) * 1e12 if cfg.peak_tflops > 0 else metrics_lib.measure_peak_flops()
-    stages = cfg_lib.pipeline(cfg)
+    arrays = {}  # the stages' data: SFT demonstrations and prompts, then pairs sampled from mu
+    with Pipeline(train_config(config, task_hash(config, ("task",))), workdir, data=arrays) as pipe:
+        distributed.write_json(os.path.join(pipe.workdir, "config.json"), cfg_lib.to_jsonable(config))
+        d = prepare_docstrings(config, pipe.workdir, "docstrings")
+        arrays.update(d.arrays)
+        oracle = rater_lib.token_oracle(rater_lib.Rater(d.corpus, noise=task.rater_noise, seed=task.seed),
+                                        d.tokenizer, d.corpus, d.prompt_len)
+        results = pipe.run(["sft"])
+        # pairs from mu, labelled by the rater panel (soft label P and a 0/1 draw)
+        gd, mu_params = pipe.params("sft")
+        key = jax.random.PRNGKey(task.seed)
+        for split in ("train", "eval"):
+            k1, k2, key = jax.random.split(key, 3)
+            pairs = sample_pairs(gd, mu_params, arrays[("prompts", split)], k_pairs, k1, k2, d.response_len)
+            arrays[("pairs", split)] = label_pairs(oracle, pairs, [task.seed, 3, split == "eval"], f"pairs ({split})")
+        print(f"[docstrings] {len(arrays[('pairs', 'train')]['y'])} pairs from mu labelled by the rater "
+              f"(mean P = {float(arrays[('pairs', 'train')]['label'].mean()):.3f})", flush=True)
+        results.update(pipe.run())
 
-    results = run_stages(cfg, workdir, ["sft"], provider, peak)
-    # pairs from mu, labelled by the rater panel (soft label P and a 0/1 draw)
-    gd, mu_params = load_lm(cfg, workdir, "sft")
-    key = jax.random.PRNGKey(task.seed)
-    for split in ("train", "eval"):
-        k1, k2, key = jax.random.split(key, 3)
-        pairs = sample_pairs(gd, mu_params, arrays[("prompts", split)], k_pairs, k1, k2, rlen)
-        arrays[("pairs", split)] = label_pairs(_ORACLE["fn"], pairs, [task.seed, 3, split == "eval"],
-                                               f"pairs ({split})")
-    print(f"[docstrings] {len(arrays[('pairs', 'train')]['y'])} pairs from mu labelled by the rater "
-          f"(mean P = {float(arrays[('pairs', 'train')]['label'].mean()):.3f})", flush=True)
-    results.update(run_stages(cfg, workdir, [s for s in stages if s != "sft"], provider, peak))
-
-    # the tournament on held-out prompts
-    tconf = task.tournament
-    prompts = [e["prompt"] for e in test_ex]
-    policies = {}
-    for name in [s for s in stages if cfg.stages[s].algorithm not in cfg_lib.JUDGE_ALGORITHMS]:
-        gd, params = load_lm(cfg, workdir, name)
-        label = task.labels.get(name, name) if "labels" in task else name
-        policies[label] = TextSampler(gd, params, tok, plen, rlen, tconf.temperature)
-        if cfg.stages[name].algorithm == "nash_ema_pg":
-            gd, ema = load_lm(cfg, workdir, name, "ema")
-            policies[label + "*"] = TextSampler(gd, ema, tok, plen, rlen, tconf.temperature)
-    judge = rater_lib.Rater(corpus, noise=task.rater_noise, seed=task.seed + 1)
+        # the tournament on held-out prompts
+        tconf, test_ex = task.tournament, d.splits["test"]
+        prompts = [e["prompt"] for e in test_ex]
+        policies = {}
+        for name in pipe.spec.order:
+            alg = pipe.spec.stages[name].algorithm
+            if alg.produces != "lm":
+                continue
+            label = task.labels.get(name, name) if "labels" in task else name
+            for key_name, suffix in (("policy", ""),) + ((("ema", "*"),) if alg.ema else ()):
+                gd, params = pipe.params(name, key_name)
+                policies[label + suffix] = TextSampler(gd, params, d.tokenizer, d.prompt_len, d.response_len,
+                                                       tconf.temperature)
+    judge = rater_lib.Rater(d.corpus, noise=task.rater_noise, seed=task.seed + 1)
     result = tournament.run(policies, prompts, judge, samples_per_prompt=tconf.samples_per_prompt,
                             seed=task.seed, method=tconf.ci_method, references=[e["response"] for e in test_ex],
                             progress=True)
-    paths = tournament.save(result, os.path.join(workdir, "tournament"))
+    paths = tournament.save(result, os.path.join(pipe.workdir, "tournament"))
     print(tournament.markdown(result), flush=True)
-    summary = {"status": "complete", "wall_time_s": time.time() - t0, "corpus": {s: len(docstrings.split(corpus, s))
-               for s in docstrings.SPLITS}, "tokenizer": tok.path, "tournament": result.to_json(),
-               "files": paths, "stages": {k: v.get("eval", {}) for k, v in results.items()}}
-    _write_json(os.path.join(workdir, "summary.json"), summary)
+    summary = {"status": "complete", "wall_time_s": time.time() - t0,
+               "corpus": {s: len(v) for s, v in d.splits.items()}, "tokenizer": d.tokenizer.path,
+               "tournament": result.to_json(), "files": paths,
+               "stages": {k: v.get("eval", {}) for k, v in results.items()}}
+    distributed.write_json(os.path.join(pipe.workdir, "summary.json"), summary)
     return summary
 
 
@@ -319,7 +237,7 @@ def run_docstrings(config, workdir: str) -> dict:
 def _token_arrays(game: tg.TokenGame, n: int, seed: int, with_response: bool) -> dict:
     rng = np.random.default_rng(seed)
     x = rng.integers(0, game.X, size=n)
-    out = {"prompt": np.stack([np.full(n, BOS), 3 + x], 1).astype(np.int32),
+    out = {"prompt": np.stack([np.full(n, BOS_ID), 3 + x], 1).astype(np.int32),
            "prompt_mask": np.ones((n, 2), np.float32)}
     if with_response:
         seqs = tg.all_sequences(game.V, game.L)
@@ -356,7 +274,7 @@ def policy_tables(graphdef, params, game: tg.TokenGame) -> tuple[np.ndarray, flo
     tables, leak = [], 0.0
     fn = jax.jit(functools.partial(models.lm_logits, graphdef))
     for x in range(game.X):
-        tokens = np.concatenate([np.tile([BOS, 3 + x], (len(seqs), 1)), 3 + seqs], 1).astype(np.int32)
+        tokens = np.concatenate([np.tile([BOS_ID, 3 + x], (len(seqs), 1)), 3 + seqs], 1).astype(np.int32)
         logits = np.asarray(fn(params, tokens, np.ones_like(tokens)), np.float64)
         full = logits[:, 1:1 + game.L] - np.log(np.exp(logits[:, 1:1 + game.L]).sum(-1, keepdims=True))
         leak = max(leak, float(1 - np.exp(full[..., 3:3 + game.V]).sum(-1).min()))
@@ -367,12 +285,11 @@ def policy_tables(graphdef, params, game: tg.TokenGame) -> tuple[np.ndarray, flo
 def run_token_game(config, workdir: str) -> dict:
     """The `token_game` job (see the module docstring)."""
     t0 = time.time()
-    workdir = os.path.abspath(workdir)
     task = config.task
     game = tg.lift(task.instance, task.V, task.L, contexts=task.contexts, mapping=task.mapping,
                    mu_scale=task.mu_scale, seed=task.seed, **task.instance_kwargs.to_dict())
     tau = float(task.tau)
-    cfg = train_config(config, _task_hash(config, ("task",)), task.n_examples)
+    cfg = train_config(config, task_hash(config, ("task",)))
     if cfg.data.vocab_size != 3 + task.V or cfg.data.prompt_len != 2 or cfg.data.response_len != task.L:
         raise ValueError(f"config.train.data: the token game needs vocab_size {3 + task.V}, prompt_len 2, "
                          f"response_len {task.L}")
@@ -382,14 +299,17 @@ def run_token_game(config, workdir: str) -> dict:
               ("sft", "eval"): _token_arrays(game, task.n_examples, task.seed + 1, True)}
     for split in ("train", "eval"):
         arrays[("prompts", split)] = {k: arrays[("sft", split)][k] for k in ("prompt", "prompt_mask")}
-    set_oracle(token_game_oracle(game))
-    peak = float(cfg.peak_tflops) * 1e12 if cfg.peak_tflops > 0 else metrics_lib.measure_peak_flops()
-    stages = cfg_lib.pipeline(cfg)
-    results = run_stages(cfg, workdir, stages, lambda kind, split: arrays[(kind, split)], peak)
+    with Pipeline(cfg, workdir, data=arrays, host_oracle=token_game_oracle(game)) as pipe:
+        results = pipe.run()
+        stages = pipe.spec.order
+        tables = {}  # (stage, key) -> per-prefix log-prob tables of the trained policies
+        for name in stages:
+            for key in ("policy",) + (("ema",) if pipe.spec.stages[name].algorithm.ema else ()):
+                tables[(name, key)] = policy_tables(*pipe.params(name, key), game)
+    workdir = pipe.workdir
 
     # exact evaluation in the game whose reference is the fitted transformer mu_theta
-    gd, mu_params = load_lm(cfg, workdir, "sft")
-    mu_table, mu_leak = policy_tables(gd, mu_params, game)
+    mu_table, mu_leak = tables[("sft", "policy")]
     mu_theta = np.exp(tg.sequence_logprobs(mu_table, game.V, game.L))
     fitted = dataclasses.replace(game, mu=mu_theta, mu_table=mu_table)
     pi_star = tg.equilibrium(fitted, tau)
@@ -398,19 +318,15 @@ def run_token_game(config, workdir: str) -> dict:
               "sft_fit": {"kl_target_vs_mu_theta": tg.kl(np.log(game.mu), np.log(mu_theta), game.rho),
                           "non_game_token_mass": mu_leak},
               "policies": {}}
-    for name in stages:
+    for (name, key), (table, leak) in tables.items():
         st = cfg.stages[name]
-        keys = ["policy"] + (["ema"] if st.algorithm == "nash_ema_pg" else [])
-        for key in keys:
-            g2, params = load_lm(cfg, workdir, name, key)
-            table, leak = policy_tables(g2, params, game)
-            pi = np.exp(tg.sequence_logprobs(table, game.V, game.L))
-            entry = {"duality_gap": tg.duality_gap(fitted, tau, pi),
-                     "kl_pi_star_vs_pi": tg.kl(np.log(pi_star), np.log(pi), game.rho),
-                     "non_game_token_mass": leak}
-            if "beta" in st and 0 < st.beta < 1:
-                entry["mixture_gap"] = tg.mixture_gap(table, mu_table, st.beta, game.V, game.L, game.rho)
-            report["policies"][name + ("*" if key == "ema" else "")] = entry
+        pi = np.exp(tg.sequence_logprobs(table, game.V, game.L))
+        entry = {"duality_gap": tg.duality_gap(fitted, tau, pi),
+                 "kl_pi_star_vs_pi": tg.kl(np.log(pi_star), np.log(pi), game.rho),
+                 "non_game_token_mass": leak}
+        if "beta" in st and 0 < st.beta < 1:
+            entry["mixture_gap"] = tg.mixture_gap(table, mu_table, st.beta, game.V, game.L, game.rho)
+        report["policies"][name + ("*" if key == "ema" else "")] = entry
     dg_mu = report["policies"]["sft"]["duality_gap"]
     for name, entry in report["policies"].items():
         entry["gap_reduction_vs_mu"] = dg_mu / max(entry["duality_gap"], 1e-300)
@@ -427,7 +343,7 @@ def run_token_game(config, workdir: str) -> dict:
     report["mixture_fixed_points"] = fixed
     report["wall_time_s"] = time.time() - t0
     report["stages"] = {k: v.get("eval", {}) for k, v in results.items()}
-    _write_json(os.path.join(workdir, "token_game.json"), report)
+    distributed.write_json(os.path.join(workdir, "token_game.json"), report)
     lines = ["| policy | duality gap | reduction vs mu | KL(pi*||pi) | token vs sequence mixture KL |",
              "|---|---|---|---|---|"]
     for name, e in report["policies"].items():

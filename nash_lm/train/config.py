@@ -1,4 +1,4 @@
-"""Training configuration: the stage schema, `stage()` to build one, `validate()` and stage fingerprints.
+"""Training configuration: the stage schema, `stage()` to build one, and stage fingerprints.
 
 A training config (`configs/*.py`, `job = "train"`) holds
 
@@ -7,25 +7,27 @@ A training config (`configs/*.py`, `job = "train"`) holds
     pipeline  "sft,pm,rm,nash_md"   (comma-separated stage names, run in this order)
     stages    {name: stage config}
 
-Each stage config is built by `stage(algorithm, **overrides)` from the defaults below, so every field exists in
-the file and `--config.stages.<name>.<field>=v` overrides are checked by ml_collections; `validate()` rejects
-unknown fields and out-of-range values with one ValueError naming the field, before anything is compiled or
-written.
+Each stage config is built by `stage(algorithm, **overrides)` from the common defaults below and the algorithm's
+own fields (its record in `nash_lm.train.algorithms`), so every field exists in the file and
+`--config.stages.<name>.<field>=v` overrides are checked by ml_collections. `nash_lm.train.spec.resolve` checks
+a whole config (unknown fields, ranges, inputs) with one ValueError naming the field, before anything is
+compiled or written.
 
 Stage inputs are stage names: `init` (parameters to start from), `ref` (the frozen reference mu) and `judge`
-(a 'preference' or 'reward' stage, or `oracle:module:function` for a JAX preference function traced into the
-step, or `host_oracle:module:function` for any Python callable called between two compiled halves). A judge
-stage's `init` may name an 'lm' stage (e.g. the SFT stage, with `judge_model == model`): its decoder becomes the
-judge's backbone and only the score head starts from random.
+(a 'preference' or 'reward' stage; `oracle:module:function` for a JAX preference function traced into the step;
+`host_oracle:module:function` for any Python callable called between compiled pieces of the step; or
+`host_oracle`, the callable the running task job hands to the pipeline). A judge stage's `init` may name an
+'lm' stage (e.g. the SFT stage, with `judge_model == model`): its decoder becomes the judge's backbone and only
+the score head starts from random.
 
 `init` of an 'lm' stage (SFT or policy) and `ref` of a policy stage may instead be `hf:/abs/dir`, a local
 Hugging Face checkpoint directory (config.json, *.safetensors, tokenizer.json; Llama, Gemma or Qwen2; never a
-hub name). It is checked here, before anything is compiled or written: the directory and files exist, its
-model_type is `config.model.architecture` ('llama' when the field is absent), its shapes match `config.model`,
-every tensor name/shape/dtype from the safetensors headers, and the tokenizer fits the vocabulary. Its path
-and a SHA-256 of its files go into the stage fingerprint, so a changed checkpoint is refused on resume.
-`config.model.architecture` ('llama' | 'gemma' | 'qwen2', optional) selects the decoder variant the loop builds
-(`nash_lm.interop.variants`); judge models are Llama-architecture only.
+hub name). `check_hf_input` checks it before anything is compiled or written: the directory and files exist,
+its model_type is `config.model.architecture` ('llama' when the field is absent), its shapes match
+`config.model`, every tensor name/shape/dtype from the safetensors headers, and the tokenizer fits the
+vocabulary. Its path and a SHA-256 of its files go into the stage fingerprint, so a changed checkpoint is
+refused on resume. `config.model.architecture` ('llama' | 'gemma' | 'qwen2', optional) selects the decoder
+variant (`nash_lm.interop.variants`); judge models are Llama-architecture only.
 """
 from __future__ import annotations
 
@@ -38,10 +40,8 @@ import os
 import ml_collections
 
 from nash_lm.data.synthetic import SyntheticConfig
+from nash_lm.train import algorithms
 
-POLICY_ALGORITHMS = ("nash_md_pg", "nash_ema_pg", "rlhf", "online_ipo", "ipo_md")
-JUDGE_ALGORITHMS = ("preference", "reward")
-ALGORITHMS = ("sft",) + JUDGE_ALGORITHMS + POLICY_ALGORITHMS
 LR_SCHEDULES = ("constant", "linear", "cosine")
 
 _COMMON = dict(
@@ -62,28 +62,19 @@ _COMMON = dict(
     eval_every=0,  # 0 = evaluate at the end only
     eval_batches=2,
 )
-_EXTRA = {
-    "sft": dict(prompt_loss_weight=0.0),  # > 0: also teacher-force the prompt tokens, with this weight
-    "preference": dict(labels="soft"),  # soft | hard
-    "reward": dict(labels="soft"),
-    "nash_md_pg": dict(ref="", judge="", tau=0.1, beta=0.125, temperature=1.0, max_new_tokens=8),
-    "nash_ema_pg": dict(ref="", judge="", tau=0.1, ema_decay=0.999, temperature=1.0, max_new_tokens=8),
-    "rlhf": dict(ref="", judge="", tau=0.05, temperature=1.0, max_new_tokens=8),
-    "online_ipo": dict(ref="", judge="", tau=1.0, temperature=1.0, max_new_tokens=8),
-    "ipo_md": dict(ref="", judge="", tau=1.0, beta=0.125, temperature=1.0, max_new_tokens=8),
-}
 # Fields that change how a run is observed, not what it computes: excluded from the stage fingerprint.
 OPERATIONAL = ("log_every", "checkpoint_every", "keep_checkpoints", "eval_every", "eval_batches")
 HF_PREFIX = "hf:"  # init/ref from a local Hugging Face checkpoint directory
+ORACLE_PREFIXES = ("oracle:", "host_oracle:")
+HOST_ORACLE = "host_oracle"  # judge: the Python callable the running job hands to the pipeline
 ARCHITECTURES = ("llama", "gemma", "qwen2")
 TOP_LEVEL = ("job", "seed", "model", "judge_model", "data", "mesh", "rules", "pipeline", "stages", "peak_tflops",
              "async_checkpoints")
 
 
 def stage_fields(algorithm: str) -> dict:
-    if algorithm not in _EXTRA:
-        raise ValueError(f"unknown algorithm {algorithm!r}; known: {list(ALGORITHMS)}")
-    return {**_COMMON, "algorithm": algorithm, **_EXTRA[algorithm]}
+    """Every field of a stage of `algorithm` with its default: the common ones, then the algorithm's own."""
+    return {**_COMMON, "algorithm": algorithm, **algorithms.get(algorithm).fields}
 
 
 def stage(algorithm: str, **overrides) -> ml_collections.ConfigDict:
@@ -102,7 +93,7 @@ def pipeline(config) -> list[str]:
 
 def produces(algorithm: str) -> str:
     """What a stage of `algorithm` exports: 'lm', 'preference' or 'reward' parameters."""
-    return algorithm if algorithm in JUDGE_ALGORITHMS else "lm"
+    return algorithms.get(algorithm).produces
 
 
 def resolve_oracle(spec: str):
@@ -116,166 +107,6 @@ def resolve_oracle(spec: str):
 
 def _fail(where: str, msg: str):
     raise ValueError(f"{where}: {msg}")
-
-
-def _check_stage(name: str, st, stages, order: list[str], completed: set):
-    where = f"config.stages.{name}"
-    algorithm = st.get("algorithm")
-    if algorithm not in ALGORITHMS:
-        _fail(f"{where}.algorithm", f"unknown algorithm {algorithm!r}; known: {list(ALGORITHMS)}")
-    allowed = stage_fields(algorithm)
-    unknown = sorted(set(st.keys()) - set(allowed))
-    if unknown:
-        _fail(where, f"unknown field(s) {unknown} for algorithm {algorithm!r}")
-    missing = sorted(set(allowed) - set(st.keys()))
-    if missing:
-        _fail(where, f"missing field(s) {missing} (build stages with nash_lm.train.config.stage())")
-    for key, default in allowed.items():
-        val = st[key]
-        if isinstance(default, bool) or isinstance(default, str):
-            ok = isinstance(val, type(default))
-        elif isinstance(default, int):
-            ok = isinstance(val, int) and not isinstance(val, bool)
-        else:
-            ok = isinstance(val, (int, float)) and not isinstance(val, bool)
-        if not ok:
-            _fail(f"{where}.{key}", f"expected {type(default).__name__}, got {val!r}")
-    if st.steps <= 0:
-        _fail(f"{where}.steps", f"must be > 0, got {st.steps}")
-    if st.batch_size <= 0:
-        _fail(f"{where}.batch_size", f"must be > 0, got {st.batch_size}")
-    if algorithm == "rlhf" and st.batch_size < 2:
-        _fail(f"{where}.batch_size", "rlhf needs >= 2 sequences per batch (leave-one-out baseline)")
-    if st.lr < 0:
-        _fail(f"{where}.lr", f"must be >= 0, got {st.lr}")
-    if st.lr_schedule not in LR_SCHEDULES:
-        _fail(f"{where}.lr_schedule", f"{st.lr_schedule!r} not in {list(LR_SCHEDULES)}")
-    if not 0 <= st.warmup_steps <= st.steps:
-        _fail(f"{where}.warmup_steps", f"must be in [0, steps={st.steps}], got {st.warmup_steps}")
-    for key in ("weight_decay", "grad_clip"):
-        if st[key] < 0:
-            _fail(f"{where}.{key}", f"must be >= 0, got {st[key]}")
-    for key in ("b1", "b2"):
-        if not 0 <= st[key] < 1:
-            _fail(f"{where}.{key}", f"must be in [0, 1), got {st[key]}")
-    for key in ("log_every", "checkpoint_every", "keep_checkpoints", "eval_batches"):
-        if st[key] < 1:
-            _fail(f"{where}.{key}", f"must be >= 1, got {st[key]}")
-    if st.eval_every < 0:
-        _fail(f"{where}.eval_every", f"must be >= 0, got {st.eval_every}")
-    if "labels" in st and st.labels not in ("soft", "hard"):
-        _fail(f"{where}.labels", f"must be 'soft' or 'hard', got {st.labels!r}")
-    if st.get("prompt_loss_weight", 0.0) < 0:
-        _fail(f"{where}.prompt_loss_weight", f"must be >= 0, got {st.prompt_loss_weight}")
-    if "beta" in st and not 0.0 <= st.beta <= 1.0:
-        _fail(f"{where}.beta", f"must be in [0, 1], got {st.beta}")
-    if "tau" in st:
-        if st.tau < 0:
-            _fail(f"{where}.tau", f"must be >= 0, got {st.tau}")
-        if algorithm in ("online_ipo", "ipo_md") and st.tau == 0:
-            _fail(f"{where}.tau", "must be > 0 for IPO (the target is 1/(2 tau))")
-    if "ema_decay" in st and not 0.0 <= st.ema_decay < 1.0:
-        _fail(f"{where}.ema_decay", f"must be in [0, 1), got {st.ema_decay}")
-    if "temperature" in st and st.temperature <= 0:
-        _fail(f"{where}.temperature", f"must be > 0, got {st.temperature}")
-    if "max_new_tokens" in st and st.max_new_tokens < 1:
-        _fail(f"{where}.max_new_tokens", f"must be >= 1, got {st.max_new_tokens}")
-
-    def check_input(field: str, kinds: tuple[str, ...]):
-        ref = st[field]
-        if ref.startswith(HF_PREFIX):  # the checkpoint itself is checked by check_hf_input (needs config.model)
-            if "lm" not in kinds:
-                _fail(f"{where}.{field}", f"{ref!r}: a Hugging Face checkpoint holds 'lm' parameters, expected one "
-                                          f"of {list(kinds)}")
-            hf_path(ref, f"{where}.{field}")
-            return
-        if ref not in stages:
-            _fail(f"{where}.{field}", f"missing stage input {ref!r}: no such stage in config.stages")
-        if ref in order[: order.index(name)] or ref in completed:
-            kind = produces(stages[ref].algorithm)
-        elif ref in order:
-            _fail(f"{where}.{field}", f"stage {ref!r} runs after {name!r} in config.pipeline")
-        else:
-            _fail(f"{where}.{field}", f"missing stage input {ref!r}: not an earlier stage of config.pipeline "
-                                      f"and not a completed stage in the workdir")
-        if kind not in kinds:
-            _fail(f"{where}.{field}", f"stage {ref!r} produces {kind!r} parameters, expected one of {list(kinds)}")
-
-    if st.init:  # a policy stage without init starts from its reference
-        # a judge may start from an 'lm' stage: its decoder becomes the judge's backbone, the head starts fresh
-        if algorithm in JUDGE_ALGORITHMS and st.init.startswith(HF_PREFIX):
-            _fail(f"{where}.init", f"{st.init!r}: a judge starts from an earlier stage of the pipeline (e.g. the "
-                                   f"SFT stage), not from a Hugging Face checkpoint")
-        check_input("init", (produces(algorithm),) + (("lm",) if algorithm in JUDGE_ALGORITHMS else ()))
-    if algorithm in POLICY_ALGORITHMS:
-        if not st.ref:
-            _fail(f"{where}.ref", "a policy-optimisation stage needs a reference stage (e.g. the SFT stage)")
-        check_input("ref", ("lm",))
-        judge = st.judge
-        if judge.startswith(("oracle:", "host_oracle:")):
-            if algorithm == "rlhf":
-                _fail(f"{where}.judge", "rlhf trains against a Bradley-Terry reward stage, not a preference oracle")
-            if judge.count(":") != 2:
-                _fail(f"{where}.judge", f"expected 'oracle:module:function', got {judge!r}")
-            if not callable(resolve_oracle(judge)):
-                _fail(f"{where}.judge", f"{judge!r} is not callable")
-        elif not judge:
-            _fail(f"{where}.judge", "a policy-optimisation stage needs a judge (preference/reward stage or oracle)")
-        else:
-            check_input("judge", ("reward",) if algorithm == "rlhf" else ("preference", "reward"))
-
-
-def validate(config, *, completed=(), data_parallel: int = 1) -> None:
-    """Raises ValueError naming the first bad field. `completed`: stages complete in the workdir."""
-    completed = set(completed)
-    unknown = sorted(set(config.keys()) - set(TOP_LEVEL))
-    if unknown:
-        _fail("config", f"unknown top-level field(s) {unknown}")
-    missing = sorted(set(TOP_LEVEL) - set(config.keys()))
-    if missing:
-        _fail("config", f"missing top-level field(s) {missing}")
-    if not isinstance(config.seed, int) or config.seed < 0:
-        _fail("config.seed", f"must be a non-negative int, got {config.seed!r}")
-    data = data_config(config)
-    for key in ("model", "judge_model"):
-        mc = model_config(config, key)
-        if mc.vocab_size != data.vocab_size:
-            _fail(f"config.{key}.vocab_size", f"{mc.vocab_size} != config.data.vocab_size {data.vocab_size}")
-    if config.peak_tflops < 0:
-        _fail("config.peak_tflops", f"must be >= 0 (0 = measure), got {config.peak_tflops}")
-    order = pipeline(config)
-    if not order:
-        _fail("config.pipeline", "empty")
-    if len(set(order)) != len(order):
-        _fail("config.pipeline", f"repeats a stage: {order}")
-    for name in order:
-        if name not in config.stages:
-            _fail("config.pipeline", f"stage {name!r} is not defined in config.stages")
-    for key in ("model", "judge_model"):
-        arch = model_architecture(config, key)
-        if key == "judge_model" and arch != "llama":
-            _fail(f"config.{key}.architecture", f"{arch!r}: preference and reward models are 'llama' only")
-        if arch != "llama" and model_config(config, key).scan_layers:
-            _fail(f"config.{key}.scan_layers", f"True is not supported for architecture {arch!r} (llama only)")
-    for name in order:
-        st = config.stages[name]
-        _check_stage(name, st, config.stages, order, completed)
-        for field in ("init", "ref"):
-            if str(st.get(field, "")).startswith(HF_PREFIX):
-                check_hf_input(config, name, field)
-        if (st.algorithm in JUDGE_ALGORITHMS and st.init in config.stages
-                and produces(config.stages[st.init].algorithm) == "lm"
-                and model_config(config, "judge_model") != model_config(config, "model")):
-            _fail(f"config.stages.{name}.init", f"{st.init!r} is a language model: starting a judge from its "
-                                                f"decoder needs config.judge_model == config.model")
-        if st.batch_size % data_parallel:
-            _fail(f"config.stages.{name}.batch_size",
-                  f"{st.batch_size} is not divisible by the data-parallel size {data_parallel}")
-        if st.batch_size > data.n_examples:
-            _fail(f"config.stages.{name}.batch_size", f"{st.batch_size} exceeds data.n_examples {data.n_examples}")
-        if "max_new_tokens" in st and st.max_new_tokens > data.response_len:
-            _fail(f"config.stages.{name}.max_new_tokens",
-                  f"{st.max_new_tokens} exceeds data.response_len {data.response_len}")
 
 
 def model_config(config, key: str = "model"):
@@ -307,11 +138,11 @@ def hf_path(spec: str, where: str) -> str:
     return os.path.normpath(path)
 
 
-def check_hf_input(config, name: str, field: str) -> None:
+def check_hf_input(config, name: str, field: str, where: str = "") -> None:
     """Checks a `hf:` stage input against `config.model` without reading any tensor data (one-line errors)."""
     from nash_lm.interop import hf
 
-    where = f"config.stages.{name}.{field}"
+    where = where or f"config.stages.{name}.{field}"
     path = hf_path(config.stages[name][field], where)
     mc, arch = model_config(config, "model"), model_architecture(config, "model")
     try:
@@ -383,7 +214,7 @@ def stage_fingerprint(config, name: str) -> dict:
     st = config.stages[name]
     fp = {
         "stage": {k: v for k, v in to_jsonable(st).items() if k not in OPERATIONAL},
-        "model": to_jsonable(config.judge_model if st.algorithm in JUDGE_ALGORITHMS else config.model),
+        "model": to_jsonable(config.judge_model if algorithms.get(st.algorithm).role == "judge" else config.model),
         "data": to_jsonable(config.data),
         "seed": config.seed,
         "inputs": {},
@@ -392,7 +223,7 @@ def stage_fingerprint(config, name: str) -> dict:
         ref = st.get(field, "")
         if field in ("init", "ref") and ref.startswith(HF_PREFIX):
             fp["inputs"][field] = hf_input_fingerprint(ref, f"config.stages.{name}.{field}")
-        elif ref and ref in config.stages and not ref.startswith(("oracle:", "host_oracle:")):
+        elif ref and ref in config.stages:
             fp["inputs"][field] = fingerprint_hash(stage_fingerprint(config, ref))
     return fp
 

@@ -137,9 +137,16 @@ class MetricsWriter:
         self.path = os.path.join(workdir, "metrics.jsonl")
         self._tb = None
         self._tb_dir = os.path.join(workdir, "tensorboard")
+        self._last = {}  # stage -> its last training record (what `last` returns)
+
+    def last(self, stage: str) -> dict:
+        """The stage's last training-metrics record (the line with its loss), without the stage name."""
+        return {k: v for k, v in self._last.get(stage, {}).items() if k != "stage"}
 
     def truncate(self, stage: str, after_step: int) -> None:
-        if not distributed.is_primary() or not os.path.exists(self.path):
+        """Drops the stage's lines after `after_step` and its final-evaluation line (on resume); every process
+        remembers the last record kept, only process 0 rewrites the file."""
+        if not os.path.exists(self.path):
             return
         with open(self.path) as f:
             lines = f.readlines()
@@ -152,7 +159,11 @@ class MetricsWriter:
             # A final evaluation line is rewritten whenever the stage is finished again.
             if rec.get("stage") == stage and (rec.get("step", 0) > after_step or rec.get("final")):
                 continue
+            if rec.get("stage") == stage and "loss" in rec:
+                self._last[stage] = rec
             keep.append(line if line.endswith("\n") else line + "\n")
+        if not distributed.is_primary():
+            return
         tmp = self.path + ".tmp"
         with open(tmp, "w") as f:
             f.writelines(keep)
@@ -160,6 +171,8 @@ class MetricsWriter:
 
     def write(self, stage: str, step: int, metrics: dict) -> dict:
         record = {"stage": stage, "step": int(step), **{k: _jsonable(v) for k, v in metrics.items()}}
+        if "loss" in record:
+            self._last[stage] = json.loads(json.dumps(record))
         if not distributed.is_primary():
             return record
         with open(self.path, "a") as f:

@@ -3,97 +3,47 @@
 A Nash-MD-PG step (`policy_step` with algorithm 'nash_md_pg'), top to bottom, all inside one compiled function:
 
   1. split the state's RNG;
-  2-3. `sample_y_y2`: y ~ pi_theta(.|x) and y' ~ the token-level mixture pi_theta^(1-beta) mu^beta, both from one
-     KV-cached decode loop (`nash_lm.sampling.sample_pair`: the policy on the y and y' rows, mu on the y' rows);
-     beta = 0 samples pi_theta alone (self-play), beta = 1 samples mu alone (best response), Nash-EMA-PG samples
-     the EMA parameters; no gradient flows through either sample;
+  2-3. `sample_y_y2`: the algorithm's `sample` (`nash_lm.train.algorithms`): for Nash-MD-PG y ~ pi_theta(.|x)
+     and y' ~ the token-level mixture pi_theta^(1-beta) mu^beta, both from one KV-cached decode loop
+     (`nash_lm.sampling.sample_pair`: the policy on the y and y' rows, mu on the y' rows); beta = 0 samples
+     pi_theta alone (self-play), beta = 1 samples mu alone (best response); no gradient flows through either;
   4. `judge`: P(y > y'|x) from the preference head (`nash_lm.models.preference_prob`), or sigmoid(r(y) - r(y'))
-     from a reward model, or a JAX oracle;
-  5. `ref_logprobs`: log mu(y_n | x, y_<n) (`nash_lm.models.lm_logits` of the frozen reference);
-  6. `policy_grad`: log pi_theta(y_n | .) and the loss (`losses.nash_md_pg_loss`: the KL enters each token as a
-     reward-to-go), value_and_grad;
+     from a reward model, or a JAX oracle (`nash_lm.train.scoring.judge_pair`);
+  5. `ref_logprobs`: log mu(y_n | x, y_<n) (`scoring.response_logprobs` of the frozen reference);
+  6. `policy_grad`: log pi_theta(y_n | .) and the algorithm's loss (`losses.nash_md_pg_loss`: the KL enters each
+     token as a reward-to-go), value_and_grad;
   7. `optimizer_update` (optax AdamW) and `ema_update` (theta_bar <- d theta_bar + (1 - d) theta).
 
-The mutable part of the state (step, rng, policy, opt_state, ema) is donated; the reference and the judge's
-parameters are a separate, non-donated argument. A `host_oracle` judge (any Python callable) cannot be traced, so
-its stage compiles two halves, `rollout` (steps 1-3) and `update` (steps 5-7), and calls the oracle between them.
+What differs between policy algorithms (how y and y' are drawn, what is judged, which responses are scored, the
+loss, an EMA, extragradient rounds) is read from the algorithm's registry record; this file has no special case.
 
-Prompts are left-padded (`nash_lm.data.synthetic`), so logits at prompt column P-1 predict response token 0.
+The mutable part of the state (step, rng, policy, opt_state, ema) is donated; the reference and the judge's
+parameters are a separate, non-donated argument `frozen`. A `host_oracle` judge (any Python callable) cannot be
+traced, so its stage compiles the pieces of `phases` (the rollout, any lookahead rounds, the update) and calls
+the oracle between them.
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from nash_lm import models, sampling
-from nash_lm.data.synthetic import EOS_ID, PAD_ID
-from nash_lm.train import losses
+from nash_lm import models
+from nash_lm.train import algorithms, losses
+from nash_lm.train.scoring import (Judge, judge_pair, pair_rewards, response_logprobs, sample_pair,
+                                  sequence_reward)
 from nash_lm.train.state import TrainState
 
 scope = jax.named_scope
 
-
-@dataclasses.dataclass(frozen=True)
-class Judge:
-    """How pairs are scored: 'preference' / 'reward' (a trained model), 'oracle' (a JAX function traced into
-    the step) or 'host_oracle' (a Python callable on numpy arrays, called between two compiled halves)."""
-
-    kind: str
-    graphdef: Any = None
-    fn: Callable | None = None
-
-    @property
-    def in_jit(self) -> bool:
-        return self.kind != "host_oracle"
+__all__ = ["Judge", "PolicyHParams", "eval_judge", "eval_policy", "eval_policy_metrics", "eval_policy_rollout",
+           "judge_step", "phases", "policy_step", "rollout", "score", "sft_step", "update"]
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Scoring helpers (pure; shared by the steps and the evaluations)
-
-
-def response_logprobs(graphdef, params, prompt, prompt_mask, response, response_mask, temperature=1.0):
-    """`(logp [B, N], greedy_correct [B, N])`: log pi(y_n | x, y_<n) of the response tokens (masked) under
-    teacher forcing at `temperature`, and whether the argmax prediction equals the token."""
-    p_len, n = prompt.shape[1], response.shape[1]
-    tokens = jnp.concatenate([prompt, response], axis=1)
-    mask = jnp.concatenate([prompt_mask, response_mask], axis=1)
-    logits = models.lm_logits(graphdef, params, tokens, mask, slice(p_len - 1, p_len + n - 1))
-    logp_all = jax.nn.log_softmax(logits / temperature, axis=-1)
-    logp = jnp.take_along_axis(logp_all, response[..., None], axis=-1)[..., 0]
-    return logp * response_mask, jnp.argmax(logits, axis=-1) == response
-
-
-def sequence_reward(graphdef, params, prompt, prompt_mask, response, response_mask):
-    """Reward-model score `[B]` of prompt + response."""
-    tokens = jnp.concatenate([prompt, response], axis=1)
-    mask = jnp.concatenate([prompt_mask, response_mask], axis=1)
-    return models.reward(graphdef, params, tokens, mask).astype(jnp.float32)
-
-
-def pair_rewards(graphdef, params, prompt, prompt_mask, y, y_mask, y2, y2_mask):
-    """`(r(x, y), r(x, y2))`, each `[B]`, from one reward-model pass over the 2B sequences."""
-    b = prompt.shape[0]
-    cat = lambda a, c: jnp.concatenate([a, c], axis=0)
-    r = sequence_reward(graphdef, params, cat(prompt, prompt), cat(prompt_mask, prompt_mask), cat(y, y2),
-                        cat(y_mask, y2_mask))
-    return r[:b], r[b:]
-
-
-def judge_pair(judge: Judge, judge_params, prompt, prompt_mask, y, y_mask, y2, y2_mask):
-    """P(y > y2 | x) `[B]` from an in-jit judge."""
-    if judge.kind == "preference":
-        return models.preference_prob(judge.graphdef, judge_params, prompt, prompt_mask, y, y_mask, y2,
-                                      y2_mask).astype(jnp.float32)
-    if judge.kind == "reward":
-        r1, r2 = pair_rewards(judge.graphdef, judge_params, prompt, prompt_mask, y, y_mask, y2, y2_mask)
-        return jax.nn.sigmoid(r1 - r2)
-    if judge.kind == "oracle":
-        return jnp.asarray(judge.fn(prompt, prompt_mask, y, y_mask, y2, y2_mask), jnp.float32)
-    raise ValueError(f"judge kind {judge.kind!r} cannot run inside a compiled step")
+# Gradients, optimizer and EMA
 
 
 def _apply_gradients(tx, mut: TrainState, loss_fn, rng, ema_decay=None):
@@ -172,96 +122,82 @@ class PolicyHParams:
     max_new_tokens: int = 8
 
 
-def _sample(graphdef, params, batch, key, hp: PolicyHParams):
-    out = sampling.sample(graphdef, params, batch["prompt"], batch["prompt_mask"], key,
-                          max_new_tokens=hp.max_new_tokens, eos_id=EOS_ID, pad_id=PAD_ID, temperature=hp.temperature)
-    return out.tokens, out.mask.astype(jnp.float32)
-
-
-def _sample_pair(graphdef, params, batch, keys, hp: PolicyHParams, mix_params=None, beta=0.0, beta_y=None):
-    """`{y, y_mask, y2, y2_mask}`: y ~ params and y2 ~ params^(1-beta) mix^beta from one decode loop
-    (`sampling.sample_pair`); with `beta_y` set (IPO-MD), both are samples of that mixture."""
-    kw = dict(max_new_tokens=hp.max_new_tokens, eos_id=EOS_ID, pad_id=PAD_ID, temperature=hp.temperature)
-    prompt, pmask = batch["prompt"], batch["prompt_mask"]
-    if beta_y is None:
-        y, y2 = sampling.sample_pair(graphdef, params, prompt, pmask, keys, mix_params=mix_params, beta=beta, **kw)
-    else:  # both rows are mixture samples: one loop over the prompts twice, one key per copy
-        b = prompt.shape[0]
-        if beta_y in (0.0, 1.0):  # one model alone
-            params, mix_params = (params if beta_y == 0.0 else mix_params), None
-        out = sampling.sample(graphdef, params, jnp.concatenate([prompt, prompt]), jnp.concatenate([pmask, pmask]),
-                              keys, mix_params=mix_params, beta=beta_y, **kw)
-        y, y2 = out.split(b)
-    return {"y": y.tokens, "y_mask": y.mask.astype(jnp.float32),
-            "y2": y2.tokens, "y2_mask": y2.mask.astype(jnp.float32)}
-
-
 def rollout(hp: PolicyHParams, graphdef, mut: TrainState, frozen, batch):
-    """Steps 1-3: `(rng', samples)` with samples {y, y_mask[, y2, y2_mask]}; no gradient flows through them.
-
-    y and y' come from one decode loop (`sampling.sample_pair`); with keys (k_y, k_y2) its tokens are those of two
-    separate calls, y with k_y and y' with k_y2."""
+    """Steps 1-3: `(rng', samples)` with samples {y, y_mask[, y2, y2_mask]}; no gradient flows through them."""
     ref, _ = frozen
     rng, k_y, k_y2 = jax.random.split(mut.rng, 3)
-    algo = hp.algorithm
     with scope("sample_y_y2"):
-        if algo == "rlhf":
-            samples = dict(zip(("y", "y_mask"), _sample(graphdef, mut.policy, batch, k_y, hp)))
-        elif algo == "nash_md_pg":
-            samples = _sample_pair(graphdef, mut.policy, batch, (k_y, k_y2), hp, mix_params=ref, beta=hp.beta)
-        elif algo == "ipo_md":
-            samples = _sample_pair(graphdef, mut.policy, batch, (k_y, k_y2), hp, mix_params=ref, beta_y=hp.beta)
-        elif algo == "nash_ema_pg":
-            samples = _sample_pair(graphdef, mut.policy, batch, (k_y, k_y2), hp, mix_params=mut.ema, beta=1.0)
-        else:  # online_ipo: two policy samples
-            samples = _sample_pair(graphdef, mut.policy, batch, (k_y, k_y2), hp)
+        samples = algorithms.get(hp.algorithm).sample(hp, graphdef, mut.policy, ref, mut.ema, batch, (k_y, k_y2))
     samples = jax.lax.stop_gradient(samples)
     return rng, samples
 
 
 def score(hp: PolicyHParams, judge: Judge, frozen, batch, samples):
-    """Step 4: P(y > y') `[B]` (or the reward r(y) for RLHF), computed inside the compiled step."""
+    """Step 4: P(y > y') `[B]` (or the reward r(y) of an algorithm judged by reward), inside the compiled step."""
     _, judge_params = frozen
     with scope("judge"):
-        if hp.algorithm == "rlhf":
+        if algorithms.get(hp.algorithm).judged == "reward":
             return sequence_reward(judge.graphdef, judge_params, batch["prompt"], batch["prompt_mask"],
                                    samples["y"], samples["y_mask"])
         return judge_pair(judge, judge_params, batch["prompt"], batch["prompt_mask"], samples["y"],
                           samples["y_mask"], samples["y2"], samples["y2_mask"])
 
 
-def update(hp: PolicyHParams, graphdef, tx, mut: TrainState, frozen, batch, samples, judged, rng):
-    """Steps 5-7: reference log-probs, the algorithm's loss, gradients, optimizer and EMA updates."""
+def _loss_and_ref(hp: PolicyHParams, graphdef, frozen, batch, samples, judged):
+    """(loss_fn(params) -> (loss, metrics), per-token mu log-probs of the scored responses)."""
+    alg = algorithms.get(hp.algorithm)
     ref, _ = frozen
     judged = jax.lax.stop_gradient(judged)
     prompt, pmask = batch["prompt"], batch["prompt_mask"]
-    y, y_mask = samples["y"], samples["y_mask"]
     t = hp.temperature
     with scope("ref_logprobs"):
-        ref_y, _ = response_logprobs(graphdef, ref, prompt, pmask, y, y_mask, t)
-        if hp.algorithm in ("online_ipo", "ipo_md"):
-            ref_y2, _ = response_logprobs(graphdef, ref, prompt, pmask, samples["y2"], samples["y2_mask"], t)
-    ref_y = jax.lax.stop_gradient(ref_y)
+        ref_lp = {r: response_logprobs(graphdef, ref, prompt, pmask, samples[r], samples[f"{r}_mask"], t)[0]
+                  for r in alg.scored}
+    ref_lp = jax.lax.stop_gradient(ref_lp)
 
     def loss_fn(params):
-        logp_y, _ = response_logprobs(graphdef, params, prompt, pmask, y, y_mask, t)
-        if hp.algorithm in ("nash_md_pg", "nash_ema_pg"):
-            return losses.nash_md_pg_loss(logp_y, ref_y, y_mask, judged, hp.tau)
-        if hp.algorithm == "rlhf":
-            return losses.rlhf_pg_loss(logp_y, ref_y, y_mask, judged, hp.tau)
-        logp_y2, _ = response_logprobs(graphdef, params, prompt, pmask, samples["y2"], samples["y2_mask"], t)
-        return losses.ipo_loss(logp_y, ref_y, y_mask, logp_y2, ref_y2, samples["y2_mask"], judged, hp.tau)
+        lp = {r: response_logprobs(graphdef, params, prompt, pmask, samples[r], samples[f"{r}_mask"], t)[0]
+              for r in alg.scored}
+        return alg.loss(hp, lp, ref_lp, samples, judged)
 
+    return loss_fn
+
+
+def lookahead(hp: PolicyHParams, graphdef, tx, mut: TrainState, frozen, batch, samples, judged, rng):
+    """An extragradient round: the provisional step theta' = theta_t - lr grad L(theta_t; samples) (the optimizer
+    applied to the current state, its new state discarded), then `(rng', samples')` drawn with theta' in place of
+    theta_t. The update that follows takes its gradient at theta_t on samples' (mirror prox)."""
+    with scope("lookahead_grad"):
+        grads = jax.grad(lambda p: _loss_and_ref(hp, graphdef, frozen, batch, samples, judged)(p)[0])(mut.policy)
+        updates, _ = tx.update(grads, mut.opt_state, mut.policy)
+        provisional = optax.apply_updates(mut.policy, updates)
+    return rollout(hp, graphdef, mut.replace(rng=rng, policy=provisional), frozen, batch)
+
+
+def update(hp: PolicyHParams, graphdef, tx, mut: TrainState, frozen, batch, samples, judged, rng):
+    """Steps 5-7: reference log-probs, the algorithm's loss, gradients, optimizer and EMA updates."""
+    loss_fn = _loss_and_ref(hp, graphdef, frozen, batch, samples, judged)
     new, metrics = _apply_gradients(tx, mut, loss_fn, rng, hp.ema_decay if mut.ema is not None else None)
-    metrics["response_len"] = jnp.mean(jnp.sum(y_mask, axis=-1))
+    metrics["response_len"] = jnp.mean(jnp.sum(samples["y_mask"], axis=-1))
     return new, metrics
 
 
+def phases(hp: PolicyHParams) -> tuple:
+    """The step's pieces between two judge calls: `rollout(hp, graphdef, mut, frozen, batch)`, then each
+    `f(hp, graphdef, tx, mut, frozen, batch, samples, judged, rng)`: the algorithm's lookahead rounds (returning
+    `(rng, samples)`) and `update` (returning `(state, metrics)`)."""
+    return (rollout,) + (lookahead,) * algorithms.get(hp.algorithm).lookahead + (update,)
+
+
 def policy_step(hp: PolicyHParams, graphdef, judge: Judge, tx, mut: TrainState, frozen, batch):
-    """The whole policy-optimisation step (rollout, judge, update) as one function, for one jax.jit."""
-    rng, samples = rollout(hp, graphdef, mut, frozen, batch)
-    judged = score(hp, judge, frozen, batch, samples)
-    return update(hp, graphdef, tx, mut, frozen, batch, samples, judged, rng)
+    """The whole policy-optimisation step (rollout, judge, [lookahead, judge,] update) as one function, for one
+    jax.jit."""
+    first, *middle, last = phases(hp)
+    rng, samples = first(hp, graphdef, mut, frozen, batch)
+    for phase in middle:
+        rng, samples = phase(hp, graphdef, tx, mut, frozen, batch, samples, score(hp, judge, frozen, batch, samples),
+                             rng)
+    return last(hp, graphdef, tx, mut, frozen, batch, samples, score(hp, judge, frozen, batch, samples), rng)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -283,15 +219,13 @@ def eval_judge(kind: str, graphdef, params, batch):
 def eval_policy_rollout(hp: PolicyHParams, graphdef, params, ref, batch, key):
     """y ~ pi (the trained or the averaged policy), y' ~ mu: the pair that measures improvement over mu."""
     keys = tuple(jax.random.split(key))
-    return _sample_pair(graphdef, params, batch, keys, dataclasses.replace(hp, temperature=1.0), mix_params=ref,
-                        beta=1.0)
+    return sample_pair(graphdef, params, batch, keys, dataclasses.replace(hp, temperature=1.0), mix_params=ref,
+                       beta=1.0)
 
 
 def eval_policy(hp: PolicyHParams, graphdef, judge: Judge, params, ref, judge_params, batch, key):
-    """In-jit judge: rollout, P(y > y'), KL, in one compiled evaluation. RLHF's reward model judges as BT."""
+    """In-jit judge: rollout, P(y > y'), KL, in one compiled evaluation (a reward model judges as BT)."""
     samples = eval_policy_rollout(hp, graphdef, params, ref, batch, key)
-    if judge.kind == "reward" or hp.algorithm == "rlhf":
-        judge = Judge("reward", graphdef=judge.graphdef)
     win = judge_pair(judge, judge_params, batch["prompt"], batch["prompt_mask"], samples["y"], samples["y_mask"],
                      samples["y2"], samples["y2_mask"])
     return eval_policy_metrics(graphdef, params, ref, batch, samples, win)
