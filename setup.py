@@ -26,6 +26,7 @@ CORE = [
     "safetensors>=0.8",
     "ml-dtypes>=0.5",
     "portpicker>=1.6",  # free ports for the local multi-process launcher
+    "tensorboardX==2.6.5",  # TensorBoard event files (pure Python: numpy, packaging, protobuf)
     "rouge-score>=0.1.2",
 ]
 
@@ -34,9 +35,9 @@ SEQIO = ["seqio==0.0.20", "tensorflow-datasets==4.9.10"]  # pulls TensorFlow 2.2
 
 EXTRAS = {
     # The test suite exercises the Hugging Face round trip, the seqio adapter and the notebook, so it needs all
-    # of them.
+    # of them; TensorBoard's own reader checks the event files that tensorboardX writes.
     "test": ["pytest>=8", "pytest-timeout>=2.3", "nbclient==0.11.0", "nbformat==5.11.1",
-             "ipykernel==7.4.0", *HF, *SEQIO],
+             "ipykernel==7.4.0", "tensorboard==2.21.0", *HF, *SEQIO],
     "hf": HF,
     "seqio": SEQIO,
     "tpu": ["jax[tpu]==0.10.2"],

@@ -2,7 +2,7 @@
 """Local multi-process launcher: N processes of one command on this machine, joined by `jax.distributed`.
 
     python launch/local.py --num_processes=2 --devices_per_process=1 --timeout=600 --logdir=runs/logs -- \
-        python -m nash_lm.distributed --config=configs/tiny.py --workdir=runs/tiny2
+        python -m nash_lm.main --config=configs/tiny.py --workdir=runs/tiny2
 
 Each process gets NASH_LM_COORDINATOR=127.0.0.1:<free port> (picked with portpicker), NASH_LM_NUM_PROCESSES,
 NASH_LM_PROCESS_ID, JAX_PLATFORMS=cpu (unless --platform is given) and

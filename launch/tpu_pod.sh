@@ -61,7 +61,7 @@ case "$cmd" in
   run)
     # Same command on all workers, detached from the ssh session; output to $LOG on each worker.
     args="$(printf ' %q' "$@")"
-    ssh_all "cd $REPO_DIR && NASH_LM_DISTRIBUTED=auto nohup .venv/bin/python -m nash_lm.distributed $args \
+    ssh_all "cd $REPO_DIR && NASH_LM_DISTRIBUTED=auto nohup .venv/bin/python -m nash_lm.main $args \
       > $LOG 2>&1 < /dev/null & echo \$! > $PID_FILE; echo started on \$(hostname)"
     ;;
   tail)

@@ -17,8 +17,8 @@ Owns:
     processes race on one path of a shared workdir. Orbax saves and restores are collective: call them on
     every process (orbax itself lets process 0 finalise).
 
-`python -m nash_lm.distributed --config=... --workdir=...` initialises from the environment and then runs
-`nash_lm.main` (the entry point used by the launch scripts).
+The entry point is `python -m nash_lm.main` on every host (it calls `initialize(config)` before anything touches
+a device); this module is a library and has none of its own.
 """
 from __future__ import annotations
 
@@ -88,8 +88,7 @@ def _check(kw: dict, where: str) -> None:
 def initialize(config=None, environ=None) -> bool:
     """Starts jax.distributed when configured (see the module docstring); returns True when multi-process."""
     environ = os.environ if environ is None else environ
-    # `python -m nash_lm.distributed` runs this file as __main__, a second copy of the module with its own _STATE,
-    # and `nash_lm.main` then initializes again through the imported copy: jax's own flag covers both.
+    # jax's own flag also covers a jax.distributed.initialize called by the user before this (e.g. in Colab).
     if _STATE["initialized"] or jax.distributed.is_initialized():
         _STATE["initialized"] = True
         return jax.process_count() > 1
@@ -215,17 +214,3 @@ def write_text(path: str, text: str, *, sync: bool = True) -> None:
 def write_json(path: str, obj: Any, *, sync: bool = True) -> None:
     write_text(path, json.dumps(obj, indent=2, sort_keys=True), sync=sync)
 
-
-def main(argv=None) -> None:
-    """Initialise from the environment, then run the normal entry point (`nash_lm.main`)."""
-    initialize()
-    from nash_lm import main as main_lib
-
-    summary = main_lib.main(argv)
-    if jax.process_count() > 1 and is_primary() and isinstance(summary, dict):
-        print(json.dumps({"process_count": jax.process_count(),
-                          "policy_params_sha256": summary.get("policy_params_sha256")}))
-
-
-if __name__ == "__main__":
-    main()

@@ -3,7 +3,8 @@
 Thin by design (all logic lives in importable modules, usable from Colab): it parses the config file with
 ml_collections' `config_flags`, looks up `config.job` in `JOBS` and calls that job's `run(config, workdir)`.
 Multi-host: `jax.distributed` is started here from `config.distributed` or the environment (see
-`nash_lm.distributed`; `launch/local.py` and the pod/SLURM scripts set it), before any device is touched.
+`nash_lm.distributed`; `launch/local.py` and the pod/SLURM/GKE scripts set it), before any device is touched, so
+`python -m nash_lm.main` is the one entry point on every host as on one machine.
 
 Bad input (a missing or unloadable config file, an unknown flag or config field, a value out of range) ends
 with one line on stderr and exit code 2, before anything is compiled or written. A job stopped by SIGTERM

@@ -1,56 +1,17 @@
-"""Metrics: TensorBoard event files decoded with the protobuf library, CRC-32C check value, JSONL truncation."""
-import glob
+"""Metrics: the TensorBoard event file read back with TensorBoard's own loader (independent of tensorboardX, the
+writer), JSONL truncation, FLOP closed forms."""
 import json
-import struct
+import os
 
 import pytest
-from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+from tensorboard.backend.event_processing import event_accumulator
 
 from nash_lm.train import metrics
 
 
-def test_crc32c_check_value():
-    # The standard CRC-32C (Castagnoli) check value of "123456789".
-    assert metrics.crc32c(b"123456789") == 0xE3069283
-
-
-def _event_class():
-    """TensorBoard's Event/Summary messages (field numbers from tensorflow/core/util/event.proto), built with
-    protobuf's own descriptor machinery so the decoding is independent of the hand-written encoder."""
-    fdp = descriptor_pb2.FileDescriptorProto(name="tb_event_test.proto", package="tbtest")
-    value = fdp.message_type.add(name="Value")
-    value.field.add(name="tag", number=1, type=9, label=1)
-    value.field.add(name="simple_value", number=2, type=2, label=1)
-    summary = fdp.message_type.add(name="Summary")
-    summary.field.add(name="value", number=1, type=11, label=3, type_name=".tbtest.Value")
-    event = fdp.message_type.add(name="Event")
-    event.field.add(name="wall_time", number=1, type=1, label=1)
-    event.field.add(name="step", number=2, type=3, label=1)
-    event.field.add(name="file_version", number=3, type=9, label=1)
-    event.field.add(name="summary", number=5, type=11, label=1, type_name=".tbtest.Summary")
-    pool = descriptor_pool.DescriptorPool()
-    pool.Add(fdp)
-    return message_factory.GetMessageClass(pool.FindMessageTypeByName("tbtest.Event"))
-
-
-def _records(path):
-    data = open(path, "rb").read()
-    out, pos = [], 0
-    while pos < len(data):
-        (length,) = struct.unpack("<Q", data[pos:pos + 8])
-        (hcrc,) = struct.unpack("<I", data[pos + 8:pos + 12])
-        assert hcrc == metrics._masked_crc(data[pos:pos + 8])
-        rec = data[pos + 12:pos + 12 + length]
-        (dcrc,) = struct.unpack("<I", data[pos + 12 + length:pos + 16 + length])
-        assert dcrc == metrics._masked_crc(rec)
-        out.append(rec)
-        pos += 16 + length
-    return out
-
-
 def test_metrics_jsonl_and_tensorboard(tmp_path):
     w = metrics.MetricsWriter(str(tmp_path))
-    w.write("sft", 2, {"loss": 1.5, "kl": 0.25})
+    w.write("sft", 2, {"loss": 1.5, "kl": 0.25, "note": "text", "ok": True})
     w.write("sft", 4, {"loss": 1.25, "kl": 0.5})
     w.write("pm", 2, {"loss": 0.7})
     w.write("pm", 2, {"final": True, "eval/accuracy": 0.5})
@@ -58,14 +19,18 @@ def test_metrics_jsonl_and_tensorboard(tmp_path):
     lines = [json.loads(x) for x in open(tmp_path / "metrics.jsonl")]
     assert [(r["stage"], r["step"]) for r in lines] == [("sft", 2), ("sft", 4), ("pm", 2), ("pm", 2)]
 
-    Event = _event_class()
-    (path,) = glob.glob(str(tmp_path / "tensorboard" / "events.out.tfevents.*"))
-    events = [Event.FromString(r) for r in _records(path)]
-    assert events[0].file_version == "brain.Event:2"
-    got = {(e.step, v.tag): v.simple_value for e in events[1:] for v in e.summary.value}
-    assert got[(2, "sft/loss")] == pytest.approx(1.5)
-    assert got[(4, "sft/kl")] == pytest.approx(0.5)
-    assert got[(2, "pm/loss")] == pytest.approx(0.7)
+    (name,) = os.listdir(tmp_path / "tensorboard")
+    assert name.startswith("events.out.tfevents.")
+    acc = event_accumulator.EventAccumulator(str(tmp_path / "tensorboard"))
+    acc.Reload()  # TensorBoard's reader: TFRecord framing with its CRCs, Event/Summary messages
+    assert acc.file_version == 2.0  # "brain.Event:2"
+    # numbers only, tagged {stage}/{metric}; strings, booleans, `step` and `final` stay out
+    assert sorted(acc.Tags()["scalars"]) == ["pm/eval/accuracy", "pm/loss", "sft/kl", "sft/loss"]
+    got = {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+    assert got["sft/loss"] == [(2, pytest.approx(1.5)), (4, pytest.approx(1.25))]
+    assert got["sft/kl"] == [(2, pytest.approx(0.25)), (4, pytest.approx(0.5))]
+    assert got["pm/loss"] == [(2, pytest.approx(0.7))]
+    assert got["pm/eval/accuracy"] == [(2, pytest.approx(0.5))]
 
     # Resume of stage sft from step 2: its later lines go, other stages stay.
     with open(tmp_path / "metrics.jsonl", "a") as f:
@@ -77,6 +42,16 @@ def test_metrics_jsonl_and_tensorboard(tmp_path):
     w.truncate("pm", 2)  # pm finished again: its final evaluation is written anew
     lines = [json.loads(x) for x in open(tmp_path / "metrics.jsonl")]
     assert [(r["stage"], r["step"], "final" in r) for r in lines] == [("sft", 2, False), ("pm", 2, False)]
+    assert len(os.listdir(tmp_path / "tensorboard")) == 1  # a writer that only truncates opens no event file
+
+
+def test_only_process_0_writes(tmp_path, monkeypatch):
+    monkeypatch.setattr(metrics.distributed, "is_primary", lambda: False)
+    w = metrics.MetricsWriter(str(tmp_path))
+    assert w.write("sft", 1, {"loss": 2.0}) == {"stage": "sft", "step": 1, "loss": 2.0}
+    w.truncate("sft", 0)
+    w.close()
+    assert os.listdir(tmp_path) == []
 
 
 def test_forward_flops_closed_form():

@@ -230,7 +230,7 @@ def dataset(source, *, batch_size: int | None = None, transform: Callable | None
             drop_remainder: bool = False) -> grain.IterDataset:
     """The grain pipeline over `source` for one shard (see the module docstring).
 
-    `transform(record) -> features` runs after shuffling (e.g. `features.featurizer(...)`); with `batch_size`
+    `transform(record) -> features` runs after shuffling (e.g. `features.Featurizer(...)`); with `batch_size`
     the features (dicts of NumPy arrays) are stacked. `num_epochs=None` repeats forever; each epoch is shuffled
     with its own permutation derived from `shuffle_seed` (None: file order).
     """

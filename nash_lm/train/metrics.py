@@ -1,26 +1,25 @@
 """Metrics: `WORKDIR/metrics.jsonl`, TensorBoard event files, analytic FLOPs and MFU.
 
-- `MetricsWriter` appends one JSON line per log step (`{"stage", "step", ...}`) and mirrors every scalar into a
-  TensorBoard event file under `WORKDIR/tensorboard/`. TensorBoard itself is not a dependency: the event file
-  (TFRecord framing with masked CRC-32C, `Event`/`Summary` protobuf messages) is written here directly, so
-  `tensorboard --logdir WORKDIR/tensorboard` reads it when TensorBoard is installed elsewhere.
+- `MetricsWriter` appends one JSON line per log step (`{"stage", "step", ...}`) and mirrors every numeric
+  scalar, tagged `{stage}/{metric}`, into a TensorBoard event file under `WORKDIR/tensorboard/`, written with
+  tensorboardX (pure Python: numpy and protobuf; TensorFlow, TensorBoard and torch are not needed), so
+  `tensorboard --logdir WORKDIR/tensorboard` reads it wherever TensorBoard is installed.
 - On resume the lines of a stage after its restored step are dropped, so the file never holds a step twice.
 - With several processes (`nash_lm.distributed`) only process 0 writes, truncates and mirrors to TensorBoard;
   every other process's `write` only builds the record it returns.
 - `lm_forward_flops` counts matmul FLOPs analytically (2 per multiply-add; causal attention scores and values
   counted over the attended prefix; the embedding gather excluded, the LM head included). The training step
-  cost is the sum of the forwards and backwards it runs (`step.step_flops`).
+  cost is the sum of the forwards and backwards it runs (`loop.Stage.step_flops`).
 - `measure_peak_flops` times a jitted square matmul in the model's dtype on the first device; MFU uses
   `config.peak_tflops` when it is set and this measurement otherwise (shared CPU hosts fluctuate, so the peak is
   measured in the same run).
 """
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
-import socket
-import struct
 import time
 
 import jax
@@ -30,91 +29,34 @@ import numpy as np
 from nash_lm import distributed
 
 # ---------------------------------------------------------------------------------------------------------------
-# TensorBoard event files (no TensorBoard/TensorFlow import)
+# TensorBoard event files (tensorboardX: no TensorFlow, no torch needed)
 
-
-def _crc32c_table():
-    poly = 0x82F63B78
-    table = []
-    for i in range(256):
-        c = i
-        for _ in range(8):
-            c = (c >> 1) ^ poly if c & 1 else c >> 1
-        table.append(c)
-    return table
-
-
-_CRC_TABLE = _crc32c_table()
-
-
-def crc32c(data: bytes) -> int:
-    crc = 0xFFFFFFFF
-    for b in data:
-        crc = _CRC_TABLE[(crc ^ b) & 0xFF] ^ (crc >> 8)
-    return crc ^ 0xFFFFFFFF
-
-
-def _masked_crc(data: bytes) -> int:
-    crc = crc32c(data)
-    return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
-
-
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    n &= (1 << 64) - 1
-    while True:
-        b = n & 0x7F
-        n >>= 7
-        if n:
-            out.append(b | 0x80)
-        else:
-            out.append(b)
-            return bytes(out)
-
-
-def _field(num: int, wire: int) -> bytes:
-    return _varint((num << 3) | wire)
-
-
-def _len_delimited(num: int, payload: bytes) -> bytes:
-    return _field(num, 2) + _varint(len(payload)) + payload
-
-
-def _event(wall_time: float, step: int | None = None, file_version: str | None = None,
-           scalars: dict | None = None) -> bytes:
-    msg = _field(1, 1) + struct.pack("<d", wall_time)
-    if step is not None:
-        msg += _field(2, 0) + _varint(int(step))
-    if file_version is not None:
-        msg += _len_delimited(3, file_version.encode())
-    if scalars:
-        summary = b"".join(
-            _len_delimited(1, _len_delimited(1, tag.encode()) + _field(2, 5) + struct.pack("<f", float(v)))
-            for tag, v in scalars.items())
-        msg += _len_delimited(5, summary)
-    return msg
+_WRITERS = itertools.count()
 
 
 class TensorBoardWriter:
-    """Scalars to a TensorBoard event file (`events.out.tfevents.<time>.<host>`)."""
+    """Scalars to a TensorBoard event file (`events.out.tfevents.<time>.<host>.<pid>.<n>`), one `Event` per
+    `scalars` call holding every tag of that step, written with tensorboardX's `FileWriter`.
+
+    tensorboardX is imported here, on the first write of process 0, not with this module: it imports torch
+    whenever torch is installed, which no other process (and no run that writes no metrics) should pay for."""
 
     def __init__(self, logdir: str):
-        os.makedirs(logdir, exist_ok=True)
-        self.path = os.path.join(logdir, f"events.out.tfevents.{time.time():.6f}.{socket.gethostname()}")
-        self._f = open(self.path, "ab")
-        self._write(_event(time.time(), file_version="brain.Event:2"))
+        from tensorboardX import FileWriter
 
-    def _write(self, record: bytes) -> None:
-        header = struct.pack("<Q", len(record))
-        self._f.write(header + struct.pack("<I", _masked_crc(header)) + record
-                      + struct.pack("<I", _masked_crc(record)))
+        # tensorboardX names the file after the second only; the suffix keeps two writers in one second apart.
+        self._w = FileWriter(logdir, flush_secs=10, filename_suffix=f".{os.getpid()}.{next(_WRITERS)}")
 
     def scalars(self, step: int, values: dict) -> None:
-        self._write(_event(time.time(), step=step, scalars=values))
-        self._f.flush()
+        from tensorboardX.proto.summary_pb2 import Summary
+
+        # Summary.Value directly (not `SummaryWriter.add_scalar`, which rewrites characters it dislikes in a tag).
+        summary = Summary(value=[Summary.Value(tag=tag, simple_value=float(v)) for tag, v in values.items()])
+        self._w.add_summary(summary, global_step=int(step), walltime=time.time())
+        self._w.flush()
 
     def close(self) -> None:
-        self._f.close()
+        self._w.close()  # drains the writer thread's queue, then closes the file
 
 
 # ---------------------------------------------------------------------------------------------------------------

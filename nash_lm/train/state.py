@@ -1,12 +1,13 @@
 """The train state and its shardings.
 
-`TrainState(step, rng, policy, opt_state, ema, ref)` is one pytree. `policy`, `ema` and `ref` have the same
-structure and are placed by the *same* sharding tree (from `nash_lm.parallel.param_shardings`); the optimizer
-state's parameter-shaped parts (Adam moments) reuse it too and its scalars (counts) are replicated. `ema` and
-`ref` are None in stages that do not use them.
+`TrainState(step, rng, policy, opt_state, ema)` is one pytree: everything a training step updates, which the
+compiled step donates and a checkpoint stores. `policy` and `ema` have the same structure and are placed by the
+*same* sharding tree (from `nash_lm.parallel.param_shardings`); the optimizer state's parameter-shaped parts
+(Adam moments) reuse it too and its scalars (counts) are replicated. `ema` is None in stages that do not use it.
 
-`split_frozen` separates the frozen reference from the mutable part, because the compiled step donates the
-mutable part (policy, optimizer state, EMA, step, rng) and must never donate the reference.
+The frozen inputs (the reference mu, the judge's parameters) are not part of it: the step functions of
+`nash_lm.train.step` take them as a separate argument `frozen`, which is never donated, and the stage re-reads
+them from their input stages' exports on resume.
 """
 from __future__ import annotations
 
@@ -26,10 +27,6 @@ class TrainState:
     policy: Any  # trained parameters (an LM, or a preference/reward model in judge stages)
     opt_state: Any
     ema: Any = None  # EMA of the policy parameters (Nash-EMA-PG), else None
-    ref: Any = None  # frozen reference mu (policy-optimisation stages), else None
-
-    def mutable(self) -> "TrainState":
-        return self.replace(ref=None)
 
 
 def make_optimizer(st) -> optax.GradientTransformation:
@@ -49,7 +46,7 @@ def make_optimizer(st) -> optax.GradientTransformation:
 
 
 def state_shardings(abstract_state: TrainState, param_sharding, tx: optax.GradientTransformation, mesh):
-    """A sharding tree for `abstract_state`: params/EMA/ref by `param_sharding`, optimizer moments likewise."""
+    """A sharding tree for `abstract_state`: params/EMA by `param_sharding`, optimizer moments likewise."""
     replicated = NamedSharding(mesh, PartitionSpec())
     opt_sh = optax.tree_map_params(
         tx, lambda _, s: s, abstract_state.opt_state, param_sharding,
@@ -61,11 +58,10 @@ def state_shardings(abstract_state: TrainState, param_sharding, tx: optax.Gradie
         policy=param_sharding,
         opt_state=opt_sh,
         ema=None if abstract_state.ema is None else param_sharding,
-        ref=None if abstract_state.ref is None else param_sharding,
     )
 
 
-def init_state(policy, tx, seed: int, *, ema: bool = False, ref=None) -> TrainState:
+def init_state(policy, tx, seed: int, *, ema: bool = False) -> TrainState:
     """A fresh state (to be called under jit with out_shardings, or eagerly on already-placed params)."""
     return TrainState(
         step=jnp.zeros((), jnp.int32),
@@ -73,5 +69,4 @@ def init_state(policy, tx, seed: int, *, ema: bool = False, ref=None) -> TrainSt
         policy=policy,
         opt_state=tx.init(policy),
         ema=jax.tree.map(jnp.copy, policy) if ema else None,
-        ref=ref,
     )

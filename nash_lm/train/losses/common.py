@@ -2,7 +2,8 @@
 
 All losses in this package are pure functions of per-token log-probabilities `[B, N]`, response masks `[B, N]`
 (1 for a real response token, 0 for padding after EOS) and per-sequence scalars `[B]` (preference probabilities,
-rewards, labels). None of them calls a model; `nash_lm.train.scoring` turns parameters into these arrays.
+rewards, labels). None of them calls a model; the scoring helpers of `nash_lm.train.scoring` (`response_logprobs`, the
+reward and judge helpers) turn parameters into these arrays.
 """
 from __future__ import annotations
 
