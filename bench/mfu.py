@@ -16,7 +16,7 @@ value is used, so MFU is never flattered by a slow peak measurement); the whole 
   judge    = reward model on (x, y) and (x, y'),
   update   = reference log-probs on (x, y) + policy forward and backward on (x, y) + AdamW
              ("forward + backward on the sampled pairs").
-FLOPs are analytic model FLOPs (`nash_lm.train.loop.Stage.step_flops`, split by phase in nashmd_bench.phase_flops:
+FLOPs are analytic model FLOPs (`nash_lm.train.algorithms.step_flops`, split by phase in nashmd_bench.phase_flops:
 2 per multiply-add, causal attention over the attended prefix, LM head included, embedding gather excluded;
 backward = 2x forward). MFU = analytic FLOPs / seconds / measured peak. Sampling tokens/s = 2·B·N / sampling
 seconds (y and y'), and plain vs mixture decode separately.

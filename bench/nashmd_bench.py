@@ -7,7 +7,7 @@ on-device counters (kept tokens and EOS rows of y and y') that the peer's JSON a
 same library functions (`step._sample`, `step._mixture`, `step.score`, `step.update`).
 
 The optimizer is `nash_lm.train.state.make_optimizer` on a `nash_lm.train.config.stage('nash_md_pg', ...)`
-config, and the analytic FLOPs are `nash_lm.train.loop.Stage.step_flops` (one forward = 1x, forward + backward =
+config, and the analytic FLOPs are `nash_lm.train.algorithms.step_flops` (one forward = 1x, forward + backward =
 3x; `nash_lm.train.metrics.lm_forward_flops` per pass), split here into the same phases.
 """
 from __future__ import annotations
@@ -19,7 +19,6 @@ import random
 import resource
 import statistics
 import time
-import types
 from typing import Any
 
 import jax
@@ -29,11 +28,11 @@ import numpy as np
 from nash_lm import models, sampling
 from nash_lm.data.synthetic import BOS_ID, EOS_ID, PAD_ID
 from nash_lm.models import ModelConfig
+from nash_lm.train import algorithms
 from nash_lm.train import config as cfg_lib
 from nash_lm.train import metrics as metrics_lib
 from nash_lm.train import state as state_lib
 from nash_lm.train import step as step_lib
-from nash_lm.train.loop import Stage
 
 
 @dataclasses.dataclass(frozen=True)
@@ -235,7 +234,7 @@ def time_phases(b: Built, phases: dict, repeats: int) -> dict:
 
 
 def phase_flops(w: Workload) -> dict:
-    """Analytic matmul FLOPs per step, by phase; 'step' equals `nash_lm.train.loop.Stage.step_flops`."""
+    """Analytic matmul FLOPs per step, by phase; 'step' equals `nash_lm.train.algorithms.step_flops`."""
     m = w.model_config()
     shape = dict(n_layers=m.n_layers, d_model=m.d_model, n_heads=m.n_heads, n_kv_heads=m.n_kv_heads,
                  head_dim=m.head_dim, d_ff=m.d_ff, vocab_size=m.vocab_size)
@@ -255,9 +254,7 @@ def phase_flops(w: Workload) -> dict:
     out["sampling"] = out["sample_pair"]
     out["step"] = out["sampling"] + judge + out["update"]
     # Cross-check against the training loop's own count (the number reported as MFU during training).
-    stage = types.SimpleNamespace(model_cfg=m, st=w.stage(), data_cfg=types.SimpleNamespace(prompt_len=p, response_len=n),
-                                  algorithm="nash_md_pg", judge=types.SimpleNamespace(kind=w.judge))
-    loop_count = Stage.step_flops(stage)
+    loop_count = algorithms.step_flops(algorithms.get("nash_md_pg"), w.stage(), m, p, n, w.judge)
     assert abs(loop_count - out["step"]) <= 1e-9 * out["step"], (loop_count, out["step"])
     return out
 

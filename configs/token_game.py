@@ -2,7 +2,8 @@
 sequences (KL to the sequence-level equilibrium, exact duality gap, token- vs sequence-level mixture).
 
     sft (fit mu to the reference distribution) -> nash_md (beta 0.125), self_play (beta 0), best_response
-    (beta 1), nash_ema -- all against the exact preference oracle on whole sequences (host oracle)
+    (beta 1), nash_ema, ipo (online IPO), egpo (extragradient online IPO) -- all against the exact preference
+    oracle on whole sequences (the job's host oracle)
 
 Run:  python -m nash_lm.main --config=configs/token_game.py --workdir=runs/token_game
 Writes WORKDIR/token_game.json and token_game.md (duality gap per policy, reduction vs mu, mixture gaps).
@@ -49,6 +50,8 @@ def get_config():
     t.stages.self_play = stage("nash_md_pg", beta=0.0, **policy)
     t.stages.best_response = stage("nash_md_pg", beta=1.0, **policy)
     t.stages.nash_ema = stage("nash_ema_pg", ema_decay=0.99, **policy)
-    t.pipeline = "sft,nash_md,self_play,best_response,nash_ema"
+    t.stages.ipo = stage("online_ipo", **policy)
+    t.stages.egpo = stage("egpo", **policy)
+    t.pipeline = "sft,nash_md,self_play,best_response,nash_ema,ipo,egpo"
     c.train = t
     return c

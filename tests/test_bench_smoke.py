@@ -55,7 +55,7 @@ def test_peer_workload_shapes():
 
 
 def test_phase_flops_match_training_loop():
-    f = nb.phase_flops(mfu.BIG)  # asserts equality with nash_lm.train.loop.Stage.step_flops inside
+    f = nb.phase_flops(mfu.BIG)  # asserts equality with nash_lm.train.algorithms.step_flops inside
     assert f["step"] == pytest.approx(f["sampling"] + f["judge"] + f["update"])
     assert f["update"] == pytest.approx(4 / 3 * f["update_policy_fwd_bwd"])
 

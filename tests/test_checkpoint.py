@@ -79,7 +79,7 @@ def test_model_train_state_restores_onto_another_mesh_shape(tmp_path):
     shardings from the logical rules), bit for bit, through the loop's abstract-state path."""
     from nash_lm import models, parallel
     from nash_lm.train import config as cfg_lib
-    from nash_lm.train.loop import abstract_params
+    from nash_lm.train.inputs import abstract_params
 
     cfg = models.ModelConfig(vocab_size=32, d_model=32, n_layers=1, n_heads=2, n_kv_heads=2, d_ff=64, max_len=24)
     tx = state_lib.make_optimizer(cfg_lib.stage("nash_ema_pg", lr=1e-2))

@@ -1,6 +1,6 @@
 """Multi-host: two local CPU processes (gloo over loopback, via launch/local.py, every process under `timeout`)
 run the real training job (`python -m nash_lm.main --config=configs/tiny.py`, the one entry point, which
-initialises jax.distributed from the launcher's environment; the job is `nash_lm.train.loop.run`: a few SFT
+initialises jax.distributed from the launcher's environment; the job is `nash_lm.train.pipeline.run`: a few SFT
 steps, then one policy stage judged by the host oracle) on one global mesh (fsdp=2: the batch and the
 parameters' embed axis split across the two processes), and must give the same `policy_params_sha256` in
 summary.json as one process (the same command without the launcher) holding the same global mesh on 2 devices.
@@ -55,23 +55,26 @@ def _worker(out: str) -> None:
     from nash_lm import parallel
     from nash_lm.data import synthetic
     from nash_lm.train import checkpoint as ckpt_lib
-    from nash_lm.train import loop
-    from nash_lm.train import state as state_lib
+    from nash_lm.train import spec as spec_lib
+    from nash_lm.train import stage as stage_lib
 
     config = tiny.get_config()
     config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 1, 2, 1
     config.pipeline = "sft"
     config.stages.sft.steps = STEPS
     workdir = os.path.join(out, "wd")
-    mesh, rules, _ = loop.prepare(config, workdir)
+    run = spec_lib.resolve(config, workdir)
+    mesh, rules = run.mesh, run.rules
     assert mesh.size == 2 and jax.process_count() == (2 if multi else 1)
     result = {"process_count": jax.process_count(), "losses": [], "source_sha256": _source_hash()}
     with parallel.activate(mesh, rules):
-        stage = loop.Stage(config, "sft", workdir, mesh, rules, 1e12, writer=None)
-        stage._build()
-        policy = stage._init_policy()
-        mut = jax.jit(lambda p: state_lib.init_state(p, stage.tx, stage.seed), out_shardings=stage.mut_sh)(policy)
-        train_step = stage._compile()
+        sft = run.stages["sft"]
+        data = {("sft", split): synthetic.dataset_for("sft", run.data, split) for split in ("train", "eval")}
+        stage = stage_lib.Stage(sft, run, data, writer=None).build()
+        mut = stage.program.init_state(stage.inputs.init_policy())
+        train_step = stage.program.compile()
+        stage.batch_sh, stage.abstract_mut, stage.st, stage.seed = (stage.program.batch_sh, stage.program.abstract_mut,
+                                                                    sft.st, sft.seed)
         it = synthetic.BatchIterator(stage.train_data, stage.st.batch_size, stage.seed, "train")
         for _ in range(STEPS):
             full = next(it)

@@ -39,13 +39,13 @@ def _judge(workdir, name):
     import ml_collections
 
     from nash_lm import parallel
-    from nash_lm.train import config as cfg_lib, loop
+    from nash_lm.train import config as cfg_lib, inputs
 
     cfg = ml_collections.ConfigDict(json.load(open(workdir / "config.json"))).train
     mesh = parallel.make_mesh(cfg.mesh)
     rules = parallel.validate_rules(cfg_lib.parse_rules(cfg.rules), mesh)
-    gd, abstract, _ = loop.abstract_params(cfg_lib.model_config(cfg, "judge_model"), "preference", 0, mesh, rules)
-    return gd, loop.load_export(str(workdir), name, abstract)
+    gd, abstract, _ = inputs.abstract_params(cfg_lib.model_config(cfg, "judge_model"), "preference", 0, mesh, rules)
+    return gd, inputs.load_export(str(workdir), name, abstract)
 
 
 @pytest.fixture(scope="module")

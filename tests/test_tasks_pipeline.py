@@ -2,10 +2,13 @@
 and the token_game job through the CLI (stages of the training loop, exact evaluation report)."""
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
+import pytest
 
 from nash_lm.tasks import pipeline, token_game as tg
 
@@ -74,10 +77,17 @@ def _docstrings_job(workdir, *extra):
                           text=True, timeout=600, env={k: v for k, v in os.environ.items() if k != "XLA_FLAGS"})
 
 
-def test_docstrings_job_cli(tmp_path):
-    """The default job end to end at tiny sizes: tournament files, antisymmetric win matrix, judge backbone."""
-    out = _docstrings_job(tmp_path)
+@pytest.fixture(scope="module")
+def docstrings_run(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("docstrings")
+    out = _docstrings_job(workdir)
     assert out.returncode == 0, out.stderr[-3000:]
+    return workdir
+
+
+def test_docstrings_job_cli(docstrings_run):
+    """The default job end to end at tiny sizes: tournament files, antisymmetric win matrix, judge backbone."""
+    tmp_path = docstrings_run
     result = json.load(open(tmp_path / "tournament" / "tournament.json"))
     assert result["names"] == ["sft", "md1"]
     win = np.array(result["win"], dtype=float)
@@ -92,15 +102,15 @@ def test_docstrings_job_cli(tmp_path):
     import jax
 
     from nash_lm import parallel
-    from nash_lm.train import config as cfg_lib, loop
+    from nash_lm.train import config as cfg_lib, inputs
 
     cfg = json_config(tmp_path).train
     mesh = parallel.make_mesh(cfg.mesh)
     rules = parallel.validate_rules(cfg_lib.parse_rules(cfg.rules), mesh)
-    _, lm_abstract, _ = loop.abstract_params(cfg_lib.model_config(cfg, "model"), "lm", 0, mesh, rules)
-    _, pm_abstract, _ = loop.abstract_params(cfg_lib.model_config(cfg, "judge_model"), "preference", 0, mesh, rules)
-    sft = loop.load_export(str(tmp_path), "sft", lm_abstract)
-    pm = loop.load_export(str(tmp_path), "pm", pm_abstract)
+    _, lm_abstract, _ = inputs.abstract_params(cfg_lib.model_config(cfg, "model"), "lm", 0, mesh, rules)
+    _, pm_abstract, _ = inputs.abstract_params(cfg_lib.model_config(cfg, "judge_model"), "preference", 0, mesh, rules)
+    sft = inputs.load_export(str(tmp_path), "sft", lm_abstract)
+    pm = inputs.load_export(str(tmp_path), "pm", pm_abstract)
     same = jax.tree.map(lambda a, b: bool(np.array_equal(np.asarray(a), np.asarray(b))), sft, pm["backbone"])
     assert all(jax.tree.leaves(same))
 
@@ -116,3 +126,32 @@ def test_docstrings_bad_pairs_per_prompt_exits_2_before_writing(tmp_path):
     assert out.returncode == 2
     assert out.stderr.strip().splitlines()[-1].count("pairs_per_prompt") == 1
     assert not (tmp_path / "w").exists()
+
+
+def test_docstrings_job_sigterm_checkpoints_exits_0_and_resumes_to_the_same_tournament(docstrings_run, tmp_path):
+    """`make run`'s job: SIGTERM while the Nash-MD-PG stage runs -> its current step is checkpointed and the job
+    exits 0 without a summary; the same command then finishes with the uninterrupted run's tournament."""
+    workdir = tmp_path / "term"
+    cmd = [sys.executable, "-m", "nash_lm.main", "--config=configs/docstrings.py", f"--workdir={workdir}",
+           *DOCSTRING_OVERRIDES]
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    started = workdir / "stages" / "md1" / "fingerprint.json"
+    t0 = time.time()
+    while not started.exists() and proc.poll() is None and time.time() - t0 < 500:
+        time.sleep(0.05)
+    assert started.exists(), "the job ended before the policy stage started"
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    assert "preempted" in err.strip().splitlines()[-1]
+    assert not (workdir / "summary.json").exists() and not (workdir / "stages" / "md1" / "done.json").exists()
+    assert [d for d in os.listdir(workdir / "stages" / "md1" / "checkpoints") if d.isdigit()]
+
+    again = _docstrings_job(workdir)
+    assert again.returncode == 0, again.stderr[-3000:]
+    got = json.load(open(workdir / "tournament" / "tournament.json"))
+    want = json.load(open(docstrings_run / "tournament" / "tournament.json"))
+    assert got["names"] == want["names"] and got["win"] == want["win"] and got["n"] == want["n"]
+    done = lambda w: json.load(open(w / "stages" / "md1" / "done.json"))["policy_params_sha256"]
+    assert done(workdir) == done(docstrings_run)

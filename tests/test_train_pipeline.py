@@ -236,49 +236,49 @@ def _tiny(**stage_overrides):
     (dict(nash_md__judge="oracle:nash_lm.data.synthetic:no_such_fn"), "cannot import"),
 ])
 def test_bad_config_values_raise_before_anything_is_written(tmp_path, overrides, needle):
-    from nash_lm.train import loop
+    from nash_lm.train import pipeline
 
     workdir = str(tmp_path / "bad")
     with pytest.raises(ValueError, match=needle.replace(".", r"\.").replace("(", r"\(")):
-        loop.run(_tiny(**overrides), workdir)
+        pipeline.run(_tiny(**overrides), workdir)
     assert not os.path.exists(workdir)
 
 
 def test_judge_from_a_language_model_needs_the_same_model_config(tmp_path):
-    from nash_lm.train import loop
+    from nash_lm.train import pipeline
 
     workdir = str(tmp_path / "bad")
     config = _tiny(pm__init="sft")
     config.judge_model.d_ff = 2 * config.model.d_ff
     with pytest.raises(ValueError, match=r"config\.stages\.pm\.init: 'sft' is a language model"):
-        loop.run(config, workdir)
+        pipeline.run(config, workdir)
     assert not os.path.exists(workdir)
 
 
 def test_bad_structure_raises(tmp_path):
-    from nash_lm.train import loop
+    from nash_lm.train import pipeline
 
     config = _tiny()
     with config.unlocked():
         config.stages.sft.extra = 1
     with pytest.raises(ValueError, match=r"config\.stages\.sft: unknown field\(s\) \['extra'\]"):
-        loop.run(config, str(tmp_path / "w"))
+        pipeline.run(config, str(tmp_path / "w"))
     config = _tiny()
     config.pipeline = "sft,nash_md,pm"
     with pytest.raises(ValueError, match="stage 'pm' runs after 'nash_md'"):
-        loop.run(config, str(tmp_path / "w"))
+        pipeline.run(config, str(tmp_path / "w"))
     config = _tiny()
     config.pipeline = "nash_md"  # sft is defined but neither run first nor complete in the workdir
     with pytest.raises(ValueError, match="missing stage input 'sft'"):
-        loop.run(config, str(tmp_path / "w"))
+        pipeline.run(config, str(tmp_path / "w"))
     config = _tiny()
     config.model.n_heads = 3
     with pytest.raises(ValueError, match="config.model"):
-        loop.run(config, str(tmp_path / "w"))
+        pipeline.run(config, str(tmp_path / "w"))
     config = _tiny()
     config.mesh.data = 3
     with pytest.raises(ValueError, match="mesh"):
-        loop.run(config, str(tmp_path / "w"))
+        pipeline.run(config, str(tmp_path / "w"))
     assert not os.path.exists(str(tmp_path / "w"))
 
 
@@ -289,18 +289,47 @@ def test_incompatible_workdir_is_refused_untouched(uninterrupted):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "incompatible config" in lines[0] and "stage.lr" in lines[0], proc.stderr
     assert _snapshot(uninterrupted) == before
-    # Operational fields (logging cadence) may change: the complete run is recognised and every stage skipped.
+    # Operational fields (logging cadence) may change: the complete run is recognised and every stage skipped,
+    # its files untouched and its records (parameter hashes included) returned as they were.
+    stages = os.path.join(uninterrupted, "stages")
+    before_stages, before_summary = _snapshot(stages), _summary(uninterrupted)
     again = _run(uninterrupted, "--config.stages.nash_md.log_every=2", timeout=120)
     assert again.returncode == 0, again.stderr[-2000:]
-    assert _summary(uninterrupted)["policy_params_sha256"] == _summary(uninterrupted)["stages"]["nash_ema"][
-        "policy_params_sha256"]
+    assert _snapshot(stages) == before_stages
+    assert _summary(uninterrupted)["stages"] == before_summary["stages"]
+
+
+def test_a_complete_workdir_compiles_nothing(uninterrupted, monkeypatch):
+    """In process, on the finished workdir: no stage runs, XLA compiles nothing, no file of a stage changes."""
+    import jax
+
+    from nash_lm.train import pipeline, stage as stage_lib
+
+    compiled, listening = [], [True]
+    jax.monitoring.register_event_duration_secs_listener(
+        lambda name, duration, **kw: compiled.append(name) if listening[0] and "compile" in name else None)
+    monkeypatch.setattr(stage_lib.Stage, "run", lambda self, stop: pytest.fail(f"stage {self.spec.name} ran"))
+    stages = os.path.join(uninterrupted, "stages")
+    metrics_file = os.path.join(uninterrupted, "metrics.jsonl")
+    stat = lambda p: (os.stat(p).st_size, os.stat(p).st_mtime_ns)
+    before, metrics_before = _snapshot(stages), stat(metrics_file)
+    config = _tiny()
+    config.peak_tflops = 1.0  # no matmul-peak measurement (not part of any stage's fingerprint)
+    try:
+        summary = pipeline.run(config, uninterrupted)
+    finally:
+        listening[0] = False
+    assert compiled == []
+    assert _snapshot(stages) == before and stat(metrics_file) == metrics_before
+    on_disk = {n: json.load(open(os.path.join(stages, n, "done.json"))) for n in PIPELINE.split(",")}
+    assert summary["stages"] == on_disk
 
 
 def test_every_training_config_validates(tmp_path):
     """configs/*.py with job 'train' pass validation (nothing compiled, nothing written)."""
     import importlib.util
 
-    from nash_lm.train import loop
+    from nash_lm.train import spec as spec_lib
 
     names = []
     for fname in sorted(os.listdir(os.path.join(ROOT, "configs"))):
@@ -312,7 +341,7 @@ def test_every_training_config_validates(tmp_path):
         config = module.get_config()
         if config.get("job") != "train":
             continue
-        loop.prepare(config, str(tmp_path / fname))
+        spec_lib.resolve(config, str(tmp_path / fname))
         names.append(fname)
     assert {"tiny.py", "nlhf_paper.py"} <= set(names)
     assert not os.listdir(tmp_path)

@@ -177,14 +177,14 @@ def _tiny(arch="llama", **model_changes):
 
 
 def test_bad_inputs_in_process(llama_dir, tmp_path):
-    from nash_lm.train import loop
+    from nash_lm.train import spec as spec_lib
 
     d, _ = llama_dir
     workdir = str(tmp_path / "w")
 
     def refused(config, needle):
         with pytest.raises(ValueError) as e:
-            loop.prepare(config, workdir)
+            spec_lib.resolve(config, workdir)
         assert needle in str(e.value) and "\n" not in str(e.value), str(e.value)
 
     config = _tiny()
@@ -218,30 +218,31 @@ def test_bad_inputs_in_process(llama_dir, tmp_path):
 def test_policy_reference_straight_from_the_checkpoint(llama_dir, tmp_path):
     """`ref="hf:/dir"` on a policy stage: validated, and its reference and initial policy are the imported
     parameters, placed with the stage's parameter shardings (built without compiling the step)."""
-    from nash_lm.train import loop
+    from nash_lm.train import inputs as inputs_lib
+    from nash_lm.train import spec as spec_lib
 
     d, _ = llama_dir
     workdir = str(tmp_path / "w")
     config = _tiny()
     config.stages.nash_md_oracle.ref = f"hf:{d}"
     config.pipeline = "nash_md_oracle"
-    mesh, rules, _ = loop.prepare(config, workdir)
+    run = spec_lib.resolve(config, workdir)
     assert not os.path.exists(workdir)
-    stage = loop.Stage(config, "nash_md_oracle", workdir, mesh, rules, 1.0, None)
-    assert stage.fingerprint["inputs"]["ref"] == {"hf": d, "sha256": hf.checkpoint_sha256(d)}
-    stage._build()
+    spec = run.stages["nash_md_oracle"]
+    assert spec.fingerprint["inputs"]["ref"] == {"hf": d, "sha256": hf.checkpoint_sha256(d)}
+    inputs = inputs_lib.StageInputs(spec, run)
     want = ckpt_lib.params_sha256(hf.load_pretrained(d, config=_model_config()).params)
-    policy = stage._init_policy()
-    assert ckpt_lib.params_sha256(stage.ref) == want and ckpt_lib.params_sha256(policy) == want
-    for got, spec in zip(jax.tree.leaves(policy), jax.tree.leaves(stage.abstract_policy)):
-        assert got.sharding == spec.sharding and got.dtype == spec.dtype
+    policy = inputs.init_policy()
+    assert ckpt_lib.params_sha256(inputs.ref) == want and ckpt_lib.params_sha256(policy) == want
+    for got, abstract in zip(jax.tree.leaves(policy), jax.tree.leaves(inputs.abstract_policy)):
+        assert got.sharding == abstract.sharding and got.dtype == abstract.dtype
 
 
 @pytest.mark.parametrize("arch", ["gemma", "qwen2"])
 def test_gemma_and_qwen2_through_the_loop(arch, tmp_path):
     """In process: an SFT stage (lr=0) from the checkpoint exports exactly the imported parameters, built with the
     architecture's decoder variant; a policy stage samples and trains with that variant against it."""
-    from nash_lm.train import loop
+    from nash_lm.train import pipeline
 
     d = str(tmp_path / arch)
     _make_hf(arch, d)
@@ -252,7 +253,7 @@ def test_gemma_and_qwen2_through_the_loop(arch, tmp_path):
     config.stages.sft.lr = 0.0
     config.stages.nash_md_oracle.steps = 1
     config.peak_tflops = 1.0
-    summary = loop.run(config, str(tmp_path / "run"))
+    summary = pipeline.run(config, str(tmp_path / "run"))
     imported = hf.load_pretrained(d, config=_model_config(arch))
     assert imported.architecture == arch
     assert summary["stages"]["sft"]["policy_params_sha256"] == ckpt_lib.params_sha256(imported.params)

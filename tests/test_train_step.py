@@ -10,6 +10,7 @@ import pytest
 
 from nash_lm import models, parallel, sampling
 from nash_lm.data import synthetic
+from nash_lm.train import algorithms
 from nash_lm.train import config as cfg_lib
 from nash_lm.train import state as state_lib
 from nash_lm.train import step as step_lib
@@ -19,7 +20,7 @@ DATA = synthetic.SyntheticConfig(vocab_size=32, prompt_len=6, response_len=6, n_
 B = 4
 
 
-def _setup(algorithm, judge=None, **hp):
+def _setup(algorithm, judge=None, tx=None, **hp):
     mesh = parallel.make_mesh({"data": 2}, devices=jax.devices()[:2])
     rules = parallel.validate_rules(None, mesh)
     graphdef, policy = models.init(CFG, "lm", 0)
@@ -27,8 +28,8 @@ def _setup(algorithm, judge=None, **hp):
     pref_graphdef, pref = models.init(CFG, "preference", 2)
     param_sh = parallel.param_shardings(policy, mesh, rules)
     stage = cfg_lib.stage(algorithm, lr=1e-2, batch_size=B, steps=10, grad_clip=0.0)
-    tx = state_lib.make_optimizer(stage)
-    use_ema = algorithm == "nash_ema_pg"
+    tx = tx or state_lib.make_optimizer(stage)
+    use_ema = algorithms.get(algorithm).ema
     abstract = jax.eval_shape(lambda p: state_lib.init_state(p, tx, 0, ema=use_ema), policy)
     mut_sh = state_lib.state_shardings(abstract, param_sh, tx, mesh)
     mut = jax.jit(lambda p: state_lib.init_state(p, tx, 0, ema=use_ema), out_shardings=mut_sh)(policy)
@@ -46,7 +47,8 @@ def _setup(algorithm, judge=None, **hp):
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     jitted = jax.jit(fn, in_shardings=(mut_sh, frozen_sh, batch_sh), out_shardings=(mut_sh, replicated),
                      donate_argnums=0)
-    return dict(mesh=mesh, rules=rules, graphdef=graphdef, mut=mut, frozen=frozen, batch=batch, jitted=jitted)
+    return dict(mesh=mesh, rules=rules, graphdef=graphdef, mut=mut, frozen=frozen, batch=batch, jitted=jitted,
+                judge=judge)
 
 
 @pytest.fixture(scope="module")
@@ -179,3 +181,51 @@ def test_sft_prompt_loss_against_a_numpy_reference():
     zeros = jax.tree.map(jnp.zeros_like, params)  # every logit 0: the uniform distribution over V tokens
     _, metrics = step(state_lib.init_state(zeros, tx, 0), None, batch)
     np.testing.assert_allclose(float(metrics["loss"]), (1 + w) * np.log(CFG.vocab_size), rtol=1e-6)
+
+
+def test_egpo_step_is_the_extragradient_of_the_online_ipo_loss():
+    """EGPO (docs: nlhf_math.md, EGPO): theta' = theta_t - lr grad L_IPO(theta_t; pairs from pi_t), then
+    theta_{t+1} = theta_t - lr grad L_IPO(theta_t; pairs from pi_theta'), with AdamW as the step and one optimizer
+    state (the provisional step's is discarded). Plain SGD here, so that the update is the formula itself; rebuilt
+    from the sampler, the IPO loss and optax alone."""
+    import optax
+
+    from nash_lm.train import losses
+
+    tx = optax.sgd(0.5)
+    s = _setup("egpo", tx=tx, tau=1.0)
+    mut, (ref, pref), batch, gd = s["mut"], s["frozen"], s["batch"], s["graphdef"]
+    policy0 = jax.tree.map(np.asarray, mut.policy)
+    opt0, rng0 = jax.tree.map(np.asarray, mut.opt_state), np.asarray(mut.rng)
+    with parallel.activate(s["mesh"], s["rules"]):
+        got, metrics = s["jitted"](mut, s["frozen"], batch)
+    prompt, pmask = np.asarray(batch["prompt"]), np.asarray(batch["prompt_mask"])
+    kw = dict(max_new_tokens=6, eos_id=synthetic.EOS_ID, pad_id=synthetic.PAD_ID, temperature=1.0)
+
+    def pairs(params, rng):
+        rng, k1, k2 = jax.random.split(rng, 3)
+        y, y2 = sampling.sample_pair(gd, params, prompt, pmask, (k1, k2), **kw)
+        p = models.preference_prob(s["judge"].graphdef, pref, prompt, pmask, y.tokens,
+                                   y.mask.astype(jnp.float32), y2.tokens, y2.mask.astype(jnp.float32))
+        return rng, (y.tokens, y.mask.astype(jnp.float32), y2.tokens, y2.mask.astype(jnp.float32), p)
+
+    def loss(params, sample):
+        y, ym, y2, y2m, p = sample
+        lp = lambda prm, r, m: step_lib.response_logprobs(gd, prm, prompt, pmask, r, m)[0]
+        return losses.ipo_loss(lp(params, y, ym), lp(ref, y, ym), ym, lp(params, y2, y2m), lp(ref, y2, y2m), y2m,
+                               p, 1.0)[0]
+
+    rng, first = pairs(policy0, rng0)
+    updates, _ = tx.update(jax.grad(loss)(policy0, first), opt0, policy0)
+    provisional = optax.apply_updates(policy0, updates)
+    rng, second = pairs(provisional, rng)
+    updates, _ = tx.update(jax.grad(loss)(policy0, second), opt0, policy0)
+    want = optax.apply_updates(policy0, updates)
+    for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got.policy)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-5, atol=2e-6)
+    np.testing.assert_array_equal(np.asarray(got.rng), np.asarray(rng))
+    # the lookahead matters: the step from the first pairs (online IPO) lands elsewhere
+    updates, _ = tx.update(jax.grad(loss)(policy0, first), opt0, policy0)
+    plain = optax.apply_updates(policy0, updates)
+    assert max(float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
+               for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(want))) > 1e-4

@@ -44,11 +44,11 @@ import numpy as np
 from nash_lm import distributed, models
 from nash_lm.evaluation import tournament
 from nash_lm.tasks import docstrings, pipeline, rater as rater_lib
+from nash_lm.train import algorithms
 from nash_lm.train import config as cfg_lib
 from nash_lm.train.pipeline import Pipeline
 
 ARMS = {"enhancer": "enh", "symmetric": "sym"}
-MAIN_ALGORITHMS = ("nash_md_pg", "online_ipo")
 _INPUTS = ("algorithm", "init", "ref", "judge")  # filled in by the job, not by the templates
 _SCORE_BATCH = 256
 
@@ -83,8 +83,11 @@ def check_online(on) -> list[str]:
     arms = [a.strip() for a in str(on.arms).split(",") if a.strip()]
     if not arms or len(set(arms)) != len(arms) or any(a not in ARMS for a in arms):
         raise ValueError(f"config.online.arms: a comma-separated subset of {list(ARMS)}, got {on.arms!r}")
-    if on.algorithm not in MAIN_ALGORITHMS:
-        raise ValueError(f"config.online.algorithm: {on.algorithm!r} not in {list(MAIN_ALGORITHMS)}")
+    main = algorithms.REGISTRY.get(on.algorithm)
+    if main is None or main.role != "policy" or "preference" not in main.judges:
+        known = [a.name for a in algorithms.REGISTRY.values() if a.role == "policy" and "preference" in a.judges]
+        raise ValueError(f"config.online.algorithm: {on.algorithm!r} is not a policy algorithm judged by a "
+                         f"preference model; known: {known}")
     if not isinstance(on.beta, (int, float)) or isinstance(on.beta, bool) or not 0.0 <= on.beta <= 1.0:
         raise ValueError(f"config.online.beta: must be in [0, 1], got {on.beta!r}")
     for key in ("policy", "judge"):
@@ -107,7 +110,7 @@ def build_train_config(config, task_hash: str, arms) -> tuple:
     on = config.online
     cfg = pipeline.train_config(config, task_hash)
     origins = {}
-    extra = {"beta": float(on.beta)} if on.algorithm == "nash_md_pg" else {}
+    extra = {"beta": float(on.beta)} if "beta" in algorithms.get(on.algorithm).fields else {}
     for r in range(1, on.rounds + 1):
         for arm in arms:
             main, prev = main_name(arm, r), ("sft" if r == 1 else main_name(arm, r - 1))

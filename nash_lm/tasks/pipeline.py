@@ -41,7 +41,6 @@ from nash_lm.data import tokenizer as tokenizer_lib
 from nash_lm.data.synthetic import BOS_ID, EOS_ID, PAD_ID
 from nash_lm.evaluation import tournament
 from nash_lm.tasks import docstrings, rater as rater_lib, token_game as tg
-from nash_lm.train import algorithms
 from nash_lm.train import config as cfg_lib
 from nash_lm.train.pipeline import Pipeline
 

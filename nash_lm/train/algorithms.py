@@ -122,6 +122,11 @@ REGISTRY: dict[str, Algorithm] = {a.name: a for a in (
               sample=lambda hp, gd, policy, ref, ema, batch, keys: scoring.sample_pair(
                   gd, policy, batch, keys, hp, mix_params=ref, beta_y=hp.beta),
               passes=lambda hp: (2 * _mixed(hp.beta), 2 * _mixed(hp.beta)), **_IPO),
+    # EGPO (Zhou, Fazel, Du 2025): extragradient online IPO. A provisional step theta' from theta_t on pairs
+    # y, y' ~ pi_t, new pairs y, y' ~ pi_theta', then the step from theta_t with the gradient on those (mirror
+    # prox; the exact-game counterpart is nash_lm.games' `extragradient`)
+    Algorithm("egpo", fields=dict(_POLICY_FIELDS, tau=1.0), sample=_two_policy_samples, lookahead=1,
+              passes=lambda hp: (1, 2), **_IPO),
 )}
 
 NAMES = tuple(REGISTRY)

@@ -9,7 +9,7 @@
   every other process's `write` only builds the record it returns.
 - `lm_forward_flops` counts matmul FLOPs analytically (2 per multiply-add; causal attention scores and values
   counted over the attended prefix; the embedding gather excluded, the LM head included). The training step
-  cost is the sum of the forwards and backwards it runs (`loop.Stage.step_flops`).
+  cost is the sum of the forwards and backwards it runs (`nash_lm.train.algorithms.step_flops`).
 - `measure_peak_flops` times a jitted square matmul in the model's dtype on the first device; MFU uses
   `config.peak_tflops` when it is set and this measurement otherwise (shared CPU hosts fluctuate, so the peak is
   measured in the same run).
