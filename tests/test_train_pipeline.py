@@ -154,9 +154,10 @@ def test_sigterm_saves_the_current_step_and_exits_cleanly(uninterrupted, tmp_pat
     workdir = str(tmp_path / "term")
     proc = subprocess.Popen(_cmd(workdir, "--config.pipeline=sft"), cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
-    # SIGTERM as soon as the run has validated its config (it arrives while the SFT step compiles).
+    # SIGTERM as soon as the SFT stage has started (it arrives while its step compiles).
     t0 = time.time()
-    while not os.path.exists(os.path.join(workdir, "config.json")) and time.time() - t0 < 120:
+    while (not os.path.exists(os.path.join(workdir, "stages", "sft", "fingerprint.json"))
+           and time.time() - t0 < 120):
         time.sleep(0.02)
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=300)
@@ -345,3 +346,16 @@ def test_every_training_config_validates(tmp_path):
         names.append(fname)
     assert {"tiny.py", "nlhf_paper.py"} <= set(names)
     assert not os.listdir(tmp_path)
+
+
+def test_pipeline_params_read_back_the_exports(uninterrupted):
+    """`Pipeline.params` returns the trees the stages exported: their hashes are the ones `done.json` recorded
+    at training time (the policy of a judge and of an lm stage, the averaged policy of Nash-EMA-PG)."""
+    from nash_lm.train import checkpoint as ckpt_lib, pipeline
+
+    config = _tiny()
+    with pipeline.Pipeline(config, uninterrupted) as pipe:
+        for name, key in (("pm", "policy"), ("nash_md", "policy"), ("nash_ema", "policy"), ("nash_ema", "ema")):
+            done = json.load(open(os.path.join(uninterrupted, "stages", name, "done.json")))
+            _, params = pipe.params(name, key)
+            assert ckpt_lib.params_sha256(params) == done[f"{key}_params_sha256"], (name, key)

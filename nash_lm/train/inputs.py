@@ -19,6 +19,7 @@ from absl import logging
 from nash_lm import models, parallel
 from nash_lm.interop import hf as hf_interop
 from nash_lm.interop import variants
+from nash_lm.train import algorithms
 from nash_lm.train import checkpoint as ckpt_lib
 from nash_lm.train import config as cfg_lib
 from nash_lm.train.scoring import Judge
@@ -59,12 +60,15 @@ def load_export(workdir, name, abstract_tree, key="policy"):
 def load_stage_params(run: RunSpec, name: str, key: str = "policy"):
     """(graphdef, params) of the export of stage `name` of `run` ('policy', or 'ema' for an EMA stage)."""
     config = run.config
-    alg_name = config.stages[name].algorithm
-    kind = cfg_lib.produces(alg_name)
-    model_key = "model" if kind == "lm" else "judge_model"
-    graphdef, abstract, _ = abstract_params(cfg_lib.model_config(config, model_key), kind, 0, run.mesh, run.rules,
-                                            cfg_lib.model_architecture(config, model_key))
-    return graphdef, load_export(run.workdir, name, abstract, key)
+    alg = algorithms.get(config.stages[name].algorithm)
+    model_key = "model" if alg.produces == "lm" else "judge_model"
+    graphdef, abstract, _ = abstract_params(cfg_lib.model_config(config, model_key), alg.produces, 0, run.mesh,
+                                            run.rules, cfg_lib.model_architecture(config, model_key))
+    path = os.path.join(stage_dir(run.workdir, name), "export")
+    if not os.path.isdir(path):
+        raise ValueError(f"missing stage output {name!r}: {path} does not exist")
+    keys = ("policy", "ema") if alg.ema else ("policy",)  # the export holds both trees of an EMA stage
+    return graphdef, ckpt_lib.load_params(path, {k: abstract for k in keys})[key]
 
 
 class StageInputs:
