@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from nash_lm import models, sampling
+from nash_lm import models, parallel, sampling
 from nash_lm.data.synthetic import EOS_ID, PAD_ID
 from nash_lm.train import losses
 from nash_lm.train.state import TrainState
@@ -170,6 +170,8 @@ class PolicyHParams:
     ema_decay: float = 0.0
     temperature: float = 1.0
     max_new_tokens: int = 8
+    decode_rules: Any = parallel.DEFAULT_DECODE_RULES  # the sampler's layout (None: the training layout)
+    microbatches: int = 1  # the update's gradient accumulation: the batch in this many equal microbatches
 
 
 def _sample(graphdef, params, batch, key, hp: PolicyHParams):
@@ -204,17 +206,18 @@ def rollout(hp: PolicyHParams, graphdef, mut: TrainState, frozen, batch):
     ref, _ = frozen
     rng, k_y, k_y2 = jax.random.split(mut.rng, 3)
     algo = hp.algorithm
-    with scope("sample_y_y2"):
+    with scope("sample_y_y2"), sampling.decode_layout(graphdef, hp.decode_rules) as to_decode:
+        policy, ref, ema = to_decode(mut.policy), to_decode(ref), to_decode(mut.ema)  # once, before the decode
         if algo == "rlhf":
-            samples = dict(zip(("y", "y_mask"), _sample(graphdef, mut.policy, batch, k_y, hp)))
+            samples = dict(zip(("y", "y_mask"), _sample(graphdef, policy, batch, k_y, hp)))
         elif algo == "nash_md_pg":
-            samples = _sample_pair(graphdef, mut.policy, batch, (k_y, k_y2), hp, mix_params=ref, beta=hp.beta)
+            samples = _sample_pair(graphdef, policy, batch, (k_y, k_y2), hp, mix_params=ref, beta=hp.beta)
         elif algo == "ipo_md":
-            samples = _sample_pair(graphdef, mut.policy, batch, (k_y, k_y2), hp, mix_params=ref, beta_y=hp.beta)
+            samples = _sample_pair(graphdef, policy, batch, (k_y, k_y2), hp, mix_params=ref, beta_y=hp.beta)
         elif algo == "nash_ema_pg":
-            samples = _sample_pair(graphdef, mut.policy, batch, (k_y, k_y2), hp, mix_params=mut.ema, beta=1.0)
+            samples = _sample_pair(graphdef, policy, batch, (k_y, k_y2), hp, mix_params=ema, beta=1.0)
         else:  # online_ipo: two policy samples
-            samples = _sample_pair(graphdef, mut.policy, batch, (k_y, k_y2), hp)
+            samples = _sample_pair(graphdef, policy, batch, (k_y, k_y2), hp)
     samples = jax.lax.stop_gradient(samples)
     return rng, samples
 
@@ -283,8 +286,9 @@ def eval_judge(kind: str, graphdef, params, batch):
 def eval_policy_rollout(hp: PolicyHParams, graphdef, params, ref, batch, key):
     """y ~ pi (the trained or the averaged policy), y' ~ mu: the pair that measures improvement over mu."""
     keys = tuple(jax.random.split(key))
-    return _sample_pair(graphdef, params, batch, keys, dataclasses.replace(hp, temperature=1.0), mix_params=ref,
-                        beta=1.0)
+    with sampling.decode_layout(graphdef, hp.decode_rules) as to_decode:
+        return _sample_pair(graphdef, to_decode(params), batch, keys, dataclasses.replace(hp, temperature=1.0),
+                            mix_params=to_decode(ref), beta=1.0)
 
 
 def eval_policy(hp: PolicyHParams, graphdef, judge: Judge, params, ref, judge_params, batch, key):
