@@ -22,7 +22,7 @@ What this module owns:
     models whose compute-dtype copy does not fit a device) are rules for that phase;
     `choose_decode_rules(param_bytes, mesh, budget_bytes)` picks one of them by size. `relayout(tree, rules,
     dtype)` re-lays a parameter tree once (inside a jitted function, under `activate`: cast to `dtype`, then
-    `with_sharding_constraint` to the rules' layout), and `using_rules(rules)` switches the activation rules
+    `with_sharding_constraint` to the rules' layout, behind an optimization barrier), and `using_rules(rules)` switches the activation rules
     for the code traced inside it. `nash_lm.sampling.decode_layout` combines them for the training step.
 
 Usage:
@@ -323,7 +323,9 @@ def relayout(tree, rules, dtype=None):
                 value = value.astype(dtype)
         return v.replace(jax.lax.with_sharding_constraint(value, spec))
 
-    return jax.tree.map(f, tree, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    # The barrier keeps the moved copy where it is: without it XLA may merge the move with an identical one
+    # elsewhere in the step (the update's gather of the same frozen weights) and sink it into the decode loop.
+    return jax.lax.optimization_barrier(jax.tree.map(f, tree, is_leaf=lambda x: isinstance(x, nnx.Variable)))
 
 
 @contextlib.contextmanager

@@ -263,6 +263,9 @@ def update(hp: PolicyHParams, graphdef, tx, mut: TrainState, frozen, batch, samp
 def policy_step(hp: PolicyHParams, graphdef, judge: Judge, tx, mut: TrainState, frozen, batch):
     """The whole policy-optimisation step (rollout, judge, update) as one function, for one jax.jit."""
     rng, samples = rollout(hp, graphdef, mut, frozen, batch)
+    # The judge and the update read their weights after the decode: XLA:TPU would otherwise overlap their
+    # (training-layout) gathers with the decode loop's compute, inside the loop, at every token.
+    samples, mut, frozen = jax.lax.optimization_barrier((samples, mut, frozen))
     judged = score(hp, judge, frozen, batch, samples)
     return update(hp, graphdef, tx, mut, frozen, batch, samples, judged, rng)
 
