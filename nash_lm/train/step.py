@@ -96,10 +96,40 @@ def judge_pair(judge: Judge, judge_params, prompt, prompt_mask, y, y_mask, y2, y
     raise ValueError(f"judge kind {judge.kind!r} cannot run inside a compiled step")
 
 
-def _apply_gradients(tx, mut: TrainState, loss_fn, rng, ema_decay=None):
-    """value_and_grad of `loss_fn(params)`, the optimizer update and the EMA update; returns (state, metrics)."""
+def accumulate_gradients(loss_fn, params, data, microbatches: int = 1):
+    """`((loss, metrics), grads)` of `loss_fn(params, data)` (`data` a pytree of [B, ...] per-example arrays),
+    accumulated over `microbatches` equal microbatches: one `lax.scan` step per microbatch, the losses, metrics
+    and gradients summed and divided by their number. For a loss that is a mean over the B examples (and
+    metrics that are means) this is the full-batch result up to rounding, with the activations of B /
+    microbatches rows live at a time. Microbatch j holds rows j, j + M, j + 2M, ... (M = microbatches), so
+    each device keeps its own rows of a batch sharded in contiguous blocks."""
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    if microbatches == 1:
+        return grad_fn(params, data)
+    b = jax.tree.leaves(data)[0].shape[0]
+    if microbatches < 1 or b % microbatches:
+        raise ValueError(f"microbatches={microbatches}: must be a positive divisor of the batch size {b}")
+    m = microbatches
+    xs = jax.tree.map(lambda x: jnp.swapaxes(x.reshape((b // m, m) + x.shape[1:]), 0, 1), data)
+
+    def body(acc, mb):
+        mb = jax.tree.map(lambda x: parallel.constrain(x, ("batch",) + (None,) * (x.ndim - 1)), mb)
+        return jax.tree.map(jnp.add, acc, grad_fn(params, mb)), None
+
+    shapes = jax.eval_shape(grad_fn, params, jax.tree.map(lambda x: x[0], xs))
+    acc, _ = jax.lax.scan(body, jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), shapes), xs)
+    return jax.tree.map(lambda a: a / m, acc)
+
+
+def _apply_gradients(tx, mut: TrainState, loss_fn, rng, ema_decay=None, data=None, microbatches: int = 1):
+    """value_and_grad of `loss_fn(params)` (or, with `data`, of `loss_fn(params, data)` accumulated over
+    `microbatches`, see `accumulate_gradients`), one optimizer update and the EMA update; returns (state,
+    metrics)."""
     with scope("policy_grad"):
-        (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(mut.policy)
+        if data is None:
+            (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(mut.policy)
+        else:
+            (loss, metrics), grads = accumulate_gradients(loss_fn, mut.policy, data, microbatches)
     grad_norm = optax.tree.norm(grads)
     with scope("optimizer_update"):
         updates, opt_state = tx.update(grads, mut.opt_state, mut.policy)
@@ -245,17 +275,25 @@ def update(hp: PolicyHParams, graphdef, tx, mut: TrainState, frozen, batch, samp
         if hp.algorithm in ("online_ipo", "ipo_md"):
             ref_y2, _ = response_logprobs(graphdef, ref, prompt, pmask, samples["y2"], samples["y2_mask"], t)
     ref_y = jax.lax.stop_gradient(ref_y)
+    if hp.microbatches > 1 and hp.algorithm == "rlhf":  # its leave-one-out baseline spans the whole batch
+        raise ValueError(f"microbatches={hp.microbatches}: RLHF's batch baseline needs microbatches=1")
+    # The per-example arrays the loss reads; `accumulate_gradients` splits them into microbatches.
+    data = {"prompt": prompt, "pmask": pmask, "y": y, "y_mask": y_mask, "ref_y": ref_y, "judged": judged}
+    if hp.algorithm in ("online_ipo", "ipo_md"):
+        data.update(y2=samples["y2"], y2_mask=samples["y2_mask"], ref_y2=jax.lax.stop_gradient(ref_y2))
 
-    def loss_fn(params):
-        logp_y, _ = response_logprobs(graphdef, params, prompt, pmask, y, y_mask, t)
+    def loss_fn(params, d):
+        logp_y, _ = response_logprobs(graphdef, params, d["prompt"], d["pmask"], d["y"], d["y_mask"], t)
         if hp.algorithm in ("nash_md_pg", "nash_ema_pg"):
-            return losses.nash_md_pg_loss(logp_y, ref_y, y_mask, judged, hp.tau)
+            return losses.nash_md_pg_loss(logp_y, d["ref_y"], d["y_mask"], d["judged"], hp.tau)
         if hp.algorithm == "rlhf":
-            return losses.rlhf_pg_loss(logp_y, ref_y, y_mask, judged, hp.tau)
-        logp_y2, _ = response_logprobs(graphdef, params, prompt, pmask, samples["y2"], samples["y2_mask"], t)
-        return losses.ipo_loss(logp_y, ref_y, y_mask, logp_y2, ref_y2, samples["y2_mask"], judged, hp.tau)
+            return losses.rlhf_pg_loss(logp_y, d["ref_y"], d["y_mask"], d["judged"], hp.tau)
+        logp_y2, _ = response_logprobs(graphdef, params, d["prompt"], d["pmask"], d["y2"], d["y2_mask"], t)
+        return losses.ipo_loss(logp_y, d["ref_y"], d["y_mask"], logp_y2, d["ref_y2"], d["y2_mask"], d["judged"],
+                               hp.tau)
 
-    new, metrics = _apply_gradients(tx, mut, loss_fn, rng, hp.ema_decay if mut.ema is not None else None)
+    new, metrics = _apply_gradients(tx, mut, loss_fn, rng, hp.ema_decay if mut.ema is not None else None,
+                                    data=data, microbatches=hp.microbatches)
     metrics["response_len"] = jnp.mean(jnp.sum(y_mask, axis=-1))
     return new, metrics
 
