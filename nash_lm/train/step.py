@@ -6,12 +6,14 @@ A Nash-MD-PG step (`policy_step` with algorithm 'nash_md_pg'), top to bottom, al
   2-3. `sample_y_y2`: y ~ pi_theta(.|x) and y' ~ the token-level mixture pi_theta^(1-beta) mu^beta, both from one
      KV-cached decode loop (`nash_lm.sampling.sample_pair`: the policy on the y and y' rows, mu on the y' rows);
      beta = 0 samples pi_theta alone (self-play), beta = 1 samples mu alone (best response), Nash-EMA-PG samples
-     the EMA parameters; no gradient flows through either sample;
+     the EMA parameters; no gradient flows through either sample. The trees the decode runs are first re-laid
+     once to `PolicyHParams.decode_rules` (`sampling.decode_layout`; default `parallel.DEFAULT_DECODE_RULES`,
+     None keeps the training layout), so that the decode loop moves no weights per token;
   4. `judge`: P(y > y'|x) from the preference head (`nash_lm.models.preference_prob`), or sigmoid(r(y) - r(y'))
      from a reward model, or a JAX oracle;
   5. `ref_logprobs`: log mu(y_n | x, y_<n) (`nash_lm.models.lm_logits` of the frozen reference);
   6. `policy_grad`: log pi_theta(y_n | .) and the loss (`losses.nash_md_pg_loss`: the KL enters each token as a
-     reward-to-go), value_and_grad;
+     reward-to-go), value_and_grad, accumulated over `PolicyHParams.microbatches` (`accumulate_gradients`);
   7. `optimizer_update` (optax AdamW) and `ema_update` (theta_bar <- d theta_bar + (1 - d) theta).
 
 The mutable part of the state (step, rng, policy, opt_state, ema) is donated; the reference and the judge's
@@ -335,6 +337,7 @@ def eval_policy_rollout(hp: PolicyHParams, graphdef, params, ref, batch, key):
 def eval_policy(hp: PolicyHParams, graphdef, judge: Judge, params, ref, judge_params, batch, key):
     """In-jit judge: rollout, P(y > y'), KL, in one compiled evaluation. RLHF's reward model judges as BT."""
     samples = eval_policy_rollout(hp, graphdef, params, ref, batch, key)
+    samples, params, ref, judge_params = jax.lax.optimization_barrier((samples, params, ref, judge_params))
     if judge.kind == "reward" or hp.algorithm == "rlhf":
         judge = Judge("reward", graphdef=judge.graphdef)
     win = judge_pair(judge, judge_params, batch["prompt"], batch["prompt_mask"], samples["y"], samples["y_mask"],
