@@ -4,7 +4,8 @@ Compiles `nash_lm.train.step.policy_step` (rollout with the KV-cached decode of 
 preference judge, the update) from abstract arguments for a deviceless TPU topology
 (`jax.experimental.topologies`, needs libtpu) or for the local devices, and prints: per-chip memory
 (`compiled.memory_analysis()`: arguments, outputs, aliased, temporaries), the collective inventory
-(`nash_lm.hlo`) inside the decode loops and outside them (bytes per step = sum of result bytes x executions),
+(`nash_lm.hlo`) inside the decode loops and outside them (bytes per step = sum of result bytes x executions;
+also per named scope of the step: 'sample_y_y2' alone is the once-per-step re-layout of policy and mu),
 the weight-shaped all-gathers inside the decode loops, and the ratio of all collective bytes per step to the
 bf16 bytes of policy + mu.
 
@@ -41,6 +42,8 @@ from nash_lm.train import state as state_lib  # noqa: E402
 from nash_lm.train import step as step_lib  # noqa: E402
 
 DECODE_LOOP = r"/decode/while$"
+PHASES = ("sample_y_y2/prefill", "sample_y_y2/decode", "sample_y_y2", "judge", "ref_logprobs",
+          "policy_grad/transpose", "policy_grad", "optimizer_update", "ema_update")
 DECODE_RULES = {"default": parallel.DEFAULT_DECODE_RULES, "tensor": parallel.TENSOR_DECODE_RULES, "none": None}
 
 
@@ -122,6 +125,11 @@ def run(args):
     shapes = _weight_shapes(policy)
     dims = lambda x: tuple(d for d in hlo.shape_dims(x.shape)[0][1] if d != 1) if hlo.shape_dims(x.shape) else ()
     weight_in_decode = [x for x in inv if x.kind == "all-gather" and x.inside(DECODE_LOOP) and dims(x) in shapes]
+    by_phase = {}
+    for x in inv:  # the step's named scopes, in the order they run
+        phase = next((k for k in PHASES if k in x.op_name), "other")
+        d = by_phase.setdefault(phase, {})
+        d[x.kind] = d.get(x.kind, 0) + x.total_bytes
     mem = compiled.memory_analysis()
     bf16_policy_mu = 2 * _bytes(policy, jnp.bfloat16)
     n_chips = mesh.devices.size
@@ -138,6 +146,7 @@ def run(args):
         "decode_trip_counts": trips,
         "collectives": {k: {kk: s[k][kk] for kk in ("count", "executions", "bytes_per_step", "exact", "by_kind")}
                         for k in ("inside", "outside", "total")},
+        "bytes_per_step_by_phase": by_phase,
         "weight_allgathers_in_decode": {"count": len(weight_in_decode),
                                         "bytes_per_step": sum(x.total_bytes for x in weight_in_decode)},
         "bf16_bytes_policy_plus_mu": bf16_policy_mu,

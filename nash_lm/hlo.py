@@ -8,8 +8,10 @@ collectives with where they run and how often.
     called computations, `op_name` metadata, `backend_config`) and the entry computation.
   * `loops(module) -> {while name: Loop}`: every `while` with its body, its `op_name` (the JAX named scope
     path, e.g. '.../sample_y_y2/while') and its trip count: `known_trip_count` when XLA recorded one, else
-    an upper bound derived from the condition (the constant the induction variable is compared against with
-    LT, minus the loop's initial value when that is a constant; None when no such compare is found).
+    an upper bound derived from the condition: ceil((limit - init) / step) for `ROOT induction < limit` with
+    the start and the body's increment read where they are constants (0 and 1 otherwise); for a compare fused
+    elsewhere in the condition, the largest LT-compared constant minus a constant start; None when no such
+    compare is found.
   * `inventory(text_or_compiled, trip_counts=None) -> [Collective]`: every all-gather, all-reduce,
     reduce-scatter, all-to-all, ragged-all-to-all, collective-permute and collective-broadcast, synchronous or
     asynchronous (an `X-start`/`X-done` pair is one collective, listed at the start, sized by the done's
@@ -232,6 +234,8 @@ def loops(module: Module) -> dict[str, Loop]:
             trip = int(m.group(1)) if m else None
             bound = None
             if trip is None and cond is not None:
+                bound = _direct_bound(module, comp, inst, cond, body)
+            if trip is None and bound is None and cond is not None:
                 limits = _limits_in(module, cond)
                 if limits:
                     bound = max(limits)
@@ -244,6 +248,58 @@ def loops(module: Module) -> dict[str, Loop]:
                             bound = max(0, bound - start)
             out[inst.name] = Loop(inst.name, comp, body, cond, inst.op_name, trip, bound)
     return out
+
+
+def _gte_index(inst: Instruction | None) -> int | None:
+    if inst is None or inst.opcode != "get-tuple-element":
+        return None
+    m = re.search(r"index=(\d+)", inst.attrs)
+    return int(m.group(1)) if m else None
+
+
+def _trace_constant(module: Module, comp: str, name: str) -> int | None:
+    """The value of `name` in `comp` if it is a scalar integer constant, possibly behind copies/bitcasts."""
+    insts = {i.name: i for i in module.computations.get(comp, ())}
+    for _ in range(8):
+        i = insts.get(name)
+        if i is None:
+            return None
+        if i.opcode == "constant":
+            return i.int_literal()
+        if i.opcode not in ("copy", "bitcast") or not i.operands:
+            return None
+        name = i.operands[0]
+    return None
+
+
+def _direct_bound(module: Module, comp: str, inst: Instruction, cond: str, body: str | None) -> int | None:
+    """ceil((limit - init) / step) for a condition `ROOT compare(gte(param, k), constant limit), LT` whose
+    induction variable k starts at a constant (the while's init tuple) and grows by a constant in the body
+    (`add(gte(param, k), constant step)` at index k of the body's root tuple); init 0 / step 1 when those are
+    not constants (the bound then assumes a non-negative start and a step of at least 1)."""
+    cinsts = {i.name: i for i in module.computations.get(cond, ())}
+    root = module.computations.get(cond, [None])[-1]
+    if root is None or root.opcode != "compare" or "direction=LT" not in root.attrs or len(root.operands) != 2:
+        return None
+    k = _gte_index(cinsts.get(root.operands[0]))
+    limit = _trace_constant(module, cond, root.operands[1])
+    if k is None or limit is None:
+        return None
+    init = 0
+    tup = next((t for t in module.computations[comp] if t.name == (inst.operands or [None])[0]), None)
+    if tup is not None and tup.opcode == "tuple" and k < len(tup.operands):
+        v = _trace_constant(module, comp, tup.operands[k])
+        init = v if v is not None else 0
+    step = 1
+    binsts = {i.name: i for i in module.computations.get(body, ())}
+    broot = module.computations.get(body, [None])[-1]
+    if broot is not None and broot.opcode == "tuple" and k < len(broot.operands):
+        add = binsts.get(broot.operands[k])
+        if add is not None and add.opcode == "add" and len(add.operands) == 2:
+            for a, b in (add.operands, add.operands[::-1]):
+                if _gte_index(binsts.get(a)) == k and (c := _trace_constant(module, body, b)) is not None and c > 0:
+                    step = c
+    return max(0, math.ceil((limit - init) / step))
 
 
 def _loop_start(module: Module, comp: str, inst: Instruction, cond: str) -> int | None:

@@ -178,3 +178,19 @@ def test_shape_bytes():
     assert hlo.shape_bytes("(s32[], pred[5], f8e4m3fn[16])") == 4 + 5 + 16
     assert hlo.shape_bytes("s4[3]") == 2
     assert hlo.shape_bytes("f32[]") == 4
+
+
+def test_bound_from_condition_start_and_step():
+    """Without known_trip_count, the bound is ceil((limit - init) / step) from the condition's constant, the
+    init tuple's constant and the body's increment: here init 0, step 2, limit 16 -> 8 executions; with init 5
+    -> ceil(11 / 2) = 6."""
+    text = (_ASYNC_HLO.replace(', backend_config={"known_trip_count":{"n":"16"}}', "")
+            .replace("%one = s32[] constant(1)", "%one = s32[] constant(2)"))
+    (loop,) = hlo.loops(hlo.parse(text)).values()
+    assert loop.trip_count is None and loop.trip_bound == 8
+    ar = next(x for x in hlo.inventory(text) if x.kind == "all-reduce")
+    assert ar.count == 8 and not ar.exact
+    text5 = text.replace("%init = (s32[], f32[8,128]{1,0}) tuple(%zero, %x0)",
+                         "%five = s32[] constant(5)\n  %init = (s32[], f32[8,128]{1,0}) tuple(%five, %x0)")
+    (loop5,) = hlo.loops(hlo.parse(text5)).values()
+    assert loop5.trip_bound == 6
