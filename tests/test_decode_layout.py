@@ -172,3 +172,18 @@ def test_relayout_changes_no_token_bf16_compute():
         got = _rollout_samples(n, shape, parallel.DEFAULT_DECODE_RULES, dtype="bfloat16")
         for k in ("y", "y_mask", "y2", "y2_mask"):
             np.testing.assert_array_equal(got[k], reference[k], err_msg=f"{k} on {shape}")
+
+
+def test_decode_rules_specs_and_choice():
+    """The decode rules lay no weight over 'fsdp' or 'data' (only 'tensor' may shard them), keep the batch over
+    ('data', 'fsdp'); the tensor-parallel alternative is chosen when the replicated copy exceeds the budget."""
+    mesh = parallel.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+    _, policy = models.abstract_init(CFG, "lm")
+    specs = jax.tree.leaves(parallel.param_specs(policy, mesh, parallel.DEFAULT_DECODE_RULES),
+                            is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
+    used = {a for spec in specs for part in spec for a in ((part,) if isinstance(part, str) else part or ())}
+    assert used == {"tensor"}
+    assert parallel.batch_sharding(mesh, parallel.DEFAULT_DECODE_RULES, 2, 8).spec[0] == ("data", "fsdp")
+    parallel.validate_rules(parallel.TENSOR_DECODE_RULES, mesh)
+    assert parallel.choose_decode_rules(2 * 2**30, mesh, budget_bytes=2**30) is parallel.DEFAULT_DECODE_RULES
+    assert parallel.choose_decode_rules(8 * 2**30, mesh, budget_bytes=2**30) is parallel.TENSOR_DECODE_RULES
