@@ -14,6 +14,16 @@ What this module owns:
   * `batch_sharding` / `shard_batch`: leading dimension over the 'batch' rule, the rest replicated.
   * `activate(mesh, rules)`: context (jax.set_mesh + flax logical rules) under which the model's activation
     sharding constraints (`constrain`) take effect; outside it they are no-ops.
+  * The decode layout: the sampler's KV-cached decode loop runs a forward pass per generated token, so weights
+    laid out for training (FSDP: 'embed' over 'fsdp') would be all-gathered inside the loop at every token.
+    `DEFAULT_DECODE_RULES` (the training defaults with 'embed' and 'vocab' replicated: weights whole on every
+    device of a tensor group, tensor-parallel over 'tensor'; batch over ('data', 'fsdp')) and
+    `TENSOR_DECODE_RULES` (heads / mlp over ('fsdp', 'tensor') where they divide, batch over 'data': for
+    models whose compute-dtype copy does not fit a device) are rules for that phase;
+    `choose_decode_rules(param_bytes, mesh, budget_bytes)` picks one of them by size. `relayout(tree, rules,
+    dtype)` re-lays a parameter tree once (inside a jitted function, under `activate`: cast to `dtype`, then
+    `with_sharding_constraint` to the rules' layout, behind an optimization barrier), and `using_rules(rules)` switches the activation rules
+    for the code traced inside it. `nash_lm.sampling.decode_layout` combines them for the training step.
 
 Usage:
     mesh = make_mesh({'data': 1, 'fsdp': -1, 'tensor': 1})
@@ -51,6 +61,32 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     ("mlp", "tensor"),
     ("heads", "tensor"),
     ("vocab", "tensor"),
+    ("act_embed", None),
+    ("length", None),
+    ("kv", None),
+    ("qkv", None),
+    ("layers", None),
+)
+
+# The decode's layout (see the module docstring): no weight is sharded over 'fsdp' or 'data', so the
+# decode loop's per-token forward passes need no weight collective; activations and the KV cache keep the
+# batch over ('data', 'fsdp') and heads over 'tensor'. 'vocab' is replicated too: the embedding lookup needs
+# the whole table, and a vocab-sharded table would be gathered at every token.
+DEFAULT_DECODE_RULES: tuple[tuple[str, Any], ...] = tuple(
+    (name, None) if name in ("embed", "vocab") else (name, axes) for name, axes in DEFAULT_RULES)
+
+# Tensor parallelism over every model axis ('fsdp' and 'tensor' together, the first rule that divides wins):
+# for models whose decode copy does not fit one device; batch over 'data' only.
+TENSOR_DECODE_RULES: tuple[tuple[str, Any], ...] = (
+    ("batch", "data"),
+    ("heads", ("fsdp", "tensor")),
+    ("heads", "fsdp"),
+    ("heads", "tensor"),
+    ("mlp", ("fsdp", "tensor")),
+    ("mlp", "fsdp"),
+    ("mlp", "tensor"),
+    ("embed", None),
+    ("vocab", None),
     ("act_embed", None),
     ("length", None),
     ("kv", None),
@@ -126,7 +162,7 @@ def validate_rules(rules: Iterable[Any] | None = None, mesh: Mesh | Sequence[str
         rules = list(rules.items())
     if mesh is None:
         names = MESH_AXES
-    elif isinstance(mesh, Mesh):
+    elif hasattr(mesh, "axis_names"):  # a Mesh or an AbstractMesh
         names = tuple(mesh.axis_names)
     else:
         names = tuple(mesh)
@@ -254,3 +290,59 @@ def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
         return x
     spec = logical_to_spec(logical_axes, rules, _mesh_sizes(mesh), x.shape)
     return jax.lax.with_sharding_constraint(x, spec)
+
+
+# ---------------------------------------------------------------------------------------------- decode layout
+
+
+def relayout(tree, rules, dtype=None):
+    """`tree` (a parameter nnx.State, or None) re-laid to `rules`' layout inside a jitted function, under
+    `activate`: each floating matrix is first cast to `dtype` (None: kept; the model casts weights to its
+    compute dtype at use, so the decode reads the same values either way, and the cast before the constraint
+    halves the bytes moved for float32 masters with bfloat16 compute), then constrained
+    (`jax.lax.with_sharding_constraint`) to the PartitionSpec the rules give its logical axes. The compiler
+    moves each weight once, where the constraint sits, instead of inside the loops that use it.
+
+    A no-op (the tree returned as is) when `rules` is None, when `tree` is None or outside `activate`."""
+    if tree is None or rules is None:
+        return tree
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh is None or mesh.empty:
+        return tree
+    rules = validate_rules(rules, mesh)
+    sizes = _mesh_sizes(mesh)
+
+    def f(v):
+        if not isinstance(v, nnx.Variable):
+            return v
+        value = v.get_value()
+        axes = _logical_axes(v, np.ndim(value))
+        spec = logical_to_spec(axes, rules, sizes, np.shape(value))
+        if dtype is not None and jax.numpy.issubdtype(value.dtype, jax.numpy.floating):
+            if sum(a != "layers" for a in axes) >= 2:
+                value = value.astype(dtype)
+        return v.replace(jax.lax.with_sharding_constraint(value, spec))
+
+    # The barrier keeps the moved copy where it is: without it XLA may merge the move with an identical one
+    # elsewhere in the step (the update's gather of the same frozen weights) and sink it into the decode loop.
+    return jax.lax.optimization_barrier(jax.tree.map(f, tree, is_leaf=lambda x: isinstance(x, nnx.Variable)))
+
+
+@contextlib.contextmanager
+def using_rules(rules):
+    """The logical rules of the activation constraints (`constrain`) traced inside this context; a no-op when
+    `rules` is None or outside `activate` (no rules set)."""
+    if rules is None or not flax_spmd.get_logical_axis_rules():
+        yield
+        return
+    mesh = jax.sharding.get_abstract_mesh()
+    with nnx.logical_axis_rules(validate_rules(rules, mesh if not mesh.empty else None)):
+        yield
+
+
+def choose_decode_rules(param_bytes: int, mesh, budget_bytes: int):
+    """`DEFAULT_DECODE_RULES` when the decode's weights (`param_bytes`: the compute-dtype bytes of every tree the
+    decode runs, e.g. policy + mu), divided over the 'tensor' axis, fit `budget_bytes` per device, else
+    `TENSOR_DECODE_RULES` (divided over 'fsdp' x 'tensor')."""
+    sizes = _mesh_sizes(mesh)
+    return DEFAULT_DECODE_RULES if param_bytes / sizes.get("tensor", 1) <= budget_bytes else TENSOR_DECODE_RULES

@@ -38,7 +38,14 @@ The mechanism behind both is `decode`'s row layout: the policy covers rows [0, R
 rows, with Rp + Rm ≥ R; rows covered by both sample the mixture, the others their one model. Plain sampling is
 Rp = R, Rm = 0; the mixture Rp = Rm = R; the pair R = 2B with Rp ∈ {B, 2B}, Rm ∈ {0, B}.
 
-`sample` = `decode(prefill(...))`; both halves are public (pure, jittable) so that a caller can time or
+`decode_layout(graphdef, rules)` is the context a jitted caller (the training step) samples in: it yields
+`to_decode(params)`, the tree re-laid once to the decode's layout (`nash_lm.parallel.relayout`: matrices cast
+to the model's compute dtype, then constrained to `rules`, by default `parallel.DEFAULT_DECODE_RULES`), and
+traces the activation constraints inside it with `rules`, so the decode loop moves no weights per token.
+`rules=None` leaves everything as laid out for training.
+
+`sample` = `decode(prefill(...))` (named scopes 'prefill' and 'decode': the decode loops' op_name in the HLO
+ends in 'decode/while'); both halves are public (pure, jittable) so that a caller can time or
 schedule them separately (bench/sampling.py times the decode loop alone).
 
 The functions are pure (no host callbacks, no Python side effects beyond shape checks) and can be called
@@ -48,6 +55,7 @@ i.e. before compiling.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 from typing import NamedTuple
@@ -56,10 +64,12 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from nash_lm import parallel
 from nash_lm.models import KVCache, init_cache
 from nash_lm.parallel import constrain
 
-__all__ = ["Samples", "Prefilled", "sample", "sample_pair", "prefill", "decode", "filter_logits", "sample_jit"]
+__all__ = ["Samples", "Prefilled", "sample", "sample_pair", "prefill", "decode", "filter_logits", "sample_jit",
+           "decode_layout"]
 
 GROW = 128  # the decode's KV buffers start with room for GROW new tokens and grow by GROW slots
 
@@ -196,11 +206,13 @@ def sample(graphdef, params, prompts, prompt_mask, rng, *, max_new_tokens: int, 
     cfg = nnx.merge(graphdef, params).cfg
     _check_args(cfg, prompts, prompt_mask, max_new_tokens, eos_id, pad_id, temperature, top_k, top_p, beta,
                 cache_len)
-    state = prefill(graphdef, params, prompts, prompt_mask, max_new_tokens=max_new_tokens,
-                    mix_params=mix_params, cache_len=cache_len)
-    return decode(graphdef, params, state, rng, max_new_tokens=max_new_tokens, eos_id=eos_id, pad_id=pad_id,
-                  temperature=temperature, top_k=top_k, top_p=top_p, mix_params=mix_params, beta=beta,
-                  predraw_limit=predraw_limit)
+    with jax.named_scope("prefill"):
+        state = prefill(graphdef, params, prompts, prompt_mask, max_new_tokens=max_new_tokens,
+                        mix_params=mix_params, cache_len=cache_len)
+    with jax.named_scope("decode"):
+        return decode(graphdef, params, state, rng, max_new_tokens=max_new_tokens, eos_id=eos_id, pad_id=pad_id,
+                      temperature=temperature, top_k=top_k, top_p=top_p, mix_params=mix_params, beta=beta,
+                      predraw_limit=predraw_limit)
 
 
 def sample_pair(graphdef, params, prompts, prompt_mask, rng, *, max_new_tokens: int, eos_id: int | None,
@@ -220,11 +232,13 @@ def sample_pair(graphdef, params, prompts, prompt_mask, rng, *, max_new_tokens: 
     if mix_params is not None and _is_static(beta, 0.0):
         mix_params = None  # y2 ~ π alone
     policy_on_y2 = not (mix_params is not None and _is_static(beta, 1.0))
-    state = prefill(graphdef, params, prompts, prompt_mask, max_new_tokens=max_new_tokens, mix_params=mix_params,
-                    cache_len=cache_len, policy_copies=2 if policy_on_y2 else 1)
-    out = decode(graphdef, params, state, tuple(rng), max_new_tokens=max_new_tokens, eos_id=eos_id, pad_id=pad_id,
-                 temperature=temperature, top_k=top_k, top_p=top_p, mix_params=mix_params, beta=beta,
-                 predraw_limit=predraw_limit, rows=2 * b)
+    with jax.named_scope("prefill"):
+        state = prefill(graphdef, params, prompts, prompt_mask, max_new_tokens=max_new_tokens,
+                        mix_params=mix_params, cache_len=cache_len, policy_copies=2 if policy_on_y2 else 1)
+    with jax.named_scope("decode"):
+        out = decode(graphdef, params, state, tuple(rng), max_new_tokens=max_new_tokens, eos_id=eos_id,
+                     pad_id=pad_id, temperature=temperature, top_k=top_k, top_p=top_p, mix_params=mix_params,
+                     beta=beta, predraw_limit=predraw_limit, rows=2 * b)
     return out.split(b)
 
 
@@ -278,6 +292,8 @@ def decode(graphdef, params, state: Prefilled, rng, *, max_new_tokens: int, eos_
         logits_mix=state.logits_mix, cache_mix=state.cache_mix,
     )
 
+    st = _constrain_state(st)
+
     def body(st):
         i = st["i"]
         # Scaled logits z/T; log-softmaxes are only needed at the chosen token (z_tok/T − logsumexp), and the
@@ -320,7 +336,7 @@ def decode(graphdef, params, state: Prefilled, rng, *, max_new_tokens: int, eos_
             logits, out["cache_mix"] = model_fn(mix_params, tok[lo:, None], step_mask[lo:], st["cache_mix"], tp + i)
             out["logits_mix"] = logits[:, 0]
         out["i"] = i + 1
-        return out
+        return _constrain_state(out)
 
     # One while loop per buffer size: iterations [0, end) fit in the slots the prefill allocated; each later loop
     # first grows both caches by GROW slots (one copy of the caches per loop).
@@ -334,6 +350,41 @@ def decode(graphdef, params, state: Prefilled, rng, *, max_new_tokens: int, eos_
         st = {**st, "cache_pol": _grow(st["cache_pol"], size),
               "cache_mix": _grow(st["cache_mix"], size) if mixing else None}
     return Samples(st["tokens"], st["mask"], st["lp_pol"], st["lp_ref"], st["lp_samp"])
+
+
+@contextlib.contextmanager
+def decode_layout(graphdef, rules=parallel.DEFAULT_DECODE_RULES):
+    """Inside a jitted function under `parallel.activate`: yields `to_decode(params)` (None stays None), the
+    parameters re-laid once to `rules` in the model's compute dtype (`parallel.relayout`), and traces the
+    activation and KV-cache constraints of the code inside it with `rules`. A no-op with `rules=None`."""
+    def to_decode(params):
+        if params is None or rules is None:
+            return params
+        return parallel.relayout(params, rules, nnx.merge(graphdef, params).cfg.compute_dtype)
+
+    with parallel.using_rules(rules):
+        yield to_decode
+
+
+def _constrain_cache(cache: KVCache | None) -> KVCache | None:
+    if cache is None:
+        return None
+    kv = lambda x: constrain(x, ("layers",) * (x.ndim - 4) + ("batch", "heads", "length", "kv"))
+    return KVCache(jax.tree.map(kv, cache.k), jax.tree.map(kv, cache.v), constrain(cache.mask, ("batch", "length")))
+
+
+def _constrain_state(st: dict) -> dict:
+    """The decode loop's carry pinned to the active logical rules (rows over 'batch', caches also over 'heads'),
+    so that the loop keeps one layout from iteration to iteration (no-ops outside `parallel.activate`)."""
+    out = dict(st)
+    for name in ("tokens", "mask", "lp_pol", "lp_ref", "lp_samp"):
+        out[name] = constrain(st[name], ("batch", None))
+    out["done"] = constrain(st["done"], ("batch",))
+    for name in ("logits_pol", "logits_mix"):
+        if st[name] is not None:
+            out[name] = constrain(st[name], ("batch", "vocab"))
+    out["cache_pol"], out["cache_mix"] = _constrain_cache(st["cache_pol"]), _constrain_cache(st["cache_mix"])
+    return out
 
 
 def _grow(cache: KVCache, size: int) -> KVCache:

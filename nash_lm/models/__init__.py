@@ -17,6 +17,7 @@ Contract (used by `nash_lm.sampling` and `nash_lm.train`):
   init_cache(cfg, batch, length) -> KVCache;  forward_cached(graphdef, params, tokens, mask, cache, index,
       outputs=slice(None)) -> (logits float32, cache): prefill (T = prompt length, index 0) and decode (T = 1).
   config_of(graphdef, params) -> ModelConfig.
+  cast_storage(params, dtype) -> params with every floating matrix stored in dtype (frozen trees in bfloat16).
 Tokens are int32 [B, T]; masks are 0/1 (any integer or bool dtype) [B, T].
 """
 from __future__ import annotations
@@ -36,7 +37,7 @@ KINDS = ("lm", "preference", "reward")
 __all__ = [
     "ModelConfig", "KVCache", "Transformer", "PreferenceModel", "RewardModel", "KINDS", "init",
     "abstract_init", "lm_logits", "preference_prob", "reward", "init_cache", "forward_cached", "config_of",
-    "check_length", "exact_sigmoid", "positions_from_mask", "num_params",
+    "check_length", "exact_sigmoid", "positions_from_mask", "num_params", "cast_storage",
 ]
 
 
@@ -82,6 +83,25 @@ def abstract_init(cfg: ModelConfig, kind: str = "lm"):
 
 def num_params(params) -> int:
     return sum(int(x.size) for x in jax.tree.leaves(params))
+
+
+def cast_storage(params, dtype):
+    """`params` with every floating matrix (two or more axes besides 'layers') stored in `dtype`; vectors (norm
+    scales, biases) keep theirs. For the frozen trees (reference, judge) of a policy stage: in bfloat16 they take
+    half the bytes of float32 masters; the forward passes cast weights to the compute dtype at use and compute
+    logits in float32 either way. Works on concrete (shardings kept) and abstract (ShapeDtypeStruct) trees."""
+    dtype = jnp.dtype(dtype)
+
+    def f(v):
+        value = v.get_value()
+        axes = v.get_metadata().get("out_sharding") or ()
+        if not jnp.issubdtype(value.dtype, jnp.floating) or sum(a != "layers" for a in axes) < 2:
+            return v
+        if isinstance(value, jax.ShapeDtypeStruct):
+            return v.replace(jax.ShapeDtypeStruct(value.shape, dtype, sharding=value.sharding))
+        return v.replace(value.astype(dtype))
+
+    return jax.tree.map(f, params, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
 def config_of(graphdef, params) -> ModelConfig:

@@ -11,8 +11,9 @@ this file branches on an algorithm's name:
   (how y and y' are drawn inside the compiled step), `judged` (P(y > y' | x) of the pair, or the reward r(x, y)),
   `scored` (the responses teacher-forced under mu and pi_theta), `loss` (a function of those log-probs),
   `ema` (whether the state keeps an EMA of the policy), `lookahead` (extragradient rounds: how many times the
-  step takes a provisional gradient step from theta_t and samples again from it before the real update) and
-  `passes` (the prefills and decode passes of its sampling, for the analytic FLOPs).
+  step takes a provisional gradient step from theta_t and samples again from it before the real update),
+  `batch_coupled` (its loss couples the examples of a batch, so gradients cannot be accumulated over
+  microbatches) and `passes` (the prefills and decode passes of its sampling, for the analytic FLOPs).
 
 Adding an algorithm is one record here, its loss in `nash_lm.train.losses` and its tests.
 """
@@ -50,6 +51,7 @@ class Algorithm:
     loss: Callable | None = None  # (hp, logp {resp: [B, N]}, ref_logp, samples, judged) -> (loss, metrics)
     ema: bool = False
     lookahead: int = 0
+    batch_coupled: bool = False  # the loss couples the examples of a batch (no gradient microbatches)
     passes: Callable | None = None  # hp -> (prompt prefills, decode passes), in batches of sequences
 
     @property
@@ -58,7 +60,8 @@ class Algorithm:
         return 1 if self.role == "sft" or self.judged == "reward" else 2
 
 
-_POLICY_FIELDS = dict(ref="", judge="", temperature=1.0, max_new_tokens=8)
+_POLICY_FIELDS = dict(ref="", judge="", temperature=1.0, max_new_tokens=8,
+                      microbatches=1)  # the update's gradients accumulated over this many microbatches
 
 
 def _mixed(beta: float) -> int:
@@ -74,6 +77,8 @@ def _ipo_tau(st, where):
 def _rlhf_batch(st, where):
     if st.batch_size < 2:
         _fail(where("batch_size"), "rlhf needs >= 2 sequences per batch (leave-one-out baseline)")
+    if st.microbatches != 1:
+        _fail(where("microbatches"), "rlhf's leave-one-out baseline spans the whole batch: must be 1")
 
 
 def _pg_loss(fn):
@@ -112,7 +117,7 @@ REGISTRY: dict[str, Algorithm] = {a.name: a for a in (
               loss=_pg_loss(losses.nash_md_pg_loss), passes=lambda hp: (2, 2)),
     # KL-regularised policy gradient against a Bradley-Terry reward model (one sample per prompt)
     Algorithm("rlhf", role="policy", produces="lm", data="prompts", judges=("reward",), oracles=False,
-              fields=dict(_POLICY_FIELDS, tau=0.05), check=_rlhf_batch, judged="reward",
+              fields=dict(_POLICY_FIELDS, tau=0.05), check=_rlhf_batch, judged="reward", batch_coupled=True,
               sample=lambda hp, gd, policy, ref, ema, batch, keys: scoring.sample(gd, policy, batch, keys[0], hp),
               loss=_pg_loss(losses.rlhf_pg_loss), passes=lambda hp: (1, 1)),
     # online IPO: y, y' ~ pi_theta; IPO-MD: both from the token-level mixture

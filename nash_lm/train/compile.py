@@ -34,7 +34,7 @@ def policy_hparams(spec: StageSpec) -> step_lib.PolicyHParams:
     return step_lib.PolicyHParams(
         algorithm=spec.algorithm.name, tau=float(st.tau), beta=float(st.get("beta", 0.0)),
         ema_decay=float(st.get("ema_decay", 0.0)), temperature=float(st.temperature),
-        max_new_tokens=int(st.max_new_tokens))
+        max_new_tokens=int(st.max_new_tokens), microbatches=int(st.microbatches))
 
 
 class StageProgram:

@@ -137,6 +137,8 @@ _RANGES = {
     "ema_decay": (lambda v, st: 0.0 <= v < 1.0, "must be in [0, 1)"),
     "temperature": (lambda v, st: v > 0, "must be > 0"),
     "max_new_tokens": (lambda v, st: v >= 1, "must be >= 1"),
+    "microbatches": (lambda v, st: v >= 1 and st.batch_size % v == 0,
+                     "must be a positive divisor of batch_size={batch_size}"),
 }
 _CHOICES = {"lr_schedule": cfg_lib.LR_SCHEDULES, "labels": ("soft", "hard")}
 
@@ -171,7 +173,7 @@ def _check_fields(name: str, st, where: Callable, stage_where: str) -> algorithm
         if key in _RANGES:
             ok, msg = _RANGES[key]
             if not ok(st[key], st):
-                _fail(where(key), f"{msg.format(steps=st.steps)}, got {st[key]!r}")
+                _fail(where(key), f"{msg.format(steps=st.steps, batch_size=st.batch_size)}, got {st[key]!r}")
         if key in _CHOICES and st[key] not in _CHOICES[key]:
             _fail(where(key), f"{st[key]!r} not in {list(_CHOICES[key])}")
     alg.check(st, where)

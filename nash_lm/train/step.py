@@ -6,12 +6,16 @@ A Nash-MD-PG step (`policy_step` with algorithm 'nash_md_pg'), top to bottom, al
   2-3. `sample_y_y2`: the algorithm's `sample` (`nash_lm.train.algorithms`): for Nash-MD-PG y ~ pi_theta(.|x)
      and y' ~ the token-level mixture pi_theta^(1-beta) mu^beta, both from one KV-cached decode loop
      (`nash_lm.sampling.sample_pair`: the policy on the y and y' rows, mu on the y' rows); beta = 0 samples
-     pi_theta alone (self-play), beta = 1 samples mu alone (best response); no gradient flows through either;
+     pi_theta alone (self-play), beta = 1 samples mu alone (best response); no gradient flows through either.
+     The trees the decode runs are first re-laid once to `PolicyHParams.decode_rules` (`sampling.decode_layout`;
+     default `parallel.DEFAULT_DECODE_RULES`, None keeps the training layout), so that the decode loop moves no
+     weights per token;
   4. `judge`: P(y > y'|x) from the preference head (`nash_lm.models.preference_prob`), or sigmoid(r(y) - r(y'))
      from a reward model, or a JAX oracle (`nash_lm.train.scoring.judge_pair`);
   5. `ref_logprobs`: log mu(y_n | x, y_<n) (`scoring.response_logprobs` of the frozen reference);
   6. `policy_grad`: log pi_theta(y_n | .) and the algorithm's loss (`losses.nash_md_pg_loss`: the KL enters each
-     token as a reward-to-go), value_and_grad;
+     token as a reward-to-go), value_and_grad, accumulated over `PolicyHParams.microbatches`
+     (`accumulate_gradients`);
   7. `optimizer_update` (optax AdamW) and `ema_update` (theta_bar <- d theta_bar + (1 - d) theta).
 
 What differs between policy algorithms (how y and y' are drawn, what is judged, which responses are scored, the
@@ -25,12 +29,13 @@ the oracle between them.
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from nash_lm import models
+from nash_lm import models, parallel, sampling
 from nash_lm.train import algorithms, losses
 from nash_lm.train.scoring import (Judge, judge_pair, pair_rewards, response_logprobs, sample_pair,
                                   sequence_reward)
@@ -39,17 +44,47 @@ from nash_lm.train.state import TrainState
 scope = jax.named_scope
 
 __all__ = ["Judge", "PolicyHParams", "eval_judge", "eval_policy", "eval_policy_metrics", "eval_policy_rollout",
-           "judge_step", "phases", "policy_step", "rollout", "score", "sft_step", "update"]
+           "accumulate_gradients", "judge_step", "phases", "policy_step", "rollout", "score", "sft_step", "update"]
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Gradients, optimizer and EMA
 
 
-def _apply_gradients(tx, mut: TrainState, loss_fn, rng, ema_decay=None):
-    """value_and_grad of `loss_fn(params)`, the optimizer update and the EMA update; returns (state, metrics)."""
+def accumulate_gradients(loss_fn, params, data, microbatches: int = 1):
+    """`((loss, metrics), grads)` of `loss_fn(params, data)` (`data` a pytree of [B, ...] per-example arrays),
+    accumulated over `microbatches` equal microbatches: one `lax.scan` step per microbatch, the losses, metrics
+    and gradients summed and divided by their number. For a loss that is a mean over the B examples (and
+    metrics that are means) this is the full-batch result up to rounding, with the activations of B /
+    microbatches rows live at a time. Microbatch j holds rows j, j + M, j + 2M, ... (M = microbatches), so
+    each device keeps its own rows of a batch sharded in contiguous blocks."""
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    if microbatches == 1:
+        return grad_fn(params, data)
+    b = jax.tree.leaves(data)[0].shape[0]
+    if microbatches < 1 or b % microbatches:
+        raise ValueError(f"microbatches={microbatches}: must be a positive divisor of the batch size {b}")
+    m = microbatches
+    xs = jax.tree.map(lambda x: jnp.swapaxes(x.reshape((b // m, m) + x.shape[1:]), 0, 1), data)
+
+    def body(acc, mb):
+        mb = jax.tree.map(lambda x: parallel.constrain(x, ("batch",) + (None,) * (x.ndim - 1)), mb)
+        return jax.tree.map(jnp.add, acc, grad_fn(params, mb)), None
+
+    shapes = jax.eval_shape(grad_fn, params, jax.tree.map(lambda x: x[0], xs))
+    acc, _ = jax.lax.scan(body, jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), shapes), xs)
+    return jax.tree.map(lambda a: a / m, acc)
+
+
+def _apply_gradients(tx, mut: TrainState, loss_fn, rng, ema_decay=None, data=None, microbatches: int = 1):
+    """value_and_grad of `loss_fn(params)` (or, with `data`, of `loss_fn(params, data)` accumulated over
+    `microbatches`, see `accumulate_gradients`), one optimizer update and the EMA update; returns (state,
+    metrics)."""
     with scope("policy_grad"):
-        (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(mut.policy)
+        if data is None:
+            (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(mut.policy)
+        else:
+            (loss, metrics), grads = accumulate_gradients(loss_fn, mut.policy, data, microbatches)
     grad_norm = optax.tree.norm(grads)
     with scope("optimizer_update"):
         updates, opt_state = tx.update(grads, mut.opt_state, mut.policy)
@@ -120,14 +155,17 @@ class PolicyHParams:
     ema_decay: float = 0.0
     temperature: float = 1.0
     max_new_tokens: int = 8
+    decode_rules: Any = parallel.DEFAULT_DECODE_RULES  # the sampler's layout (None: the training layout)
+    microbatches: int = 1  # the update's gradient accumulation: the batch in this many equal microbatches
 
 
 def rollout(hp: PolicyHParams, graphdef, mut: TrainState, frozen, batch):
     """Steps 1-3: `(rng', samples)` with samples {y, y_mask[, y2, y2_mask]}; no gradient flows through them."""
     ref, _ = frozen
     rng, k_y, k_y2 = jax.random.split(mut.rng, 3)
-    with scope("sample_y_y2"):
-        samples = algorithms.get(hp.algorithm).sample(hp, graphdef, mut.policy, ref, mut.ema, batch, (k_y, k_y2))
+    with scope("sample_y_y2"), sampling.decode_layout(graphdef, hp.decode_rules) as to_decode:
+        policy, ref, ema = to_decode(mut.policy), to_decode(ref), to_decode(mut.ema)  # once, before the decode
+        samples = algorithms.get(hp.algorithm).sample(hp, graphdef, policy, ref, ema, batch, (k_y, k_y2))
     samples = jax.lax.stop_gradient(samples)
     return rng, samples
 
@@ -143,24 +181,31 @@ def score(hp: PolicyHParams, judge: Judge, frozen, batch, samples):
                           samples["y_mask"], samples["y2"], samples["y2_mask"])
 
 
-def _loss_and_ref(hp: PolicyHParams, graphdef, frozen, batch, samples, judged):
-    """(loss_fn(params) -> (loss, metrics), per-token mu log-probs of the scored responses)."""
+def _loss_and_data(hp: PolicyHParams, graphdef, frozen, batch, samples, judged):
+    """(loss_fn(params, data) -> (loss, metrics), data): `data` holds the per-example arrays the loss reads (the
+    prompt, the scored responses with their mu log-probs, the judgment), so that `accumulate_gradients` can split
+    them into microbatches."""
     alg = algorithms.get(hp.algorithm)
+    if hp.microbatches > 1 and alg.batch_coupled:
+        raise ValueError(f"microbatches={hp.microbatches}: the {alg.name} loss couples the examples of a batch "
+                         f"(e.g. a leave-one-out baseline) and needs microbatches=1")
     ref, _ = frozen
     judged = jax.lax.stop_gradient(judged)
     prompt, pmask = batch["prompt"], batch["prompt_mask"]
     t = hp.temperature
+    data = {"prompt": prompt, "pmask": pmask, "judged": judged}
     with scope("ref_logprobs"):
-        ref_lp = {r: response_logprobs(graphdef, ref, prompt, pmask, samples[r], samples[f"{r}_mask"], t)[0]
-                  for r in alg.scored}
-    ref_lp = jax.lax.stop_gradient(ref_lp)
+        for r in alg.scored:
+            data[r], data[f"{r}_mask"] = samples[r], samples[f"{r}_mask"]
+            data[f"ref_{r}"] = response_logprobs(graphdef, ref, prompt, pmask, samples[r], samples[f"{r}_mask"], t)[0]
+    data = jax.lax.stop_gradient(data)
 
-    def loss_fn(params):
-        lp = {r: response_logprobs(graphdef, params, prompt, pmask, samples[r], samples[f"{r}_mask"], t)[0]
+    def loss_fn(params, d):
+        lp = {r: response_logprobs(graphdef, params, d["prompt"], d["pmask"], d[r], d[f"{r}_mask"], t)[0]
               for r in alg.scored}
-        return alg.loss(hp, lp, ref_lp, samples, judged)
+        return alg.loss(hp, lp, {r: d[f"ref_{r}"] for r in alg.scored}, d, d["judged"])
 
-    return loss_fn
+    return loss_fn, data
 
 
 def lookahead(hp: PolicyHParams, graphdef, tx, mut: TrainState, frozen, batch, samples, judged, rng):
@@ -168,7 +213,8 @@ def lookahead(hp: PolicyHParams, graphdef, tx, mut: TrainState, frozen, batch, s
     applied to the current state, its new state discarded), then `(rng', samples')` drawn with theta' in place of
     theta_t. The update that follows takes its gradient at theta_t on samples' (mirror prox)."""
     with scope("lookahead_grad"):
-        grads = jax.grad(lambda p: _loss_and_ref(hp, graphdef, frozen, batch, samples, judged)(p)[0])(mut.policy)
+        loss_fn, data = _loss_and_data(hp, graphdef, frozen, batch, samples, judged)
+        (_, _), grads = accumulate_gradients(loss_fn, mut.policy, data, hp.microbatches)
         updates, _ = tx.update(grads, mut.opt_state, mut.policy)
         provisional = optax.apply_updates(mut.policy, updates)
     return rollout(hp, graphdef, mut.replace(rng=rng, policy=provisional), frozen, batch)
@@ -176,8 +222,9 @@ def lookahead(hp: PolicyHParams, graphdef, tx, mut: TrainState, frozen, batch, s
 
 def update(hp: PolicyHParams, graphdef, tx, mut: TrainState, frozen, batch, samples, judged, rng):
     """Steps 5-7: reference log-probs, the algorithm's loss, gradients, optimizer and EMA updates."""
-    loss_fn = _loss_and_ref(hp, graphdef, frozen, batch, samples, judged)
-    new, metrics = _apply_gradients(tx, mut, loss_fn, rng, hp.ema_decay if mut.ema is not None else None)
+    loss_fn, data = _loss_and_data(hp, graphdef, frozen, batch, samples, judged)
+    new, metrics = _apply_gradients(tx, mut, loss_fn, rng, hp.ema_decay if mut.ema is not None else None,
+                                    data=data, microbatches=hp.microbatches)
     metrics["response_len"] = jnp.mean(jnp.sum(samples["y_mask"], axis=-1))
     return new, metrics
 
@@ -192,11 +239,16 @@ def phases(hp: PolicyHParams) -> tuple:
 def policy_step(hp: PolicyHParams, graphdef, judge: Judge, tx, mut: TrainState, frozen, batch):
     """The whole policy-optimisation step (rollout, judge, [lookahead, judge,] update) as one function, for one
     jax.jit."""
+    # The judge and the update read their weights after each decode: XLA:TPU would otherwise overlap their
+    # (training-layout) gathers with the decode loop's compute, inside the loop, at every token.
+    barrier = jax.lax.optimization_barrier
     first, *middle, last = phases(hp)
     rng, samples = first(hp, graphdef, mut, frozen, batch)
+    samples, mut, frozen = barrier((samples, mut, frozen))
     for phase in middle:
         rng, samples = phase(hp, graphdef, tx, mut, frozen, batch, samples, score(hp, judge, frozen, batch, samples),
                              rng)
+        samples, mut, frozen = barrier((samples, mut, frozen))
     return last(hp, graphdef, tx, mut, frozen, batch, samples, score(hp, judge, frozen, batch, samples), rng)
 
 
@@ -219,13 +271,15 @@ def eval_judge(kind: str, graphdef, params, batch):
 def eval_policy_rollout(hp: PolicyHParams, graphdef, params, ref, batch, key):
     """y ~ pi (the trained or the averaged policy), y' ~ mu: the pair that measures improvement over mu."""
     keys = tuple(jax.random.split(key))
-    return sample_pair(graphdef, params, batch, keys, dataclasses.replace(hp, temperature=1.0), mix_params=ref,
-                       beta=1.0)
+    with sampling.decode_layout(graphdef, hp.decode_rules) as to_decode:
+        return sample_pair(graphdef, to_decode(params), batch, keys, dataclasses.replace(hp, temperature=1.0),
+                           mix_params=to_decode(ref), beta=1.0)
 
 
 def eval_policy(hp: PolicyHParams, graphdef, judge: Judge, params, ref, judge_params, batch, key):
     """In-jit judge: rollout, P(y > y'), KL, in one compiled evaluation (a reward model judges as BT)."""
     samples = eval_policy_rollout(hp, graphdef, params, ref, batch, key)
+    samples, params, ref, judge_params = jax.lax.optimization_barrier((samples, params, ref, judge_params))
     win = judge_pair(judge, judge_params, batch["prompt"], batch["prompt_mask"], samples["y"], samples["y_mask"],
                      samples["y2"], samples["y2_mask"])
     return eval_policy_metrics(graphdef, params, ref, batch, samples, win)

@@ -1,0 +1,185 @@
+"""The compiled Nash-MD-PG step at scale, shown by the TPU compiler without a TPU: one JSON line per compile.
+
+Compiles `nash_lm.train.step.policy_step` (rollout with the KV-cached decode of the policy and of mu, the
+preference judge, the update) from abstract arguments for a deviceless TPU topology
+(`jax.experimental.topologies`, needs libtpu) or for the local devices, and prints: per-chip memory
+(`compiled.memory_analysis()`: arguments, outputs, aliased, temporaries), the collective inventory
+(`nash_lm.hlo`) inside the decode loops and outside them (bytes per step = sum of result bytes x executions;
+also per named scope of the step: 'sample_y_y2' alone is the once-per-step re-layout of policy and mu),
+the weight-shaped all-gathers inside the decode loops, and the ratio of all collective bytes per step to the
+bf16 bytes of policy + mu.
+
+The decode loops are chained (one per `nash_lm.sampling.GROW` tokens) and may stop early at EOS, so XLA knows
+none of their trip counts; this script counts each at its maximum (no early stop): the loops' derived bounds
+(the limit of their condition, 128, 256, ...) in increasing order, each minus the previous one.
+
+    PYTHONPATH=.:/work/tpu_pkgs JAX_PLATFORMS=cpu python bench/aot_step.py --model=configs/model/llama_1b.py \
+        --topology=v5e:4x4 --batch=64 --prompt_len=512 --new_tokens=256 --beta=0.125
+
+Results are appended to bench/results/aot_step.jsonl with `--out`.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import importlib.util
+import json
+import math
+import os
+import re
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from nash_lm import hlo, models, parallel  # noqa: E402
+from nash_lm.train import config as cfg_lib  # noqa: E402
+from nash_lm.train import state as state_lib  # noqa: E402
+from nash_lm.train import step as step_lib  # noqa: E402
+
+DECODE_LOOP = r"/decode/while$"
+PHASES = ("sample_y_y2/prefill", "sample_y_y2/decode", "sample_y_y2", "judge", "ref_logprobs",
+          "policy_grad/transpose", "policy_grad", "optimizer_update", "ema_update")
+DECODE_RULES = {"default": parallel.DEFAULT_DECODE_RULES, "tensor": parallel.TENSOR_DECODE_RULES, "none": None}
+
+
+def _load_model_config(path):
+    spec = importlib.util.spec_from_file_location("model_config", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.get_config()
+
+
+def _weight_shapes(params):
+    shapes = set()
+    for v in jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, nnx.Variable)):
+        value, axes = v.get_value(), v.get_metadata()["out_sharding"]
+        per_layer = tuple(d for d, a in zip(value.shape, axes) if a != "layers")
+        if len(per_layer) >= 2:
+            shapes.update(tuple(d for d in s if d != 1) for s in (value.shape, per_layer))
+    return shapes
+
+
+def _bytes(tree, dtype=None):
+    return sum(math.prod(x.shape) * jnp.dtype(dtype or x.dtype).itemsize for x in jax.tree.leaves(tree))
+
+
+def decode_trip_counts(text):
+    """{while name: maximum trips} for the chained decode loops (see the module docstring)."""
+    loops = [l for l in hlo.loops(hlo.parse(text)).values()
+             if l.trip_count is None and l.trip_bound is not None and re.search(DECODE_LOOP, l.op_name)]
+    out, prev = {}, 0
+    for l in sorted(loops, key=lambda l: l.trip_bound):
+        out[l.name] = l.trip_bound - prev if l.trip_bound > prev else l.trip_bound
+        prev = max(prev, l.trip_bound)
+    return out
+
+
+def run(args):
+    c = _load_model_config(args.model)
+    if args.max_len:
+        c.model.max_len = args.max_len
+    model_cfg = models.ModelConfig.from_config(c.model)
+    if args.topology:
+        from jax.experimental import topologies
+        devices = topologies.get_topology_desc(platform="tpu", topology_name=args.topology).devices
+    else:
+        devices = jax.devices()
+    mesh = parallel.make_mesh(json.loads(args.mesh) if args.mesh else c.mesh, devices=devices)
+    rules = parallel.validate_rules(c.rules, mesh)
+    graphdef, policy = models.abstract_init(model_cfg, "lm")
+    pref_graphdef, pref = models.abstract_init(model_cfg, "preference")
+    ref = policy
+    if args.frozen_dtype != "float32":
+        ref, pref = models.cast_storage(ref, args.frozen_dtype), models.cast_storage(pref, args.frozen_dtype)
+    param_sh = parallel.param_shardings(policy, mesh, rules)
+    stage = cfg_lib.stage("nash_md_pg", lr=1e-6, batch_size=args.batch, steps=10)
+    tx = state_lib.make_optimizer(stage)
+    abstract = jax.eval_shape(lambda p: state_lib.init_state(p, tx, 0), policy)
+    mut_sh = state_lib.state_shardings(abstract, param_sh, tx, mesh)
+    frozen_sh = (parallel.param_shardings(ref, mesh, rules), parallel.param_shardings(pref, mesh, rules))
+    batch = {k: jax.ShapeDtypeStruct((args.batch, args.prompt_len), jnp.int32) for k in ("prompt", "prompt_mask")}
+    batch_sh = {k: parallel.batch_sharding(mesh, rules, 2, args.batch) for k in batch}
+    hp = step_lib.PolicyHParams(algorithm="nash_md_pg", tau=args.tau, beta=args.beta, max_new_tokens=args.new_tokens,
+                                decode_rules=DECODE_RULES[args.decode_rules], microbatches=args.microbatches)
+    fn = functools.partial(step_lib.policy_step, hp, graphdef, step_lib.Judge("preference", pref_graphdef), tx)
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    t = time.time()
+    with parallel.activate(mesh, rules):
+        lowered = jax.jit(fn, in_shardings=(mut_sh, frozen_sh, batch_sh), out_shardings=(mut_sh, replicated),
+                          donate_argnums=0).lower(abstract, (ref, pref), batch)
+        t_lower = time.time() - t
+        compiled = lowered.compile()
+    t_compile = time.time() - t - t_lower
+    text = compiled.as_text()
+    if args.save_hlo:
+        with open(args.save_hlo, "w") as f:
+            f.write(text)
+    trips = decode_trip_counts(text)
+    inv = hlo.inventory(text, trip_counts=trips)
+    s = hlo.summary(inv, within=DECODE_LOOP)
+    shapes = _weight_shapes(policy)
+    dims = lambda x: tuple(d for d in hlo.shape_dims(x.shape)[0][1] if d != 1) if hlo.shape_dims(x.shape) else ()
+    weight_in_decode = [x for x in inv if x.kind == "all-gather" and x.inside(DECODE_LOOP) and dims(x) in shapes]
+    by_phase = {}
+    for x in inv:  # the step's named scopes, in the order they run
+        phase = next((k for k in PHASES if k in x.op_name), "other")
+        d = by_phase.setdefault(phase, {})
+        d[x.kind] = d.get(x.kind, 0) + x.total_bytes
+    mem = compiled.memory_analysis()
+    bf16_policy_mu = 2 * _bytes(policy, jnp.bfloat16)
+    n_chips = mesh.devices.size
+    top = sorted(inv, key=lambda x: -x.total_bytes)[:12]
+    record = {
+        "bench": "aot_step", "model": os.path.basename(args.model), "params": models.num_params(policy),
+        "topology": args.topology or jax.devices()[0].device_kind, "chips": n_chips,
+        "mesh": dict(zip(mesh.axis_names, map(int, mesh.axis_sizes))), "batch": args.batch,
+        "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "beta": args.beta,
+        "judge": "preference", "decode_rules": args.decode_rules, "frozen_dtype": args.frozen_dtype,
+        "microbatches": args.microbatches, "lower_s": round(t_lower, 1), "compile_s": round(t_compile, 1),
+        "memory_per_chip": {k: getattr(mem, f"{k}_size_in_bytes") for k in ("argument", "output", "alias", "temp",
+                                                                            "generated_code")},
+        "decode_trip_counts": trips,
+        "collectives": {k: {kk: s[k][kk] for kk in ("count", "executions", "bytes_per_step", "exact", "by_kind")}
+                        for k in ("inside", "outside", "total")},
+        "bytes_per_step_by_phase": by_phase,
+        "weight_allgathers_in_decode": {"count": len(weight_in_decode),
+                                        "bytes_per_step": sum(x.total_bytes for x in weight_in_decode)},
+        "bf16_bytes_policy_plus_mu": bf16_policy_mu,
+        "collective_bytes_over_bf16_policy_mu": round(s["total"]["bytes_per_step"] / bf16_policy_mu, 3),
+        "largest": [{"kind": x.kind, "shape": x.shape.split("{")[0], "count": x.count, "bytes_per_step": x.total_bytes,
+                     "in_decode": x.inside(DECODE_LOOP), "op_name": x.op_name[-90:]} for x in top],
+    }
+    line = json.dumps(record)
+    print(line, flush=True)
+    if args.out:
+        with open(args.out, "a") as f:
+            f.write(line + "\n")
+    return record
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", default="configs/model/llama_1b.py")
+    p.add_argument("--topology", default="v5e:4x4", help="deviceless TPU topology ('' = the local devices)")
+    p.add_argument("--mesh", default="", help='JSON {axis: size}; default: the model config\'s mesh')
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--prompt_len", type=int, default=512)
+    p.add_argument("--new_tokens", type=int, default=256)
+    p.add_argument("--beta", type=float, default=0.125)
+    p.add_argument("--tau", type=float, default=0.1)
+    p.add_argument("--decode_rules", choices=sorted(DECODE_RULES), default="default")
+    p.add_argument("--frozen_dtype", choices=("float32", "bfloat16"), default="bfloat16")
+    p.add_argument("--microbatches", type=int, default=1)
+    p.add_argument("--max_len", type=int, default=0, help="override the model config's max_len")
+    p.add_argument("--save_hlo", default="")
+    p.add_argument("--out", default="")
+    run(p.parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()
