@@ -235,6 +235,9 @@ def _tiny(**stage_overrides):
     (dict(rlhf__judge="pm"), "produces 'preference' parameters"),
     (dict(nash_md__judge="nope"), "missing stage input 'nope'"),
     (dict(nash_md__judge="oracle:nash_lm.data.synthetic:no_such_fn"), "cannot import"),
+    (dict(nash_md__microbatches=3), "config.stages.nash_md.microbatches: must be a positive divisor of batch_size=8"),
+    (dict(rlhf__microbatches=2), "config.stages.rlhf.microbatches: rlhf's leave-one-out baseline"),
+    (dict(nash_md__judge="host_oracle"), "config.stages.nash_md.judge: 'host_oracle' is the oracle a task job"),
 ])
 def test_bad_config_values_raise_before_anything_is_written(tmp_path, overrides, needle):
     from nash_lm.train import pipeline
