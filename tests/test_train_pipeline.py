@@ -283,6 +283,11 @@ def test_bad_structure_raises(tmp_path):
     config.mesh.data = 3
     with pytest.raises(ValueError, match="mesh"):
         pipeline.run(config, str(tmp_path / "w"))
+    config = _tiny()
+    with config.unlocked():
+        config.decode_rules = "embed=nope"
+    with pytest.raises(ValueError, match=r"config\.decode_rules: .*nope"):
+        pipeline.run(config, str(tmp_path / "w"))
     assert not os.path.exists(str(tmp_path / "w"))
 
 

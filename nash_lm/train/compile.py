@@ -29,12 +29,12 @@ from nash_lm.train import step as step_lib
 from nash_lm.train.spec import RunSpec, StageSpec
 
 
-def policy_hparams(spec: StageSpec) -> step_lib.PolicyHParams:
+def policy_hparams(spec: StageSpec, run: RunSpec) -> step_lib.PolicyHParams:
     st = spec.st
     return step_lib.PolicyHParams(
         algorithm=spec.algorithm.name, tau=float(st.tau), beta=float(st.get("beta", 0.0)),
         ema_decay=float(st.get("ema_decay", 0.0)), temperature=float(st.temperature),
-        max_new_tokens=int(st.max_new_tokens), microbatches=int(st.microbatches))
+        max_new_tokens=int(st.max_new_tokens), microbatches=int(st.microbatches), decode_rules=run.decode_rules)
 
 
 class StageProgram:
@@ -70,7 +70,8 @@ class StageProgram:
         if spec.role == "judge":
             return functools.partial(step_lib.judge_step, spec.algorithm.produces, spec.st.labels, graphdef,
                                      self.tx)
-        return functools.partial(step_lib.policy_step, policy_hparams(spec), graphdef, self.inputs.judge, self.tx)
+        return functools.partial(step_lib.policy_step, policy_hparams(spec, self.run), graphdef, self.inputs.judge,
+                                 self.tx)
 
     def lowered(self) -> list:
         """The step's pieces, lowered (not compiled) for the stage's mesh."""
@@ -78,7 +79,7 @@ class StageProgram:
         if self.inputs.judge is None or self.inputs.judge.in_jit:
             return [jax.jit(self._step_fn(), in_shardings=(self.mut_sh, self.frozen_sh, self.batch_sh),
                             out_shardings=(self.mut_sh, self.replicated), donate_argnums=0).lower(*args)]
-        hp, graphdef = policy_hparams(self.spec), self.inputs.graphdef
+        hp, graphdef = policy_hparams(self.spec, self.run), self.inputs.graphdef
         first, *rest = step_lib.phases(hp)
         first = functools.partial(first, hp, graphdef)
         out = [jax.jit(first, in_shardings=(self.mut_sh, self.frozen_sh, self.batch_sh)).lower(*args)]

@@ -70,6 +70,11 @@ HOST_ORACLE = "host_oracle"  # judge: the Python callable the running job hands 
 ARCHITECTURES = ("llama", "gemma", "qwen2")
 TOP_LEVEL = ("job", "seed", "model", "judge_model", "data", "mesh", "rules", "pipeline", "stages", "peak_tflops",
              "async_checkpoints")
+# Optional top-level fields: decode_rules, the layout the policy steps' sampler re-lays the policy and mu to once
+# per step ('' = nash_lm.parallel.DEFAULT_DECODE_RULES, weights whole per tensor group; 'tensor' =
+# TENSOR_DECODE_RULES, for models whose copy does not fit a device; 'training' = the training layout itself; or
+# explicit rules in the syntax of `rules`).
+OPTIONAL_TOP_LEVEL = ("decode_rules",)
 
 
 def stage_fields(algorithm: str) -> dict:
@@ -170,7 +175,23 @@ def hf_input_fingerprint(spec: str, where: str) -> dict:
         _fail(where, str(e).strip().splitlines()[0])
 
 
-def parse_rules(text: str):
+def decode_rules(config, mesh):
+    """The validated `decode_rules` of a config (see OPTIONAL_TOP_LEVEL); None = the training layout."""
+    from nash_lm import parallel
+
+    text = config.get("decode_rules", "")
+    if not isinstance(text, str):
+        _fail("config.decode_rules", f"expected a string, got {text!r}")
+    named = {"": parallel.DEFAULT_DECODE_RULES, "tensor": parallel.TENSOR_DECODE_RULES, "training": None}
+    if text in named:
+        return named[text]
+    try:
+        return parallel.validate_rules(parse_rules(text, "config.decode_rules"), mesh)
+    except ValueError as e:
+        _fail("config.decode_rules", str(e).splitlines()[0])
+
+
+def parse_rules(text: str, where: str = "config.rules"):
     """'batch=data+fsdp,embed=fsdp,kv=' -> (('batch', ('data', 'fsdp')), ('embed', 'fsdp'), ('kv', None));
     '' -> None (the defaults of nash_lm.parallel). Priority is the order given."""
     if not text:
@@ -178,7 +199,7 @@ def parse_rules(text: str):
     rules = []
     for item in text.split(","):
         if "=" not in item:
-            _fail("config.rules", f"expected 'logical=mesh_axis[+mesh_axis]', got {item!r}")
+            _fail(where, f"expected 'logical=mesh_axis[+mesh_axis]', got {item!r}")
         logical, axes = (t.strip() for t in item.split("=", 1))
         parts = tuple(a for a in axes.split("+") if a)
         rules.append((logical, parts if len(parts) > 1 else (parts[0] if parts else None)))

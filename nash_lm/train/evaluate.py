@@ -54,7 +54,7 @@ class Evaluator:
             return jax.jit(functools.partial(step_lib.eval_sft, graphdef))
         if spec.role == "judge":
             return jax.jit(functools.partial(step_lib.eval_judge, spec.algorithm.produces, graphdef))
-        hp, judge, ref = policy_hparams(spec), inputs.judge, inputs.ref
+        hp, judge, ref = policy_hparams(spec, self.program.run), inputs.judge, inputs.ref
         if judge.in_jit:
             fn = jax.jit(functools.partial(step_lib.eval_policy, hp, graphdef, judge))
             return lambda params, batch, key: fn(params, ref, inputs.judge_params, batch, key)

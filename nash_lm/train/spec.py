@@ -82,6 +82,7 @@ class RunSpec:
     data: Any  # nash_lm.data.synthetic.SyntheticConfig: the array shapes (and the synthetic data of `train`)
     stages: dict  # name -> StageSpec, in pipeline order
     data_parallel: int
+    decode_rules: Any = None  # the sampler's layout of the policy steps (None: the training layout)
 
     @property
     def order(self) -> list[str]:
@@ -263,7 +264,7 @@ def _check_workdir(config, workdir, order) -> None:
 
 
 def _check_top_level(config) -> None:
-    unknown = sorted(set(config.keys()) - set(cfg_lib.TOP_LEVEL))
+    unknown = sorted(set(config.keys()) - set(cfg_lib.TOP_LEVEL) - set(cfg_lib.OPTIONAL_TOP_LEVEL))
     if unknown:
         _fail("config", f"unknown top-level field(s) {unknown}")
     missing = sorted(set(cfg_lib.TOP_LEVEL) - set(config.keys()))
@@ -297,6 +298,7 @@ def resolve(config, workdir: str, *, origins: dict | None = None, host_oracle: b
     except (TypeError, KeyError) as e:
         raise ValueError(f"config.mesh: {e}") from None
     dp = data_parallel_size(mesh, rules)
+    decode_rules = cfg_lib.decode_rules(config, mesh)
     data = cfg_lib.data_config(config)
     for key in ("model", "judge_model"):
         mc = cfg_lib.model_config(config, key)
@@ -357,4 +359,4 @@ def resolve(config, workdir: str, *, origins: dict | None = None, host_oracle: b
     if os.path.isdir(workdir):
         _check_workdir(config, workdir, order)
     return RunSpec(config=config, workdir=workdir, mesh=mesh, rules=rules, data=data, stages=stages,
-                   data_parallel=dp)
+                   data_parallel=dp, decode_rules=decode_rules)
