@@ -26,7 +26,6 @@ import importlib.util
 import json
 import math
 import os
-import re
 import sys
 import time
 
@@ -41,7 +40,7 @@ from nash_lm.train import config as cfg_lib  # noqa: E402
 from nash_lm.train import state as state_lib  # noqa: E402
 from nash_lm.train import step as step_lib  # noqa: E402
 
-DECODE_LOOP = r"/decode/while$"
+DECODE_LOOP = hlo.DECODE_LOOP
 PHASES = ("sample_y_y2/prefill", "sample_y_y2/decode", "sample_y_y2", "judge", "ref_logprobs",
           "policy_grad/transpose", "policy_grad", "optimizer_update", "ema_update")
 DECODE_RULES = {"default": parallel.DEFAULT_DECODE_RULES, "tensor": parallel.TENSOR_DECODE_RULES, "none": None}
@@ -66,17 +65,6 @@ def _weight_shapes(params):
 
 def _bytes(tree, dtype=None):
     return sum(math.prod(x.shape) * jnp.dtype(dtype or x.dtype).itemsize for x in jax.tree.leaves(tree))
-
-
-def decode_trip_counts(text):
-    """{while name: maximum trips} for the chained decode loops (see the module docstring)."""
-    loops = [l for l in hlo.loops(hlo.parse(text)).values()
-             if l.trip_count is None and l.trip_bound is not None and re.search(DECODE_LOOP, l.op_name)]
-    out, prev = {}, 0
-    for l in sorted(loops, key=lambda l: l.trip_bound):
-        out[l.name] = l.trip_bound - prev if l.trip_bound > prev else l.trip_bound
-        prev = max(prev, l.trip_bound)
-    return out
 
 
 def run(args):
@@ -119,7 +107,7 @@ def run(args):
     if args.save_hlo:
         with open(args.save_hlo, "w") as f:
             f.write(text)
-    trips = decode_trip_counts(text)
+    trips = hlo.decode_trip_counts(text)
     inv = hlo.inventory(text, trip_counts=trips)
     s = hlo.summary(inv, within=DECODE_LOOP)
     shapes = _weight_shapes(policy)

@@ -467,3 +467,19 @@ def summary(collectives: Iterable[Collective], within: str | None = None) -> dic
             k["executions"] += c.count
             k["bytes_per_step"] += c.total_bytes
     return out
+
+
+DECODE_LOOP = r"/decode/while$"  # the op name of `nash_lm.sampling`'s decode loops
+
+
+def decode_trip_counts(text, pattern: str = DECODE_LOOP) -> dict:
+    """{while name: maximum trips} of the sampler's chained decode loops (op names matching `pattern`): they may
+    stop early at EOS, so XLA records no trip count; each is counted at its maximum, its derived bound (the limit
+    of its condition: 128, 256, ...) minus the previous loop's."""
+    decode = [l for l in loops(parse(text)).values()
+              if l.trip_count is None and l.trip_bound is not None and re.search(pattern, l.op_name)]
+    out, prev = {}, 0
+    for l in sorted(decode, key=lambda l: l.trip_bound):
+        out[l.name] = l.trip_bound - prev if l.trip_bound > prev else l.trip_bound
+        prev = max(prev, l.trip_bound)
+    return out

@@ -32,7 +32,7 @@ JOBS = {
     "docstrings_online": "nash_lm.tasks.online_lm:run_online_lm",
 }
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a configs/*.py file.", lock_config=True)
+CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a configs/*.py file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for metrics, checkpoints and reports.")
 
 
@@ -46,7 +46,7 @@ def _one_line(e: BaseException) -> str:
     return text.splitlines()[0] if text else type(e).__name__
 
 
-def _flag_error(e: BaseException, argv) -> str:
+def flag_error(e: BaseException, argv) -> str:
     """One line for a failure to parse the flags or to load the config file."""
     path = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), "")
     if isinstance(e, flags.Error):
@@ -68,9 +68,9 @@ def main(argv=None) -> dict:
         _fail(f"--config: {path}: no such file")
     try:
         flags.FLAGS(argv)
-        config, workdir = _CONFIG.value, _WORKDIR.value
+        config, workdir = CONFIG.value, _WORKDIR.value
     except Exception as e:  # a flag, an override or the config file itself
-        _fail(_flag_error(e, argv))
+        _fail(flag_error(e, argv))
     if config is None:
         _fail("--config is required (e.g. --config=configs/games.py)")
     if not hasattr(config, "get"):

@@ -74,8 +74,9 @@ def load_stage_params(run: RunSpec, name: str, key: str = "policy"):
 class StageInputs:
     """The model and the input parameters of one stage (nothing is read from disk until asked)."""
 
-    def __init__(self, spec: StageSpec, run: RunSpec, host_oracle=None):
-        self.spec, self.run = spec, run
+    def __init__(self, spec: StageSpec, run: RunSpec, host_oracle=None, abstract: bool = False):
+        """`abstract`: shapes and shardings only, nothing read (for compiling ahead of time, `nash_lm.aot`)."""
+        self.spec, self.run, self.abstract = spec, run, abstract
         mesh, rules = run.mesh, run.rules
         self.graphdef, self.abstract_policy, self._initialise = abstract_params(
             spec.model, spec.algorithm.produces, spec.seed, mesh, rules, spec.architecture)
@@ -101,6 +102,8 @@ class StageInputs:
 
     def _load(self, inp: Input):
         """Parameters of an 'lm'-shaped input of this stage's model: an earlier stage's export or a checkpoint."""
+        if self.abstract:
+            return self.abstract_policy
         if inp.kind == "hf":
             return load_pretrained_input(inp.value, self.spec.model, self.param_sh)
         return load_export(self.run.workdir, inp.value, self.abstract_policy)
@@ -113,4 +116,5 @@ class StageInputs:
             return Judge("host_oracle", fn=fn), None
         judge_cfg = cfg_lib.model_config(self.run.config, "judge_model")
         graphdef, abstract, _ = abstract_params(judge_cfg, inp.produces, 0, self.run.mesh, self.run.rules)
-        return Judge(inp.produces, graphdef=graphdef), load_export(self.run.workdir, inp.value, abstract)
+        params = abstract if self.abstract else load_export(self.run.workdir, inp.value, abstract)
+        return Judge(inp.produces, graphdef=graphdef), params

@@ -277,11 +277,12 @@ def _check_top_level(config) -> None:
 
 
 def resolve(config, workdir: str, *, origins: dict | None = None, host_oracle: bool = False,
-            provided_data: bool = False) -> RunSpec:
+            provided_data: bool = False, devices=None) -> RunSpec:
     """The validated `RunSpec` of training config `config` run in `workdir` (read, never written).
 
     `host_oracle`: the job hands a host oracle to the pipeline (stages may say `judge = 'host_oracle'`).
-    `provided_data`: the job provides the stages' data (the batch sizes are checked against it on handover)."""
+    `provided_data`: the job provides the stages' data (the batch sizes are checked against it on handover).
+    `devices`: the mesh's devices (default `jax.devices()`; `nash_lm.aot` passes a TPU topology's)."""
     origins = origins or {}
 
     def wheres(name):
@@ -293,7 +294,7 @@ def resolve(config, workdir: str, *, origins: dict | None = None, host_oracle: b
     workdir = os.path.abspath(workdir)
     _check_top_level(config)
     try:
-        mesh = parallel.make_mesh(config.mesh)
+        mesh = parallel.make_mesh(config.mesh, devices=devices)
         rules = parallel.validate_rules(cfg_lib.parse_rules(config.rules), mesh)
     except (TypeError, KeyError) as e:
         raise ValueError(f"config.mesh: {e}") from None
