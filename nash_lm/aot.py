@@ -73,6 +73,8 @@ def _weight_shapes(params) -> set:
 
 def stage_report(spec, run, hbm_bytes):
     """One stage compiled; its JSON record."""
+    import jax
+
     from nash_lm import hlo, parallel
     from nash_lm.data import synthetic
     from nash_lm.train import algorithms
@@ -114,7 +116,7 @@ def stage_report(spec, run, hbm_bytes):
         "collectives": {k: {kk: summary[k][kk] for kk in ("count", "executions", "bytes_per_step", "exact",
                                                           "by_kind")} for k in ("inside", "outside", "total")},
         "weight_allgather_bytes_in_decode": weight_gathers,
-        "params": int(sum(math.prod(x.shape) for x in __import__("jax").tree.leaves(inputs.abstract_policy))),
+        "params": int(sum(math.prod(x.shape) for x in jax.tree.leaves(inputs.abstract_policy))),
     }
 
 

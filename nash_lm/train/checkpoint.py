@@ -141,9 +141,20 @@ def export_params(directory: str, tree) -> None:
     ckptr.close()
 
 
-def load_params(directory: str, abstract_tree):
-    """Reads an `export_params` directory into `abstract_tree`'s structure, dtypes and shardings."""
+def load_params(directory: str, abstract_tree: dict) -> dict:
+    """Reads trees of an `export_params` directory ({name: abstract params}, e.g. {'policy': ...}) into their
+    structure, dtypes and shardings. An export may hold more trees than asked for (a Nash-EMA-PG stage exports
+    'policy' and 'ema', of one structure): those are read into the first asked tree's layout and dropped."""
+    directory = os.path.abspath(directory)
     ckptr = ocp.StandardCheckpointer()
-    pure = ckptr.restore(os.path.abspath(directory), to_pure_dict(abstract_tree))
-    ckptr.close()
-    return from_pure_dict(abstract_tree, pure)
+    try:
+        on_disk = list(ckptr.metadata(directory).item_metadata.keys())
+        missing = sorted(set(abstract_tree) - set(on_disk))
+        if missing:
+            raise ValueError(f"{directory}: the export holds {sorted(on_disk)}, not {missing}")
+        first = next(iter(abstract_tree.values()))
+        target = {k: abstract_tree.get(k, first) for k in on_disk}
+        pure = ckptr.restore(directory, to_pure_dict(target))
+    finally:
+        ckptr.close()
+    return {k: from_pure_dict(abstract_tree[k], pure[k]) for k in abstract_tree}

@@ -64,11 +64,7 @@ def load_stage_params(run: RunSpec, name: str, key: str = "policy"):
     model_key = "model" if alg.produces == "lm" else "judge_model"
     graphdef, abstract, _ = abstract_params(cfg_lib.model_config(config, model_key), alg.produces, 0, run.mesh,
                                             run.rules, cfg_lib.model_architecture(config, model_key))
-    path = os.path.join(stage_dir(run.workdir, name), "export")
-    if not os.path.isdir(path):
-        raise ValueError(f"missing stage output {name!r}: {path} does not exist")
-    keys = ("policy", "ema") if alg.ema else ("policy",)  # the export holds both trees of an EMA stage
-    return graphdef, ckpt_lib.load_params(path, {k: abstract for k in keys})[key]
+    return graphdef, load_export(run.workdir, name, abstract, key)
 
 
 class StageInputs:
