@@ -22,7 +22,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable, Mapping
 
-from nash_lm.train import losses
+from nash_lm.train import losses, schedules
 from nash_lm.train import scoring
 
 
@@ -52,7 +52,7 @@ class Algorithm:
     ema: bool = False
     lookahead: int = 0
     batch_coupled: bool = False  # the loss couples the examples of a batch (no gradient microbatches)
-    passes: Callable | None = None  # hp -> (prompt prefills, decode passes), in batches of sequences
+    passes: Callable | None = None  # stage config -> (prompt prefills, decode passes), in batches of sequences
 
     @property
     def sequences(self) -> int:
@@ -60,8 +60,17 @@ class Algorithm:
         return 1 if self.role == "sft" or self.judged == "reward" else 2
 
 
-_POLICY_FIELDS = dict(ref="", judge="", temperature=1.0, max_new_tokens=8,
-                      microbatches=1)  # the update's gradients accumulated over this many microbatches
+_POLICY_FIELDS = dict(
+    ref="", judge="", temperature=1.0, max_new_tokens=8,
+    microbatches=1,  # the update's gradients accumulated over this many microbatches
+    tau_schedule="",  # tau over the steps ('' constant; nash_lm.train.schedules)
+    missing_eos_penalty=0.0,  # subtracted from a completion's preference (or reward) when it has no EOS
+)
+
+
+def _beta(st) -> float:
+    """The stage's beta for counting models: a scheduled beta counts as strictly inside (0, 1)."""
+    return 0.5 if st.get("beta_schedule", "") else float(st.beta)
 
 
 def _mixed(beta: float) -> int:
@@ -72,6 +81,9 @@ def _mixed(beta: float) -> int:
 def _ipo_tau(st, where):
     if st.tau == 0:
         _fail(where("tau"), "must be > 0 for IPO (the target is 1/(2 tau))")
+    sched = schedules.parse(st.tau_schedule, where("tau_schedule"), 0.0, float("inf"), st.steps)
+    if sched and 0.0 in ([v for _, v in sched[1]] if sched[0] == "steps" else [sched[1]]):
+        _fail(where("tau_schedule"), "reaches 0, but tau must be > 0 for IPO (the target is 1/(2 tau))")
 
 
 def _rlhf_batch(st, where):
@@ -104,34 +116,34 @@ REGISTRY: dict[str, Algorithm] = {a.name: a for a in (
     Algorithm("reward", role="judge", produces="reward", data="pairs", fields=dict(labels="soft")),
     # Nash-MD-PG(beta): y ~ pi_theta, y' ~ pi_theta^(1-beta) mu^beta (beta = 0 self-play, 1 best response)
     Algorithm("nash_md_pg", role="policy", produces="lm", data="prompts", judges=("preference", "reward"),
-              fields=dict(_POLICY_FIELDS, tau=0.1, beta=0.125),
+              fields=dict(_POLICY_FIELDS, tau=0.1, beta=0.125, beta_schedule=""),
               sample=lambda hp, gd, policy, ref, ema, batch, keys: scoring.sample_pair(
                   gd, policy, batch, keys, hp, mix_params=ref, beta=hp.beta),
               loss=_pg_loss(losses.nash_md_pg_loss),
-              passes=lambda hp: (1 + (hp.beta > 0.0), 1 + _mixed(hp.beta))),
+              passes=lambda st: (1 + (_beta(st) > 0.0), 1 + _mixed(_beta(st)))),
     # Nash-EMA-PG: y ~ pi_theta, y' ~ the EMA of past parameters
     Algorithm("nash_ema_pg", role="policy", produces="lm", data="prompts", judges=("preference", "reward"),
               fields=dict(_POLICY_FIELDS, tau=0.1, ema_decay=0.999), ema=True,
               sample=lambda hp, gd, policy, ref, ema, batch, keys: scoring.sample_pair(
                   gd, policy, batch, keys, hp, mix_params=ema, beta=1.0),
-              loss=_pg_loss(losses.nash_md_pg_loss), passes=lambda hp: (2, 2)),
+              loss=_pg_loss(losses.nash_md_pg_loss), passes=lambda st: (2, 2)),
     # KL-regularised policy gradient against a Bradley-Terry reward model (one sample per prompt)
     Algorithm("rlhf", role="policy", produces="lm", data="prompts", judges=("reward",), oracles=False,
               fields=dict(_POLICY_FIELDS, tau=0.05), check=_rlhf_batch, judged="reward", batch_coupled=True,
               sample=lambda hp, gd, policy, ref, ema, batch, keys: scoring.sample(gd, policy, batch, keys[0], hp),
-              loss=_pg_loss(losses.rlhf_pg_loss), passes=lambda hp: (1, 1)),
+              loss=_pg_loss(losses.rlhf_pg_loss), passes=lambda st: (1, 1)),
     # online IPO: y, y' ~ pi_theta; IPO-MD: both from the token-level mixture
     Algorithm("online_ipo", fields=dict(_POLICY_FIELDS, tau=1.0), sample=_two_policy_samples,
-              passes=lambda hp: (1, 2), **_IPO),
-    Algorithm("ipo_md", fields=dict(_POLICY_FIELDS, tau=1.0, beta=0.125),
+              passes=lambda st: (1, 2), **_IPO),
+    Algorithm("ipo_md", fields=dict(_POLICY_FIELDS, tau=1.0, beta=0.125, beta_schedule=""),
               sample=lambda hp, gd, policy, ref, ema, batch, keys: scoring.sample_pair(
                   gd, policy, batch, keys, hp, mix_params=ref, beta_y=hp.beta),
-              passes=lambda hp: (2 * _mixed(hp.beta), 2 * _mixed(hp.beta)), **_IPO),
+              passes=lambda st: (2 * _mixed(_beta(st)), 2 * _mixed(_beta(st))), **_IPO),
     # EGPO (Zhou, Fazel, Du 2025): extragradient online IPO. A provisional step theta' from theta_t on pairs
     # y, y' ~ pi_t, new pairs y, y' ~ pi_theta', then the step from theta_t with the gradient on those (mirror
     # prox; the exact-game counterpart is nash_lm.games' `extragradient`)
     Algorithm("egpo", fields=dict(_POLICY_FIELDS, tau=1.0), sample=_two_policy_samples, lookahead=1,
-              passes=lambda hp: (1, 2), **_IPO),
+              passes=lambda st: (1, 2), **_IPO),
 )}
 
 NAMES = tuple(REGISTRY)

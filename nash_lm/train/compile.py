@@ -24,6 +24,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from nash_lm import distributed, parallel
 from nash_lm.train import checkpoint as ckpt_lib
+from nash_lm.train import schedules
 from nash_lm.train import state as state_lib
 from nash_lm.train import step as step_lib
 from nash_lm.train.spec import RunSpec, StageSpec
@@ -31,10 +32,14 @@ from nash_lm.train.spec import RunSpec, StageSpec
 
 def policy_hparams(spec: StageSpec, run: RunSpec) -> step_lib.PolicyHParams:
     st = spec.st
+    where = lambda field: f"config.stages.{spec.name}.{field}"  # already checked by spec.resolve
     return step_lib.PolicyHParams(
         algorithm=spec.algorithm.name, tau=float(st.tau), beta=float(st.get("beta", 0.0)),
         ema_decay=float(st.get("ema_decay", 0.0)), temperature=float(st.temperature),
-        max_new_tokens=int(st.max_new_tokens), microbatches=int(st.microbatches), decode_rules=run.decode_rules)
+        max_new_tokens=int(st.max_new_tokens), microbatches=int(st.microbatches), decode_rules=run.decode_rules,
+        beta_schedule=schedules.parse(st.get("beta_schedule", ""), where("beta_schedule"), 0.0, 1.0, spec.steps),
+        tau_schedule=schedules.parse(st.tau_schedule, where("tau_schedule"), 0.0, float("inf"), spec.steps),
+        steps=spec.steps, missing_eos_penalty=float(st.missing_eos_penalty), eos_id=run.eos_id, pad_id=run.pad_id)
 
 
 class StageProgram:

@@ -19,7 +19,6 @@ import jax
 import jax.numpy as jnp
 
 from nash_lm import models, sampling
-from nash_lm.data.synthetic import EOS_ID, PAD_ID
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,7 +79,8 @@ def judge_pair(judge: Judge, judge_params, prompt, prompt_mask, y, y_mask, y2, y
 def sample(graphdef, params, batch, key, hp) -> dict:
     """`{y, y_mask}`: y ~ params (temperature and length from the policy hyper-parameters `hp`)."""
     out = sampling.sample(graphdef, params, batch["prompt"], batch["prompt_mask"], key,
-                          max_new_tokens=hp.max_new_tokens, eos_id=EOS_ID, pad_id=PAD_ID, temperature=hp.temperature)
+                          max_new_tokens=hp.max_new_tokens, eos_id=hp.eos_id, pad_id=hp.pad_id,
+                          temperature=hp.temperature)
     return {"y": out.tokens, "y_mask": out.mask.astype(jnp.float32)}
 
 
@@ -88,13 +88,13 @@ def sample_pair(graphdef, params, batch, keys, hp, mix_params=None, beta=0.0, be
     """`{y, y_mask, y2, y2_mask}`: y ~ params and y2 ~ params^(1-beta) mix^beta from one decode loop
     (`sampling.sample_pair`); with `beta_y` set (IPO-MD), both are samples of that mixture. With keys
     (k_y, k_y2) the tokens are those of two separate calls, y with k_y and y' with k_y2."""
-    kw = dict(max_new_tokens=hp.max_new_tokens, eos_id=EOS_ID, pad_id=PAD_ID, temperature=hp.temperature)
+    kw = dict(max_new_tokens=hp.max_new_tokens, eos_id=hp.eos_id, pad_id=hp.pad_id, temperature=hp.temperature)
     prompt, pmask = batch["prompt"], batch["prompt_mask"]
     if beta_y is None:
         y, y2 = sampling.sample_pair(graphdef, params, prompt, pmask, keys, mix_params=mix_params, beta=beta, **kw)
     else:  # both rows are mixture samples: one loop over the prompts twice, one key per copy
         b = prompt.shape[0]
-        if beta_y in (0.0, 1.0):  # one model alone
+        if isinstance(beta_y, float) and beta_y in (0.0, 1.0):  # one model alone (a scheduled beta is traced)
             params, mix_params = (params if beta_y == 0.0 else mix_params), None
         out = sampling.sample(graphdef, params, jnp.concatenate([prompt, prompt]), jnp.concatenate([pmask, pmask]),
                               keys, mix_params=mix_params, beta=beta_y, **kw)

@@ -31,7 +31,8 @@ from typing import Any, Callable
 import numpy as np
 
 from nash_lm import parallel
-from nash_lm.train import algorithms
+from nash_lm.data import synthetic
+from nash_lm.train import algorithms, schedules
 from nash_lm.train import config as cfg_lib
 from nash_lm.train.config import HF_PREFIX, HOST_ORACLE, ORACLE_PREFIXES, _fail
 
@@ -83,6 +84,8 @@ class RunSpec:
     stages: dict  # name -> StageSpec, in pipeline order
     data_parallel: int
     decode_rules: Any = None  # the sampler's layout of the policy steps (None: the training layout)
+    pad_id: int = synthetic.PAD_ID  # the token ids of the data's tokenizer (the sampler's padding and stop)
+    eos_id: int = synthetic.EOS_ID
 
     @property
     def order(self) -> list[str]:
@@ -140,8 +143,10 @@ _RANGES = {
     "max_new_tokens": (lambda v, st: v >= 1, "must be >= 1"),
     "microbatches": (lambda v, st: v >= 1 and st.batch_size % v == 0,
                      "must be a positive divisor of batch_size={batch_size}"),
+    "missing_eos_penalty": (lambda v, st: v >= 0, "must be >= 0"),
 }
 _CHOICES = {"lr_schedule": cfg_lib.LR_SCHEDULES, "labels": ("soft", "hard")}
+_SCHEDULES = {"beta_schedule": (0.0, 1.0), "tau_schedule": (0.0, float("inf"))}  # the values' range
 
 
 def _check_types(st, allowed: dict, where: Callable) -> None:
@@ -177,6 +182,8 @@ def _check_fields(name: str, st, where: Callable, stage_where: str) -> algorithm
                 _fail(where(key), f"{msg.format(steps=st.steps, batch_size=st.batch_size)}, got {st[key]!r}")
         if key in _CHOICES and st[key] not in _CHOICES[key]:
             _fail(where(key), f"{st[key]!r} not in {list(_CHOICES[key])}")
+        if key in _SCHEDULES:
+            schedules.parse(st[key], where(key), *_SCHEDULES[key], st.steps)
     alg.check(st, where)
     return alg
 

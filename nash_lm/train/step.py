@@ -36,7 +36,8 @@ import jax.numpy as jnp
 import optax
 
 from nash_lm import models, parallel, sampling
-from nash_lm.train import algorithms, losses
+from nash_lm.data.synthetic import EOS_ID, PAD_ID
+from nash_lm.train import algorithms, losses, schedules
 from nash_lm.train.scoring import (Judge, judge_pair, pair_rewards, response_logprobs, sample_pair,
                                   sequence_reward)
 from nash_lm.train.state import TrainState
@@ -157,10 +158,45 @@ class PolicyHParams:
     max_new_tokens: int = 8
     decode_rules: Any = parallel.DEFAULT_DECODE_RULES  # the sampler's layout (None: the training layout)
     microbatches: int = 1  # the update's gradient accumulation: the batch in this many equal microbatches
+    beta_schedule: tuple = ()  # `nash_lm.train.schedules.parse` of the stage's beta_schedule / tau_schedule
+    tau_schedule: tuple = ()
+    steps: int = 1  # the stage's steps (the schedules' length)
+    missing_eos_penalty: float = 0.0
+    eos_id: int = EOS_ID  # the tokenizer's end of sequence (the sampler stops there) and padding
+    pad_id: int = PAD_ID
+
+    def at(self, step) -> "PolicyHParams":
+        """These hyper-parameters at `step` (a traced int): beta and tau from their schedules (then cleared, so
+        calling `at` again changes nothing); unchanged without schedules."""
+        if not (self.beta_schedule or self.tau_schedule):
+            return self
+        return dataclasses.replace(
+            self, beta=schedules.value(self.beta_schedule, self.beta, step, self.steps),
+            tau=schedules.value(self.tau_schedule, self.tau, step, self.steps), beta_schedule=(), tau_schedule=())
+
+
+def missing_eos(tokens, mask, eos_id: int):
+    """1.0 for a sampled completion `[B, N]` that has no EOS within its tokens (it ran to max_new_tokens), else 0."""
+    return 1.0 - jnp.any((tokens == eos_id) & (mask > 0), axis=-1).astype(jnp.float32)
+
+
+def penalize_missing_eos(hp: PolicyHParams, judged, samples):
+    """The judgment with the missing-EOS penalty c: a reward r(y) - c m(y); a preference
+    P(y > y') - c m(y) + c m(y'), which stays antisymmetric (swapping y and y' gives one minus it), with m the
+    indicator of a completion without EOS (`missing_eos`). For Nash-MD-PG only y is scored, so the + c m(y')
+    term is a baseline that does not depend on y (its gradient vanishes in expectation)."""
+    c = hp.missing_eos_penalty
+    if not c:
+        return judged
+    judged = judged - c * missing_eos(samples["y"], samples["y_mask"], hp.eos_id)
+    if algorithms.get(hp.algorithm).judged == "pair":
+        judged = judged + c * missing_eos(samples["y2"], samples["y2_mask"], hp.eos_id)
+    return judged
 
 
 def rollout(hp: PolicyHParams, graphdef, mut: TrainState, frozen, batch):
     """Steps 1-3: `(rng', samples)` with samples {y, y_mask[, y2, y2_mask]}; no gradient flows through them."""
+    hp = hp.at(mut.step)
     ref, _ = frozen
     rng, k_y, k_y2 = jax.random.split(mut.rng, 3)
     with scope("sample_y_y2"), sampling.decode_layout(graphdef, hp.decode_rules) as to_decode:
@@ -190,7 +226,7 @@ def _loss_and_data(hp: PolicyHParams, graphdef, frozen, batch, samples, judged):
         raise ValueError(f"microbatches={hp.microbatches}: the {alg.name} loss couples the examples of a batch "
                          f"(e.g. a leave-one-out baseline) and needs microbatches=1")
     ref, _ = frozen
-    judged = jax.lax.stop_gradient(judged)
+    judged = penalize_missing_eos(hp, jax.lax.stop_gradient(judged), samples)
     prompt, pmask = batch["prompt"], batch["prompt_mask"]
     t = hp.temperature
     data = {"prompt": prompt, "pmask": pmask, "judged": judged}
@@ -212,6 +248,7 @@ def lookahead(hp: PolicyHParams, graphdef, tx, mut: TrainState, frozen, batch, s
     """An extragradient round: the provisional step theta' = theta_t - lr grad L(theta_t; samples) (the optimizer
     applied to the current state, its new state discarded), then `(rng', samples')` drawn with theta' in place of
     theta_t. The update that follows takes its gradient at theta_t on samples' (mirror prox)."""
+    hp = hp.at(mut.step)
     with scope("lookahead_grad"):
         loss_fn, data = _loss_and_data(hp, graphdef, frozen, batch, samples, judged)
         (_, _), grads = accumulate_gradients(loss_fn, mut.policy, data, hp.microbatches)
@@ -222,10 +259,15 @@ def lookahead(hp: PolicyHParams, graphdef, tx, mut: TrainState, frozen, batch, s
 
 def update(hp: PolicyHParams, graphdef, tx, mut: TrainState, frozen, batch, samples, judged, rng):
     """Steps 5-7: reference log-probs, the algorithm's loss, gradients, optimizer and EMA updates."""
+    scheduled = bool(hp.beta_schedule or hp.tau_schedule)
+    hp = hp.at(mut.step)
     loss_fn, data = _loss_and_data(hp, graphdef, frozen, batch, samples, judged)
     new, metrics = _apply_gradients(tx, mut, loss_fn, rng, hp.ema_decay if mut.ema is not None else None,
                                     data=data, microbatches=hp.microbatches)
     metrics["response_len"] = jnp.mean(jnp.sum(samples["y_mask"], axis=-1))
+    metrics["missing_eos_rate"] = jnp.mean(missing_eos(samples["y"], samples["y_mask"], hp.eos_id))
+    if scheduled:
+        metrics.update(beta=jnp.float32(hp.beta), tau=jnp.float32(hp.tau))
     return new, metrics
 
 
