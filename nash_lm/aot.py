@@ -82,7 +82,10 @@ def stage_report(spec, run, hbm_bytes):
     from nash_lm.train.inputs import StageInputs
 
     inputs = StageInputs(spec, run, abstract=True)
-    example = synthetic.dataset_for(spec.algorithm.data, run.data, "train")
+    if spec.name in run.sources:  # records files: one tokenized row gives the shapes
+        example = run.sources[spec.name]["train"].example()
+    else:
+        example = synthetic.dataset_for(spec.algorithm.data, run.data, "train")
     program = StageProgram(spec, run, inputs, example)
     t0 = time.time()
     with parallel.activate(run.mesh, run.rules):  # only now: eager work above must not target the topology

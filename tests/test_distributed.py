@@ -75,7 +75,7 @@ def _worker(out: str) -> None:
         train_step = stage.program.compile()
         stage.batch_sh, stage.abstract_mut, stage.st, stage.seed = (stage.program.batch_sh, stage.program.abstract_mut,
                                                                     sft.st, sft.seed)
-        it = synthetic.BatchIterator(stage.train_data, stage.st.batch_size, stage.seed, "train")
+        it = synthetic.BatchIterator(stage.train_data.arrays(), stage.st.batch_size, stage.seed, "train")
         for _ in range(STEPS):
             full = next(it)
             batch = distributed.global_batch_from_full(full, stage.batch_sh)

@@ -84,8 +84,8 @@ def _as_paths(paths) -> list[str]:
     return paths
 
 
-def _decode_row(raw: bytes, kind: str) -> dict:
-    """bytes of one row -> validated record; raises RecordError with the reason."""
+def _decode_row(raw: bytes, kind: str, check: Callable | None = None) -> dict:
+    """bytes of one row -> validated record (then `check(record)`); raises RecordError with the reason."""
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -94,7 +94,10 @@ def _decode_row(raw: bytes, kind: str) -> dict:
         obj = json.loads(text)
     except json.JSONDecodeError as e:
         raise records_lib.RecordError(f"invalid JSON ({e.msg} at column {e.colno})") from None
-    return records_lib.parse(obj, kind)
+    record = records_lib.parse(obj, kind)
+    if check is not None:
+        check(record)
+    return record
 
 
 def _handle(bad: BadRow, report: ReadReport, on_error: str) -> None:
@@ -104,8 +107,11 @@ def _handle(bad: BadRow, report: ReadReport, on_error: str) -> None:
     report.bad.append(bad)
 
 
-def read_jsonl(paths, kind: str, on_error: str = "skip") -> tuple[list[dict], ReadReport]:
-    """All valid records of `kind` in the JSONL file(s), in file and line order, and the report."""
+def read_jsonl(paths, kind: str, on_error: str = "skip", check: Callable | None = None
+               ) -> tuple[list[dict], ReadReport]:
+    """All valid records of `kind` in the JSONL file(s), in file and line order, and the report. `check(record)`
+    may raise `RecordError` for a record that is well-formed but unusable (e.g. a prompt too long for the model);
+    it is reported and handled like a malformed row."""
     records_lib.check_kind(kind)
     _check_on_error(on_error)
     out, report = [], ReadReport()
@@ -122,7 +128,7 @@ def read_jsonl(paths, kind: str, on_error: str = "skip") -> tuple[list[dict], Re
                 report.blank_lines += 1
                 continue
             try:
-                out.append(_decode_row(raw, kind))
+                out.append(_decode_row(raw, kind, check))
             except records_lib.RecordError as e:
                 _handle(BadRow(path, number, str(e)), report, on_error)
     report.kept = len(out)
@@ -152,8 +158,10 @@ def write_array_record(path, rows: Iterable, *, encoded: bool = False) -> None:
     os.replace(tmp, path)
 
 
-def read_array_record(paths, kind: str, on_error: str = "skip") -> tuple[list[dict], ReadReport]:
-    """All valid records of `kind` in the ArrayRecord file(s) (JSON bytes per record) and the report."""
+def read_array_record(paths, kind: str, on_error: str = "skip", check: Callable | None = None
+                      ) -> tuple[list[dict], ReadReport]:
+    """All valid records of `kind` in the ArrayRecord file(s) (JSON bytes per record) and the report (`check`: as
+    for `read_jsonl`)."""
     records_lib.check_kind(kind)
     _check_on_error(on_error)
     out, report = [], ReadReport()
@@ -161,7 +169,7 @@ def read_array_record(paths, kind: str, on_error: str = "skip") -> tuple[list[di
         source = grain.sources.ArrayRecordDataSource([path])
         for i in range(len(source)):
             try:
-                out.append(_decode_row(source[i], kind))
+                out.append(_decode_row(source[i], kind, check))
             except records_lib.RecordError as e:
                 _handle(BadRow(path, i + 1, str(e)), report, on_error)
     report.kept = len(out)
@@ -170,14 +178,15 @@ def read_array_record(paths, kind: str, on_error: str = "skip") -> tuple[list[di
     return out, report
 
 
-def read_records(paths, kind: str, on_error: str = "skip") -> tuple[list[dict], ReadReport]:
+def read_records(paths, kind: str, on_error: str = "skip", check: Callable | None = None
+                 ) -> tuple[list[dict], ReadReport]:
     """JSONL (`.jsonl`, `.json`) or ArrayRecord (`.array_record`, `.arrayrecord`) by file extension."""
     paths = _as_paths(paths)
     exts = {os.path.splitext(p)[1].lower() for p in paths}
     if exts <= {".jsonl", ".json"}:
-        return read_jsonl(paths, kind, on_error)
+        return read_jsonl(paths, kind, on_error, check)
     if exts <= {".array_record", ".arrayrecord"}:
-        return read_array_record(paths, kind, on_error)
+        return read_array_record(paths, kind, on_error, check)
     raise ValueError(f"input files: cannot tell the format of extension(s) {sorted(exts)} "
                      f"(use .jsonl or .array_record, one format per call)")
 

@@ -1,13 +1,22 @@
 """The tokenizer interface: SentencePiece (trained in-process and cached) or a Hugging Face tokenizer.json.
 
-Every tokenizer exposes `vocab_size`, `pad_id`, `bos_id`, `eos_id`, `encode(text) -> list[int]` (no special
-tokens added) and `decode(ids) -> str` (special tokens dropped). The ids follow the convention of the rest of
+Every tokenizer exposes `vocab_size`, `pad_id`, `bos_id`, `eos_id`, `encode(text, special=False) -> list[int]`
+(`special=True`: with the tokens the tokenizer puts around a text of its own accord, BOS for SentencePiece, its
+post-processor's for a Hugging Face tokenizer), `decode(ids) -> str` (special tokens dropped) and `chat_template`
+(the Jinja chat template of a Hugging Face checkpoint, or None). The ids follow the convention of the rest of
 nash-lm where we choose them (`train_sentencepiece`: 0 = PAD, 1 = BOS, 2 = EOS, 3 = UNK).
 
 - `train_sentencepiece(texts, vocab_size, cache_dir)` trains a SentencePiece model in this process (no
   download), writes it to `cache_dir/spm-<hash>.model` keyed by a hash of the texts and options, and reloads
   the cached file on later calls with the same inputs (training is deterministic: one thread, no sampling).
-- `HFTokenizer(path)` reads a `tokenizer.json` (the `tokenizers` package) and finds its special tokens by name.
+- `HFTokenizer(path)` reads a `tokenizer.json` (the `tokenizers` package). Its special tokens and chat template
+  come from the `tokenizer_config.json` beside it (`bos_token`, `eos_token`, `pad_token`, `chat_template`, or a
+  `chat_template.jinja` file) when there is one, else from the usual token names. For a chat model the EOS is
+  the end-of-turn token its config names (SmolLM2: `<|im_end|>`), which is where the sampler stops.
+- `render_chat(tokenizer, prompt)` renders a one-turn conversation (the prompt as the user's message) with the
+  generation prompt, as transformers' `apply_chat_template(..., add_generation_prompt=True)` does (a sandboxed
+  Jinja environment with the same options); the rendered text contains the special tokens as text, which
+  `encode` maps to their ids.
 - `load(spec)` picks by file name: `*.model` -> SentencePiece, `*.json` -> Hugging Face.
 - `check_fits(tokenizer, model_vocab_size)` raises a one-line ValueError when the tokenizer can produce ids
   that the model's embedding does not have. Call it before anything is compiled.
@@ -28,7 +37,9 @@ class Tokenizer(Protocol):
     bos_id: int
     eos_id: int
 
-    def encode(self, text: str) -> list[int]: ...
+    chat_template: str | None
+
+    def encode(self, text: str, special: bool = False) -> list[int]: ...
 
     def decode(self, ids: Sequence[int]) -> str: ...
 
@@ -52,12 +63,13 @@ class SentencePieceTokenizer:
         self.vocab_size = int(self._sp.get_piece_size())
         self.pad_id, self.bos_id, self.eos_id = self._sp.pad_id(), self._sp.bos_id(), self._sp.eos_id()
         self.unk_id = self._sp.unk_id()
+        self.chat_template = None
         if min(self.pad_id, self.bos_id, self.eos_id) < 0:
             raise ValueError(f"SentencePiece model {self.path or '<bytes>'}: needs pad, bos and eos ids "
                              f"(got pad={self.pad_id}, bos={self.bos_id}, eos={self.eos_id})")
 
-    def encode(self, text: str) -> list[int]:
-        return list(self._sp.encode(text, out_type=int))
+    def encode(self, text: str, special: bool = False) -> list[int]:
+        return ([self.bos_id] if special else []) + list(self._sp.encode(text, out_type=int))
 
     def decode(self, ids: Sequence[int]) -> str:
         special = {self.pad_id, self.bos_id, self.eos_id}
@@ -129,9 +141,12 @@ class HFTokenizer:
         self.path = os.fspath(path)
         self._tok = _Tok.from_file(self.path)
         self.vocab_size = int(self._tok.get_vocab_size(with_added_tokens=True))
+        config = _tokenizer_config(os.path.dirname(self.path))
+        self.chat_template = config.get("chat_template")
         given = {"pad": pad_token, "bos": bos_token, "eos": eos_token}
         for role, names in _HF_NAMES.items():
-            candidates = (given[role],) if given[role] else names
+            named = _token_content(config.get(f"{role}_token"))
+            candidates = (given[role],) if given[role] else ((named,) if named else ()) + names
             ids = [self._tok.token_to_id(n) for n in candidates]
             found = [i for i in ids if i is not None]
             if not found:
@@ -139,8 +154,11 @@ class HFTokenizer:
                                  f"pass {role}_token=")
             setattr(self, f"{role}_id", int(found[0]))
 
-    def encode(self, text: str) -> list[int]:
-        return list(self._tok.encode(text, add_special_tokens=False).ids)
+    def encode(self, text: str, special: bool = False) -> list[int]:
+        return list(self._tok.encode(text, add_special_tokens=special).ids)
+
+    def token(self, i: int) -> str:
+        return self._tok.id_to_token(int(i))
 
     def decode(self, ids: Sequence[int]) -> str:
         special = {self.pad_id, self.bos_id, self.eos_id}
@@ -148,6 +166,63 @@ class HFTokenizer:
 
     def __repr__(self) -> str:
         return f"HFTokenizer({self.path}, vocab_size={self.vocab_size})"
+
+
+def _token_content(token) -> str | None:
+    """A special token of tokenizer_config.json: a string or {"content": string, ...}."""
+    if isinstance(token, dict):
+        token = token.get("content")
+    return token if isinstance(token, str) and token else None
+
+
+def _tokenizer_config(directory: str) -> dict:
+    """The tokenizer_config.json of a Hugging Face checkpoint directory ({} when absent), with its chat template
+    resolved: the `chat_template` string, the 'default' one of a list of named templates, or chat_template.jinja."""
+    import json
+
+    path = os.path.join(directory, "tokenizer_config.json")
+    config = {}
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            try:
+                config = json.load(f)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}: invalid JSON ({e.msg} at line {e.lineno})") from None
+    template = config.get("chat_template")
+    if isinstance(template, list):
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        template = named.get("default")
+    jinja = os.path.join(directory, "chat_template.jinja")
+    if not isinstance(template, str) and os.path.isfile(jinja):
+        with open(jinja, encoding="utf-8") as f:
+            template = f.read()
+    config["chat_template"] = template if isinstance(template, str) and template.strip() else None
+    return config
+
+
+def render_chat(tokenizer: Tokenizer, prompt: str) -> str:
+    """The tokenizer's chat template applied to one user turn holding `prompt`, ending with the generation prompt
+    (the text the assistant's answer follows)."""
+    import jinja2
+    import jinja2.ext
+    import jinja2.sandbox
+
+    if not tokenizer.chat_template:
+        raise ValueError(f"{tokenizer!r}: has no chat template")
+
+    def raise_exception(message):
+        raise ValueError(f"chat template of {tokenizer!r}: {message}")
+
+    env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                                       extensions=[jinja2.ext.loopcontrols])
+    env.globals["raise_exception"] = raise_exception
+    special = {f"{role}_token": tokenizer.token(getattr(tokenizer, f"{role}_id")) for role in ("bos", "eos", "pad")}
+    try:
+        template = env.from_string(tokenizer.chat_template)
+        return template.render(messages=[{"role": "user", "content": prompt}], add_generation_prompt=True,
+                               **special)
+    except jinja2.TemplateError as e:
+        raise ValueError(f"chat template of {tokenizer!r}: {str(e).splitlines()[0]}") from None
 
 
 def load(spec: str, **kwargs) -> Tokenizer:

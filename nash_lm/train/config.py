@@ -2,8 +2,12 @@
 
 A training config (`configs/*.py`, `job = "train"`) holds
 
-    seed, model, judge_model, data, mesh, rules (logical-axis rules, e.g. "batch=data+fsdp,embed=fsdp"; "" = the
+    seed, model, judge_model, mesh, rules (logical-axis rules, e.g. "batch=data+fsdp,embed=fsdp"; "" = the
     defaults of nash_lm.parallel), peak_tflops, async_checkpoints,
+    data      kind 'synthetic' (SyntheticConfig: generated token data, for tests and the tiny pipeline) or
+              'records' (the user's files: every stage names its `train_data` and `eval_data`, JSONL or
+              ArrayRecord; tokenizer, chat template, truncation and the bad-row policy are fields of
+              `nash_lm.train.data.RecordsConfig`),
     pipeline  "sft,pm,rm,nash_md"   (comma-separated stage names, run in this order)
     stages    {name: stage config}
 
@@ -56,6 +60,8 @@ _COMMON = dict(
     b1=0.9,
     b2=0.999,
     init="",  # stage whose output parameters initialise this one ('' = random init), or 'hf:/abs/checkpoint_dir'
+    train_data="",  # records files (config.data.kind = 'records'): comma-separated JSONL / ArrayRecord paths
+    eval_data="",
     log_every=10,
     checkpoint_every=50,
     keep_checkpoints=2,
@@ -206,11 +212,20 @@ def parse_rules(text: str, where: str = "config.rules"):
     return tuple(rules)
 
 
-def data_config(config) -> SyntheticConfig:
+DATA_KINDS = ("synthetic", "records")
+
+
+def data_config(config):
+    """`config.data` checked: a `SyntheticConfig` (kind 'synthetic', the default) or a
+    `nash_lm.train.data.RecordsConfig` (kind 'records': every stage names its files)."""
     given = dict(config.data)
     kind = given.pop("kind", "synthetic")
-    if kind != "synthetic":
-        _fail("config.data.kind", f"only 'synthetic' is available here, got {kind!r}")
+    if kind not in DATA_KINDS:
+        _fail("config.data.kind", f"{kind!r} not in {list(DATA_KINDS)}")
+    if kind == "records":
+        from nash_lm.train import data as data_lib
+
+        return data_lib.records_config(given)
     fields = {f.name for f in dataclasses.fields(SyntheticConfig)}
     unknown = sorted(set(given) - fields)
     if unknown:
@@ -240,6 +255,17 @@ def stage_fingerprint(config, name: str) -> dict:
         "seed": config.seed,
         "inputs": {},
     }
+    if config.data.get("kind", "synthetic") == "records":
+        from nash_lm.train import data as data_lib
+
+        for field in ("train_data", "eval_data"):
+            files = data_lib.paths(st[field])
+            if files and all(os.path.isfile(f) for f in files):
+                fp["inputs"][field] = {"files": files, "sha256": data_lib.files_sha256(files)}
+        if config.data.get("tokenizer", ""):
+            tok = os.path.abspath(os.path.expanduser(config.data.tokenizer))
+            if os.path.isfile(tok):
+                fp["inputs"]["tokenizer"] = {"file": tok, "sha256": data_lib.files_sha256([tok])}
     for field in ("init", "ref", "judge"):
         ref = st.get(field, "")
         if field in ("init", "ref") and ref.startswith(HF_PREFIX):

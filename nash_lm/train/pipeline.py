@@ -7,9 +7,11 @@ exists is skipped and its record returned; the others resume from their latest c
 call `run` several times (the docstring jobs build pair data between stages) and read stage outputs with
 `params(name)`.
 
-- Data: a mapping (or a callable) from (kind, split) to arrays, kind 'sft' | 'pairs' | 'prompts' and split
-  'train' | 'eval'; without one, the synthetic data of `config.data`. A stage gets its two splits through its
-  constructor, checked against its batch size first.
+- Data (`nash_lm.train.data`): a stage that names records files (`train_data`, `eval_data`; `config.data.kind
+  = 'records'`) reads those, already checked by `resolve`. Otherwise a mapping (or a callable) from (kind, split)
+  to arrays, kind 'sft' | 'pairs' | 'prompts' and split 'train' | 'eval', handed over by the job; without one,
+  the synthetic data of `config.data`. A stage gets its two splits through its constructor, checked against its
+  batch size first.
 - Host oracle: the Python callable P(y > y' | x) on numpy arrays that stages with `judge = 'host_oracle'` call
   between the compiled pieces of their step.
 - SIGTERM: from construction to `close()` a SIGTERM sets a flag; the running stage checkpoints its current step
@@ -17,7 +19,7 @@ call `run` several times (the docstring jobs build pair data between stages) and
   on `Preempted`; the same command resumes.
 
 `run(config, workdir)` is the `train` job (`nash_lm.main.JOBS`): the whole `config.pipeline` on synthetic data
-(or `hf:` checkpoints), `WORKDIR/config.json` first and `WORKDIR/summary.json` last (final metrics per stage,
+or the stages' records files (from random initialisations or `hf:` checkpoints), `WORKDIR/config.json` first and `WORKDIR/summary.json` last (final metrics per stage,
 wall time, the config hash, `policy_params_sha256` of the last language-model stage).
 
 Several processes (`nash_lm.distributed`): every process runs this same code on one global mesh; JSON files,
@@ -36,6 +38,7 @@ from absl import logging
 from nash_lm import distributed, parallel
 from nash_lm.data import synthetic
 from nash_lm.train import config as cfg_lib
+from nash_lm.train import data as data_lib
 from nash_lm.train import inputs as inputs_lib
 from nash_lm.train import metrics as metrics_lib
 from nash_lm.train import spec as spec_lib
@@ -106,8 +109,12 @@ class Pipeline:
                     continue
                 spec = self.spec.stages[name]
                 kind = spec.algorithm.data
-                stage_data = {(kind, split): provider(kind, split) for split in ("train", "eval")}
-                check_data(spec, {k: v for k, v in stage_data.items() if v is not None})
+                if name in self.spec.sources:  # records files the stage names
+                    stage_data = {(kind, split): src for split, src in self.spec.sources[name].items()}
+                else:
+                    stage_data = {(kind, split): provider(kind, split) for split in ("train", "eval")}
+                stage_data = {k: data_lib.as_source(v) for k, v in stage_data.items() if v is not None}
+                check_data(spec, stage_data)
                 if self._writer is None:
                     self._writer = metrics_lib.MetricsWriter(self.workdir)
                 stage = Stage(spec, self.spec, stage_data, self._writer, self.host_oracle, self.peak_flops)

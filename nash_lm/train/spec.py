@@ -32,8 +32,10 @@ import numpy as np
 
 from nash_lm import parallel
 from nash_lm.data import synthetic
+from nash_lm.data import tokenizer as tokenizer_lib
 from nash_lm.train import algorithms, schedules
 from nash_lm.train import config as cfg_lib
+from nash_lm.train import data as data_lib
 from nash_lm.train.config import HF_PREFIX, HOST_ORACLE, ORACLE_PREFIXES, _fail
 
 
@@ -86,6 +88,8 @@ class RunSpec:
     decode_rules: Any = None  # the sampler's layout of the policy steps (None: the training layout)
     pad_id: int = synthetic.PAD_ID  # the token ids of the data's tokenizer (the sampler's padding and stop)
     eos_id: int = synthetic.EOS_ID
+    sources: dict = dataclasses.field(default_factory=dict)  # stage -> {split: data.RecordSource} (records runs)
+    tokenizer: Any = None  # the records run's tokenizer
 
     @property
     def order(self) -> list[str]:
@@ -308,9 +312,10 @@ def resolve(config, workdir: str, *, origins: dict | None = None, host_oracle: b
     dp = data_parallel_size(mesh, rules)
     decode_rules = cfg_lib.decode_rules(config, mesh)
     data = cfg_lib.data_config(config)
+    records = isinstance(data, data_lib.RecordsConfig)
     for key in ("model", "judge_model"):
         mc = cfg_lib.model_config(config, key)
-        if mc.vocab_size != data.vocab_size:
+        if not records and mc.vocab_size != data.vocab_size:
             _fail(f"config.{key}.vocab_size", f"{mc.vocab_size} != config.data.vocab_size {data.vocab_size}")
         arch = cfg_lib.model_architecture(config, key)
         if key == "judge_model" and arch != "llama":
@@ -355,7 +360,13 @@ def resolve(config, workdir: str, *, origins: dict | None = None, host_oracle: b
                 cfg_lib.check_hf_input(config, name, field, where(field))
         if st.batch_size % dp:
             _fail(where("batch_size"), f"{st.batch_size} is not divisible by the data-parallel size {dp}")
-        if not provided_data and st.batch_size > data.n_examples:
+        for field in data_lib.SPLIT_FIELD.values():
+            if st[field] and not records:
+                _fail(where(field), "names records files, which need config.data.kind = 'records'")
+            if records and not provided_data and not st[field]:
+                _fail(where(field), f"required with config.data.kind = 'records' (JSONL or ArrayRecord files of "
+                                    f"{data_lib.RECORD_KIND[alg.data]!r} records)")
+        if not records and not provided_data and st.batch_size > data.n_examples:
             _fail(where("batch_size"), f"{st.batch_size} exceeds data.n_examples {data.n_examples}")
         if "max_new_tokens" in st and st.max_new_tokens > data.response_len:
             _fail(where("max_new_tokens"), f"{st.max_new_tokens} exceeds data.response_len {data.response_len}")
@@ -364,7 +375,34 @@ def resolve(config, workdir: str, *, origins: dict | None = None, host_oracle: b
             name=name, algorithm=alg, st=st, model=cfg_lib.model_config(config, model_key),
             architecture=cfg_lib.model_architecture(config, model_key), seed=stage_seed(config, name),
             init=init, ref=ref, judge=judge, fingerprint=fp, fingerprint_hash=cfg_lib.fingerprint_hash(fp))
+    tokens = {}
+    if records:
+        tokens = _records(config, data, stages, wheres)
     if os.path.isdir(workdir):
         _check_workdir(config, workdir, order)
     return RunSpec(config=config, workdir=workdir, mesh=mesh, rules=rules, data=data, stages=stages,
-                   data_parallel=dp, decode_rules=decode_rules)
+                   data_parallel=dp, decode_rules=decode_rules, **tokens)
+
+
+def _records(config, data, stages: dict, wheres) -> dict:
+    """The tokenizer of a records run checked against the models, and every stage's records read and checked."""
+    hf_dirs = [inp.value for s in stages.values() for inp in (s.init, s.ref) if inp is not None and inp.kind == "hf"]
+    tok = data_lib.run_tokenizer(data, hf_dirs)
+    for key in ("model", "judge_model"):
+        tokenizer_lib.check_fits(tok, cfg_lib.model_config(config, key).vocab_size, "config.data.tokenizer")
+    p, r = data.prompt_len, data.response_len
+    needs = {"model": p + r}
+    if any(s.algorithm.produces == "preference" for s in stages.values()):
+        needs["judge_model"] = p + 2 * r  # the preference model reads (x, y, y') in one sequence
+    for key, length in needs.items():
+        max_len = cfg_lib.model_config(config, key).max_len
+        if length > max_len:
+            _fail("config.data.prompt_len", f"prompt_len {p} + {'2 x ' if length > p + r else ''}response_len {r} = "
+                                            f"{length} tokens exceed config.{key}.max_len {max_len}")
+    chat = bool(data.chat_template and tok.chat_template)
+    fmt = data_lib.TextFormat(tok, p, r, chat, data.truncation)
+    read = {}
+    for name, s in stages.items():
+        if s.st.train_data:
+            read[name] = data_lib.read_stage(name, s.st, s.algorithm.data, data, fmt, s.seed, wheres(name)[0])
+    return dict(sources=read, tokenizer=tok, pad_id=int(tok.pad_id), eos_id=int(tok.eos_id))

@@ -13,9 +13,10 @@
 4. the final checkpoint, the params export (`export/`: policy, and the EMA when the algorithm keeps one), the
    held-out evaluation (`nash_lm.train.evaluate`) and `done.json` (final metrics, evaluation, parameter hashes).
 
-`data` maps (kind, split) to the stage's arrays, kind its algorithm's `data` ('sft', 'pairs', 'prompts') and
-split 'train' or 'eval'; batches are drawn by `nash_lm.data.synthetic.BatchIterator` (a seeded permutation per
-epoch, its position checkpointed).
+`data` maps (kind, split) to the stage's sources (`nash_lm.train.data`: arrays or records files), kind its
+algorithm's `data` ('sft', 'pairs', 'prompts') and split 'train' or 'eval'; the training batches come from the
+source's iterator (a seeded permutation of arrays, or a grain pipeline over records), whose state is
+checkpointed with the parameters, so a resumed stage draws the batches an uninterrupted one would.
 """
 from __future__ import annotations
 
@@ -28,8 +29,8 @@ import numpy as np
 from absl import logging
 
 from nash_lm import distributed
-from nash_lm.data import synthetic
 from nash_lm.train import algorithms
+from nash_lm.train import data as data_lib
 from nash_lm.train import checkpoint as ckpt_lib
 from nash_lm.train.compile import StageProgram
 from nash_lm.train.evaluate import Evaluator
@@ -52,12 +53,13 @@ def _agreed(flag: bool) -> bool:
 
 
 def check_data(spec: StageSpec, data: dict) -> None:
-    """The stage's data exists and holds at least one batch (one line naming the field otherwise)."""
+    """The stage's data (`nash_lm.train.data` sources) exists and holds at least one batch (one line naming the
+    field otherwise)."""
     kind = spec.algorithm.data
     for split in ("train", "eval"):
         if (kind, split) not in data:
             raise ValueError(f"config.stages.{spec.name}: no {kind!r} data for the {split!r} split")
-        n = len(next(iter(data[(kind, split)].values())))
+        n = len(data[(kind, split)])
         if spec.batch_size > n:
             raise ValueError(f"config.stages.{spec.name}.batch_size: {spec.batch_size} exceeds the {n} "
                              f"{split} examples of its {kind!r} data")
@@ -69,13 +71,13 @@ class Stage:
         self.host_oracle = host_oracle
         self.dir = stage_dir(run.workdir, spec.name)
         kind = spec.algorithm.data
-        self.train_data, self.eval_data = data[(kind, "train")], data[(kind, "eval")]
+        self.train_data, self.eval_data = (data_lib.as_source(data[(kind, split)]) for split in ("train", "eval"))
 
     def build(self):
         """Inputs and program (reads the input exports; compiles nothing)."""
         self.inputs = StageInputs(self.spec, self.run_spec, self.host_oracle)
-        self.program = StageProgram(self.spec, self.run_spec, self.inputs, self.train_data)
-        self.evaluate = Evaluator(self.spec, self.inputs, self.program, self.eval_data)
+        self.program = StageProgram(self.spec, self.run_spec, self.inputs, self.train_data.example())
+        self.evaluate = Evaluator(self.spec, self.inputs, self.program, self.eval_data.arrays())
         return self
 
     def step_flops(self) -> float:
@@ -92,7 +94,7 @@ class Stage:
         st = spec.st
         ckpt = ckpt_lib.Checkpointer(os.path.join(self.dir, "checkpoints"), keep=st.keep_checkpoints,
                                      async_save=bool(self.run_spec.config.async_checkpoints))
-        iterator = synthetic.BatchIterator(self.train_data, st.batch_size, spec.seed, "train")
+        iterator = self.train_data.batches(st.batch_size, spec.seed, self.program.batch_sh)
         latest = ckpt.latest_step()
         if latest is not None:
             mut, data_state, meta = ckpt.restore(latest, self.program.abstract_mut)
@@ -123,7 +125,7 @@ class Stage:
                    disable=not distributed.is_primary())
         t_last, steps_since = time.perf_counter(), 0
         while step < st.steps:
-            batch = distributed.global_batch_from_full(next(iterator), self.program.batch_sh)
+            batch = next(iterator)
             mut, metrics = train_step(mut, batch)
             step += 1
             steps_since += 1
@@ -190,6 +192,10 @@ class Stage:
             "eval": {k: float(v) for k, v in evaluation.items()},
             "policy_params_sha256": ckpt_lib.params_sha256(mut.policy),
         }
+        reports = {split: data_lib.report_json(src) for split, src in (("train", self.train_data),
+                                                                       ("eval", self.eval_data))}
+        if any(reports.values()):
+            done["data"] = reports
         if mut.ema is not None:
             done["ema_params_sha256"] = ckpt_lib.params_sha256(mut.ema)
         distributed.write_json(os.path.join(self.dir, "done.json"), done)
