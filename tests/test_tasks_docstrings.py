@@ -186,7 +186,7 @@ def test_token_oracle_matches_text_rater(corpus, tmp_path):
     tok = tokenizer.train_sentencepiece([e["prompt"] + " " + e["response"] for e in examples], 200,
                                         str(tmp_path))
     r = rater_lib.Rater(examples, noise=0.1)
-    oracle = rater_lib.token_oracle(r, tok, examples, prompt_len=16)
+    oracle = rater_lib.token_oracle(r, features.TextFormat(tok, 16, 40), examples)
     arr = features.to_arrays([{"prompt": e["prompt"], "chosen": e["response"], "rejected": examples[-1 - i]["response"]}
                               for i, e in enumerate(examples[:10])], "preference", tok, 16, 40)
     got = oracle(arr["prompt"], arr["prompt_mask"], arr["y"], arr["y_mask"], arr["y2"], arr["y2_mask"])

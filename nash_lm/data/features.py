@@ -21,9 +21,11 @@ that has a chat template, the template's rendering of a one-turn conversation wi
                 `path:line: reason`
 
 Responses longer than `response_len - 1` tokens are cut at `response_len` without EOS (the mask then covers the
-whole row), as in the synthetic data. `TextFormat` bundles these choices for a data config.
+whole row), as in the synthetic data. `TextFormat` bundles the tokenizer, the lengths and these choices.
 """
 from __future__ import annotations
+
+import dataclasses
 
 import numpy as np
 
@@ -130,3 +132,29 @@ def to_arrays(rows, kind: str, tokenizer, prompt_len: int, response_len: int, se
     if not feats:
         raise ValueError(f"to_arrays: no {kind} records")
     return {k: np.stack([f[k] for f in feats]) for k in feats[0]}
+
+
+@dataclasses.dataclass(frozen=True)
+class TextFormat:
+    """How text becomes token rows: a tokenizer, the lengths, the chat template switch and the prompt truncation."""
+
+    tokenizer: object
+    prompt_len: int
+    response_len: int
+    chat: bool = False
+    truncation: str = "keep_start"
+
+    def prompt(self, text: str) -> tuple[np.ndarray, np.ndarray]:
+        return encode_prompt(self.tokenizer, text, self.prompt_len, chat=self.chat, truncation=self.truncation)
+
+    def featurizer(self, kind: str, seed: int = 0) -> Featurizer:
+        return Featurizer(kind, self.tokenizer, self.prompt_len, self.response_len, seed, chat=self.chat,
+                          truncation=self.truncation)
+
+    def arrays(self, rows, kind: str, seed: int = 0) -> dict:
+        return to_arrays(rows, kind, self.tokenizer, self.prompt_len, self.response_len, seed, chat=self.chat,
+                         truncation=self.truncation)
+
+    def check(self, record: dict) -> None:
+        """Raises RecordError for a prompt that `truncation = 'error'` refuses."""
+        self.prompt(record["prompt"])

@@ -295,12 +295,11 @@ def _run_rounds(config, pipe: Pipeline, arms, task_hash: str, t0: float) -> dict
 
     # round 0 inputs: corpus, tokenizer, arrays (as the docstrings job builds them)
     d = pipeline.prepare_docstrings(config, workdir, "online_lm")
-    corpus, tok, plen, rlen = d.corpus, d.tokenizer, d.prompt_len, d.response_len
+    corpus, tok, rlen = d.corpus, d.tokenizer, d.response_len
     test_ex = d.splits["test"]
     sft = {s: d.arrays[("sft", s)] for s in ("train", "eval")}
     prompts = {s: d.arrays[("prompts", s)] for s in ("train", "eval")}
-    oracle = rater_lib.token_oracle(rater_lib.Rater(corpus, noise=task.rater_noise, seed=task.seed), tok, corpus,
-                                    plen)
+    oracle = rater_lib.token_oracle(rater_lib.Rater(corpus, noise=task.rater_noise, seed=task.seed), d.fmt, corpus)
     fp = {name: spec.fingerprint_hash for name, spec in pipe.spec.stages.items()}
     results, held_out = {}, {}
 
@@ -375,10 +374,9 @@ def _run_rounds(config, pipe: Pipeline, arms, task_hash: str, t0: float) -> dict
                 round_rows[arm]["mean_candidate_score"] = float(arrays["enhancer_scores"].mean())
         # the round's main agents against sft, judged by the rater on the held-out test prompts
         mains = list(dict.fromkeys(row["main"] for row in round_rows.values()))
-        policies = {"sft": pipeline.TextSampler(gd, mu, tok, plen, rlen, tconf.temperature)}
+        policies = {"sft": pipeline.TextSampler(gd, mu, d.fmt, rlen, tconf.temperature)}
         for name in mains:
-            policies[name] = pipeline.TextSampler(gd, pipe.params(name)[1], tok, plen, rlen,
-                                                  tconf.temperature)
+            policies[name] = pipeline.TextSampler(gd, pipe.params(name)[1], d.fmt, rlen, tconf.temperature)
         result = tournament.run(policies, test_prompts, judge_rater, samples_per_prompt=tconf.samples_per_prompt,
                                 seed=task.seed + r, method=tconf.ci_method)
         for arm, row in round_rows.items():

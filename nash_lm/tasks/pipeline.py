@@ -79,32 +79,34 @@ def in_batches(fn, arrays: list, batch_size: int) -> list:
 
 
 class TextSampler:
-    """A tournament policy: prompts (strings) -> one sampled completion each, from an lm export."""
+    """A tournament policy: prompts (strings) -> one sampled completion each, from an lm export; prompts are
+    encoded by `fmt` (`nash_lm.data.features.TextFormat`), sampling stops at its tokenizer's EOS."""
 
-    def __init__(self, graphdef, params, tok, prompt_len: int, max_new_tokens: int, temperature: float,
-                 batch_size: int = 256):
-        self.graphdef, self.params, self.tok = graphdef, params, tok
-        self.prompt_len, self.batch_size = prompt_len, batch_size
-        self.max_new_tokens, self.temperature = max_new_tokens, temperature
+    def __init__(self, graphdef, params, fmt, max_new_tokens: int, temperature: float, batch_size: int = 256):
+        self.graphdef, self.params, self.fmt = graphdef, params, fmt
+        self.batch_size, self.max_new_tokens, self.temperature = batch_size, max_new_tokens, temperature
 
     def __call__(self, prompts, seed):
-        rows = [features.encode_prompt(self.tok, p, self.prompt_len) for p in prompts]
+        rows = [self.fmt.prompt(p) for p in prompts]
         toks = np.stack([r[0] for r in rows])
         masks = np.stack([r[1] for r in rows]).astype(np.int32)
+        tok = self.fmt.tokenizer
         tokens, mask = sample_tokens(self.graphdef, self.params, toks, masks, jax.random.PRNGKey(seed),
-                                     self.max_new_tokens, self.temperature, self.batch_size)
-        return [features.decode_response(self.tok, tokens[j], mask[j]) for j in range(len(prompts))]
+                                     self.max_new_tokens, self.temperature, self.batch_size, eos_id=tok.eos_id,
+                                     pad_id=tok.pad_id)
+        return [features.decode_response(tok, tokens[j], mask[j]) for j in range(len(prompts))]
 
 
 @functools.lru_cache(maxsize=None)
-def _sampler(max_new_tokens, temperature):
-    return sampling.sample_jit(max_new_tokens=max_new_tokens, eos_id=EOS_ID, pad_id=PAD_ID, temperature=temperature)
+def _sampler(max_new_tokens, temperature, eos_id, pad_id):
+    return sampling.sample_jit(max_new_tokens=max_new_tokens, eos_id=eos_id, pad_id=pad_id, temperature=temperature)
 
 
-def sample_tokens(graphdef, params, prompt, prompt_mask, key, max_new_tokens, temperature=1.0, batch_size=256):
+def sample_tokens(graphdef, params, prompt, prompt_mask, key, max_new_tokens, temperature=1.0, batch_size=256,
+                  eos_id=EOS_ID, pad_id=PAD_ID):
     """(tokens [N, T] int, mask [N, T] float32) of one sample per prompt row, in batches of `batch_size` (each
     batch with its own key split from `key`)."""
-    fn = _sampler(max_new_tokens, temperature)
+    fn = _sampler(max_new_tokens, temperature, eos_id, pad_id)
 
     def one(t, m):
         nonlocal key
@@ -117,11 +119,15 @@ def sample_tokens(graphdef, params, prompt, prompt_mask, key, max_new_tokens, te
             np.concatenate([c[1] for c in chunks]).astype(np.float32))
 
 
-def sample_pairs(graphdef, params, prompts: dict, per_prompt: int, k1, k2, response_len: int) -> dict:
-    """`per_prompt` pairs y ~ pi (key k1), y' ~ pi (key k2) for every prompt row of {prompt, prompt_mask}."""
+def sample_pairs(graphdef, params, prompts: dict, per_prompt: int, k1, k2, response_len: int, batch_size=256,
+                 **ids) -> dict:
+    """`per_prompt` pairs y ~ pi (key k1), y' ~ pi (key k2) for every prompt row of {prompt, prompt_mask}
+    (`ids`: the tokenizer's `eos_id` / `pad_id` when not the synthetic ones)."""
     src = {k: np.repeat(prompts[k], per_prompt, axis=0) for k in ("prompt", "prompt_mask")}
-    y, ym = sample_tokens(graphdef, params, src["prompt"], src["prompt_mask"], k1, response_len)
-    y2, y2m = sample_tokens(graphdef, params, src["prompt"], src["prompt_mask"], k2, response_len)
+    y, ym = sample_tokens(graphdef, params, src["prompt"], src["prompt_mask"], k1, response_len, 1.0, batch_size,
+                          **ids)
+    y2, y2m = sample_tokens(graphdef, params, src["prompt"], src["prompt_mask"], k2, response_len, 1.0, batch_size,
+                            **ids)
     return {**src, "y": y, "y_mask": ym, "y2": y2, "y2_mask": y2m}
 
 
@@ -141,38 +147,72 @@ def label_pairs(oracle, pairs: dict, seed_parts, desc: str = "labels", chunk: in
 
 @dataclasses.dataclass
 class DocstringData:
-    """What both docstring jobs build first: the corpus and its splits, the tokenizer, and the token arrays
-    `arrays[(kind, split)]` for kind in {'sft', 'prompts'} and split in {'train' (train), 'eval' (valid)}."""
+    """What both docstring jobs build first: the corpus and its splits, the text format (tokenizer, lengths,
+    chat template, truncation), and the token arrays `arrays[(kind, split)]` for kind in {'sft', 'prompts'} and
+    split in {'train' (train), 'eval' (valid)}."""
 
     corpus: list
     splits: dict
-    tokenizer: object
-    prompt_len: int
-    response_len: int
+    fmt: features.TextFormat
     arrays: dict
+
+    @property
+    def tokenizer(self):
+        return self.fmt.tokenizer
+
+    @property
+    def prompt_len(self) -> int:
+        return self.fmt.prompt_len
+
+    @property
+    def response_len(self) -> int:
+        return self.fmt.response_len
+
+    @property
+    def ids(self) -> dict:
+        """The tokenizer's stop and padding ids, for the samplers."""
+        return {"eos_id": self.fmt.tokenizer.eos_id, "pad_id": self.fmt.tokenizer.pad_id}
+
+
+def _task_tokenizer(config, cache: str, train_examples: list):
+    """`config.task.tokenizer`: '' (default) trains a SentencePiece model on the training split (cached);
+    'checkpoint' takes the tokenizer.json (and chat template) of the SFT stage's `hf:` checkpoint."""
+    which = config.task.get("tokenizer", "")
+    if which == "":
+        return tokenizer_lib.train_sentencepiece([e["prompt"] + "\n" + e["response"] for e in train_examples],
+                                                 config.task.tokenizer_vocab_size, cache)
+    if which != "checkpoint":
+        raise ValueError(f"config.task.tokenizer: expected '' (train SentencePiece) or 'checkpoint', got {which!r}")
+    init = config.train.stages.sft.init
+    if not init.startswith(cfg_lib.HF_PREFIX):
+        raise ValueError(f"config.task.tokenizer: 'checkpoint' needs config.train.stages.sft.init = 'hf:/dir', got "
+                         f"{init!r}")
+    return tokenizer_lib.HFTokenizer(os.path.join(cfg_lib.hf_path(init, "config.train.stages.sft.init"),
+                                                  "tokenizer.json"))
 
 
 def prepare_docstrings(config, workdir: str, tag: str) -> DocstringData:
-    """Corpus (cached in WORKDIR/cache), SentencePiece tokenizer (checked against both model vocabularies) and
-    the SFT / prompt arrays of `config.task` and `config.train`."""
+    """Corpus (cached in WORKDIR/cache), tokenizer (checked against both model vocabularies) and the SFT / prompt
+    arrays of `config.task` and `config.train` (prompts through the tokenizer's chat template when
+    `config.task.chat_template` is set and it has one; too-long prompts keep their end then)."""
     cache = os.path.join(workdir, "cache")
     print(f"[{tag}] harvesting the standard library's docstrings", flush=True)
     corpus = docstrings.load(cache, docstrings.CorpusConfig(**config.task.corpus.to_dict()).validate())
     splits = {s: docstrings.split(corpus, s) for s in docstrings.SPLITS}
     print(f"[{tag}] corpus: " + " / ".join(f"{len(v)} {k}" for k, v in splits.items()), flush=True)
     tcfg = config.train
-    tok = tokenizer_lib.train_sentencepiece([e["prompt"] + "\n" + e["response"] for e in splits["train"]],
-                                            config.task.tokenizer_vocab_size, cache)
+    tok = _task_tokenizer(config, cache, splits["train"])
     tokenizer_lib.check_fits(tok, tcfg.model.vocab_size)
     tokenizer_lib.check_fits(tok, tcfg.judge_model.vocab_size, "config.train.judge_model.vocab_size")
-    plen, rlen = int(tcfg.data.prompt_len), int(tcfg.data.response_len)
+    chat = bool(config.task.get("chat_template", False) and tok.chat_template)
+    fmt = features.TextFormat(tok, int(tcfg.data.prompt_len), int(tcfg.data.response_len), chat,
+                              "keep_end" if chat else "keep_start")
     arrays = {}
     for split, name in (("train", "train"), ("eval", "valid")):
-        sft = features.to_arrays([{"prompt": e["prompt"], "response": e["response"]} for e in splits[name]], "sft",
-                                 tok, plen, rlen)
+        sft = fmt.arrays([{"prompt": e["prompt"], "response": e["response"]} for e in splits[name]], "sft")
         arrays[("sft", split)] = sft
         arrays[("prompts", split)] = {k: sft[k] for k in ("prompt", "prompt_mask")}
-    return DocstringData(corpus, splits, tok, plen, rlen, arrays)
+    return DocstringData(corpus, splits, fmt, arrays)
 
 
 def run_docstrings(config, workdir: str) -> dict:
@@ -183,20 +223,25 @@ def run_docstrings(config, workdir: str) -> dict:
     k_pairs = int(task.pairs_per_prompt)
     if k_pairs < 1:
         raise ValueError(f"config.task.pairs_per_prompt: must be >= 1, got {k_pairs}")
+    # rows per compiled sampler call (the pairs from mu, the tournament); the draws depend on it
+    sample_batch = int(task.get("sample_batch_size", 256))
+    if sample_batch < 1:
+        raise ValueError(f"config.task.sample_batch_size: must be >= 1, got {sample_batch}")
     arrays = {}  # the stages' data: SFT demonstrations and prompts, then pairs sampled from mu
     with Pipeline(train_config(config, task_hash(config, ("task",))), workdir, data=arrays) as pipe:
         distributed.write_json(os.path.join(pipe.workdir, "config.json"), cfg_lib.to_jsonable(config))
         d = prepare_docstrings(config, pipe.workdir, "docstrings")
         arrays.update(d.arrays)
-        oracle = rater_lib.token_oracle(rater_lib.Rater(d.corpus, noise=task.rater_noise, seed=task.seed),
-                                        d.tokenizer, d.corpus, d.prompt_len)
+        oracle = rater_lib.token_oracle(rater_lib.Rater(d.corpus, noise=task.rater_noise, seed=task.seed), d.fmt,
+                                        d.corpus)
         results = pipe.run(["sft"])
         # pairs from mu, labelled by the rater panel (soft label P and a 0/1 draw)
         gd, mu_params = pipe.params("sft")
         key = jax.random.PRNGKey(task.seed)
         for split in ("train", "eval"):
             k1, k2, key = jax.random.split(key, 3)
-            pairs = sample_pairs(gd, mu_params, arrays[("prompts", split)], k_pairs, k1, k2, d.response_len)
+            pairs = sample_pairs(gd, mu_params, arrays[("prompts", split)], k_pairs, k1, k2, d.response_len,
+                                 batch_size=sample_batch, **d.ids)
             arrays[("pairs", split)] = label_pairs(oracle, pairs, [task.seed, 3, split == "eval"], f"pairs ({split})")
         print(f"[docstrings] {len(arrays[('pairs', 'train')]['y'])} pairs from mu labelled by the rater "
               f"(mean P = {float(arrays[('pairs', 'train')]['label'].mean()):.3f})", flush=True)
@@ -206,6 +251,13 @@ def run_docstrings(config, workdir: str) -> dict:
         tconf, test_ex = task.tournament, d.splits["test"]
         prompts = [e["prompt"] for e in test_ex]
         policies = {}
+        base = pipe.spec.stages["sft"].init
+        if tconf.get("base_label", "") and base is not None and base.kind == "hf":  # the untouched checkpoint
+            from nash_lm.interop import hf as hf_interop
+
+            p = hf_interop.load_pretrained(base.value, config=pipe.spec.stages["sft"].model, tokenizer=False)
+            policies[tconf.base_label] = TextSampler(p.graphdef, p.params, d.fmt, d.response_len, tconf.temperature,
+                                                     sample_batch)
         for name in pipe.spec.order:
             alg = pipe.spec.stages[name].algorithm
             if alg.produces != "lm":
@@ -213,8 +265,8 @@ def run_docstrings(config, workdir: str) -> dict:
             label = task.labels.get(name, name) if "labels" in task else name
             for key_name, suffix in (("policy", ""),) + ((("ema", "*"),) if alg.ema else ()):
                 gd, params = pipe.params(name, key_name)
-                policies[label + suffix] = TextSampler(gd, params, d.tokenizer, d.prompt_len, d.response_len,
-                                                       tconf.temperature)
+                policies[label + suffix] = TextSampler(gd, params, d.fmt, d.response_len, tconf.temperature,
+                                                       sample_batch)
     judge = rater_lib.Rater(d.corpus, noise=task.rater_noise, seed=task.seed + 1)
     result = tournament.run(policies, prompts, judge, samples_per_prompt=tconf.samples_per_prompt,
                             seed=task.seed, method=tconf.ci_method, references=[e["response"] for e in test_ex],

@@ -16,7 +16,7 @@ non-transitive preference. Label noise flips the verdict with probability `noise
 `Rater(examples, noise, seed)` is called on batches of texts: `rater(prompts, ys, y2s)` returns P (float64 [B]);
 `rater.labels(...)` returns 0/1 draws from it (its own seeded generator); `rater.votes(...)` the per-criterion
 votes. Prompts are looked up in the examples given at construction (or pass `references=` and `sources=`).
-`token_oracle(rater, tokenizer)` adapts it to the training loop's host-oracle signature on token arrays.
+`token_oracle(rater, fmt, examples)` adapts it to the training loop's host-oracle signature on token arrays.
 """
 from __future__ import annotations
 
@@ -110,17 +110,19 @@ class Rater:
         return (self._rng.uniform(size=p.shape) < p).astype(np.float32)
 
 
-def token_oracle(rater: Rater, tokenizer, examples: Sequence[dict], prompt_len: int):
+def token_oracle(rater: Rater, fmt, examples: Sequence[dict]):
     """The rater as a host oracle on token arrays: (prompt, prompt_mask, y, y_mask, y2, y2_mask) -> P [B].
 
-    Prompts are matched to their examples by their encoded (possibly truncated) token rows, so the reference
-    and source of every prompt the pipeline can produce from `examples` are known exactly.
+    Prompts are matched to their examples by their token rows under `fmt` (a `nash_lm.data.features.TextFormat`:
+    tokenizer, prompt length, chat template, truncation), so the reference and source of every prompt the
+    pipeline can produce from `examples` are known exactly.
     """
-    from nash_lm.data.features import decode_response, encode_prompt
+    from nash_lm.data.features import decode_response
 
+    tokenizer = fmt.tokenizer
     table = {}
     for ex in examples:
-        row = tuple(int(t) for t in encode_prompt(tokenizer, ex["prompt"], prompt_len)[0])
+        row = tuple(int(t) for t in fmt.prompt(ex["prompt"])[0])
         table.setdefault(row, (ex["response"], ex.get("source", ex["prompt"] + " " + ex["response"])))
 
     def oracle(prompt, prompt_mask, y, y_mask, y2, y2_mask):

@@ -44,6 +44,7 @@ from absl import logging
 
 from nash_lm import distributed
 from nash_lm.data import features, sources
+from nash_lm.data.features import TextFormat
 from nash_lm.data import tokenizer as tokenizer_lib
 from nash_lm.data.synthetic import BatchIterator
 
@@ -155,26 +156,6 @@ class ArrayBatches:
 
     def set_state(self, state: dict) -> None:
         self.iterator.set_state(state)
-
-
-@dataclasses.dataclass(frozen=True)
-class TextFormat:
-    """How a records run turns text into token rows (the run's tokenizer and `config.data`'s choices)."""
-
-    tokenizer: object
-    prompt_len: int
-    response_len: int
-    chat: bool
-    truncation: str
-
-    def featurizer(self, kind: str, seed: int) -> features.Featurizer:
-        return features.Featurizer(kind, self.tokenizer, self.prompt_len, self.response_len, seed, chat=self.chat,
-                                   truncation=self.truncation)
-
-    def check(self, record: dict) -> None:
-        """Raises RecordError for a prompt that `truncation = 'error'` refuses."""
-        features.encode_prompt(self.tokenizer, record["prompt"], self.prompt_len, chat=self.chat,
-                               truncation=self.truncation)
 
 
 class RecordSource:
