@@ -55,14 +55,14 @@ def get_config():
     t.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
     t.rules = ""
     t.stages = ml_collections.ConfigDict()
-    t.stages.sft = stage("sft", init=f"hf:{CHECKPOINT}", steps=60, batch_size=8, lr=3e-5, lr_schedule="cosine",
-                         warmup_steps=5, log_every=10, checkpoint_every=30, eval_batches=4)
-    judge = dict(init="sft", steps=60, batch_size=8, lr=3e-5, lr_schedule="cosine", warmup_steps=5, log_every=10,
-                 checkpoint_every=30, eval_batches=4)
+    t.stages.sft = stage("sft", init=f"hf:{CHECKPOINT}", steps=40, batch_size=8, lr=1e-4, lr_schedule="cosine",
+                         warmup_steps=5, log_every=10, checkpoint_every=20, eval_batches=4)
+    judge = dict(init="sft", steps=40, batch_size=8, lr=3e-5, lr_schedule="cosine", warmup_steps=5, log_every=10,
+                 checkpoint_every=20, eval_batches=4)
     t.stages.pm = stage("preference", **judge)
-    t.stages.rm = stage("reward", **judge)
-    policy = dict(ref="sft", judge="pm", tau=0.01, steps=40, batch_size=8, lr=1e-5, max_new_tokens=rlen,
-                  missing_eos_penalty=0.1, log_every=10, checkpoint_every=20, eval_batches=2)
+    t.stages.rm = stage("reward", **{**judge, "steps": 20})
+    policy = dict(ref="sft", judge="pm", tau=0.01, steps=20, batch_size=8, lr=2e-5, max_new_tokens=rlen,
+                  missing_eos_penalty=0.1, log_every=10, checkpoint_every=10, eval_batches=2)
     t.stages.md1 = stage("nash_md_pg", beta=0.125, **policy)
     t.stages.sp = stage("nash_md_pg", beta=0.0, **policy)
     t.stages.rlhf = stage("rlhf", **{**policy, "judge": "rm", "tau": 0.05})
