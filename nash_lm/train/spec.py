@@ -83,6 +83,7 @@ class RunSpec:
     stages: dict  # name -> StageSpec, in pipeline order
     data_parallel: int
     decode_rules: Any = None  # the sampler's layout of the policy steps (None: the training layout)
+    frozen_dtype: Any = None  # storage dtype of the policy stages' reference and judge (None: as trained)
 
     @property
     def order(self) -> list[str]:
@@ -300,6 +301,7 @@ def resolve(config, workdir: str, *, origins: dict | None = None, host_oracle: b
         raise ValueError(f"config.mesh: {e}") from None
     dp = data_parallel_size(mesh, rules)
     decode_rules = cfg_lib.decode_rules(config, mesh)
+    frozen_dtype = cfg_lib.frozen_dtype(config)
     data = cfg_lib.data_config(config)
     for key in ("model", "judge_model"):
         mc = cfg_lib.model_config(config, key)
@@ -360,4 +362,4 @@ def resolve(config, workdir: str, *, origins: dict | None = None, host_oracle: b
     if os.path.isdir(workdir):
         _check_workdir(config, workdir, order)
     return RunSpec(config=config, workdir=workdir, mesh=mesh, rules=rules, data=data, stages=stages,
-                   data_parallel=dp, decode_rules=decode_rules)
+                   data_parallel=dp, decode_rules=decode_rules, frozen_dtype=frozen_dtype)
