@@ -94,6 +94,7 @@ def estimate(r: dict) -> dict:
         "fits": needed <= hbm_gib * 2**30, "analytic_flops": total_flops, "decode_flops": decode_flops,
         "decode_hbm_bytes_per_chip": decode_bytes, "collective_bytes_in_decode": coll["inside"]["bytes_per_step"],
         "collective_bytes_outside_decode": coll["outside"]["bytes_per_step"],
+        "weight_allgather_bytes_in_decode": r["weight_allgathers_in_decode"]["bytes_per_step"],
         "t_decode_s": round(t_decode, 3), "t_rest_s": round(t_rest, 3), "t_ici_s": round(t_ici, 3),
         "step_s": round(t_decode + t_rest + t_ici, 3),
     }
@@ -117,9 +118,9 @@ def main(argv=None):
             with open(args.out, "a") as f:
                 f.write(line + "\n")
     if args.markdown:
-        print("| model | topology (chips) | mesh | decode weights per chip | per chip GiB (of HBM) | fits | collectives in decode "
-              "/ outside, GB per step | roofline s: decode + rest + ICI = step |")
-        print("|---|---|---|---|---|---|---|---|")
+        print("| model | topology (chips) | mesh | decode weights per chip | per chip GiB (of HBM) | fits | weight gathers in "
+              "decode | collectives in decode / outside, GB per step | roofline s: decode + rest + ICI = step |")
+        print("|---|---|---|---|---|---|---|---|---|")
         for e in rows:
             mesh = "x".join(f"{k}{v}" for k, v in e["mesh"].items() if v > 1)
             par = math.prod(e["mesh"].get(a, 1) for a in e["decode_model_axes"])
@@ -127,6 +128,7 @@ def main(argv=None):
                   f"/{par} ({'x'.join(e['decode_model_axes'])})")
             print(f"| {e['model'].replace('.py', '')} | {e['topology']} ({e['chips']}) | {mesh} | {on or '-'} | "
                   f"{e['per_chip_gib']:.1f} ({e['hbm_gib']}) | {'yes' if e['fits'] else '**no**'} | "
+                  f"{e['weight_allgather_bytes_in_decode'] / 1e9:,.0f} GB | "
                   f"{e['collective_bytes_in_decode'] / 1e9:,.1f} / {e['collective_bytes_outside_decode'] / 1e9:,.1f} | "
                   f"{e['t_decode_s']:.2f} + {e['t_rest_s']:.2f} + {e['t_ici_s']:.2f} = **{e['step_s']:.2f}** |")
 
