@@ -8,7 +8,8 @@ overlap between them (so it is an upper estimate of an ideal program, not a pred
 
   * decode: the sampler's decode loops are memory-bound. Per generated token (N = new tokens, every loop at its
     maximum trip count, no early EOS) each chip reads its share of the decode's bf16 weights (policy + mu,
-    divided over the decode layout's model axes: `decode_model_axes` of the record) and its share of the KV
+    divided over the decode layout's model axes: `decode_model_axes` of the record; the LM head whole, the
+    embedding table only at the rows looked up) and its share of the KV
     caches (the policy's on the y and y' rows, mu's on the y' rows; each buffer read whole: prompt + 128,
     + 256, ... slots, the sampler's GROW chunks), and does its share of the decode FLOPs; time = max(FLOPs /
     peak FLOP/s, bytes / HBM bandwidth).
@@ -75,7 +76,12 @@ def estimate(r: dict) -> dict:
     axes = r.get("decode_model_axes", "tensor" if r["decode_rules"] == "default" else None) or ()
     axes = (axes,) if isinstance(axes, str) else tuple(axes)
     model_par = math.prod(r["mesh"].get(a, 1) for a in axes) if r["decode_rules"] != "none" else 1
-    weights = 2 * m.num_params() * 2 / model_par  # policy + mu
+    # policy + mu, bf16: the LM head (vocab x d_model, the tied table for a tied model) is whole in the decode
+    # layouts and read whole for each token's logits; the embedding lookup reads only the rows it needs; the rest
+    # is divided over the decode's model axes.
+    head = m.vocab_size * m.d_model
+    table = head * (1 if m.tie_embeddings else 2)
+    weights = 2 * 2 * (head + (m.num_params() - table) / model_par)
     rows = 2 * b + b  # the policy's cache on the y and y' rows, mu's on the y' rows (0 < beta < 1)
     kv_per_slot = rows * m.n_layers * 2 * m.n_kv_heads * m.head_dim * 2 / chips  # bf16 k and v, all rows
     kv = sum(kv_per_slot * (p + GROW * (t // GROW + 1)) for t in range(n))
