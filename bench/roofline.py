@@ -56,11 +56,16 @@ def _model(name):
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     fields = mod.get_config().model.to_dict()
-    fields.pop("architecture", None)
+    fields.pop("architecture", None)  # the variants differ in biases and activation, not in the counted matmuls
     return models.ModelConfig(**fields).validate()
 
 
 def estimate(r: dict) -> dict:
+    if "compile_error" in r:  # the TPU compiler refused the program: it does not fit, nothing to estimate
+        return {"bench": "roofline", **{k: r[k] for k in ("model", "topology", "chips", "mesh", "batch",
+                                                          "decode_rules", "frozen_dtype")},
+                "decode_model_axes": [r["decode_model_axes"]] if isinstance(r.get("decode_model_axes"), str)
+                else list(r.get("decode_model_axes") or ()), "fits": False, "compile_error": r["compile_error"]}
     m = _model(r["model"])
     kind = r["topology"].split(":")[0]
     flops_peak, hbm_bw, ici_bw = PEAKS[kind]
@@ -124,15 +129,20 @@ def main(argv=None):
             with open(args.out, "a") as f:
                 f.write(line + "\n")
     if args.markdown:
-        print("| model | topology (chips) | mesh | decode weights per chip | per chip GiB (of HBM) | fits | weight gathers in "
+        print("| model | topology (chips) | batch | mesh | decode weights per chip | per chip GiB (of HBM) | fits | weight gathers in "
               "decode | collectives in decode / outside, GB per step | roofline s: decode + rest + ICI = step |")
-        print("|---|---|---|---|---|---|---|---|---|")
+        print("|---|---|---|---|---|---|---|---|---|---|")
         for e in rows:
             mesh = "x".join(f"{k}{v}" for k, v in e["mesh"].items() if v > 1)
+            name = e["model"].replace(".py", "") + (" (μ, judge f32)" if e.get("frozen_dtype") == "float32" else "")
+            if "compile_error" in e:
+                print(f"| {name} | {e['topology']} ({e['chips']}) | {e['batch']} | {mesh} | "
+                      f"| **no**: the TPU compiler refuses it ({e['compile_error'].split(': ', 1)[-1]}) | | | | |")
+                continue
             par = math.prod(e["mesh"].get(a, 1) for a in e["decode_model_axes"])
             on = ("training layout" if e["decode_rules"] == "none" else "whole" if par == 1 else
                   f"/{par} ({'x'.join(e['decode_model_axes'])})")
-            print(f"| {e['model'].replace('.py', '')} | {e['topology']} ({e['chips']}) | {mesh} | {on or '-'} | "
+            print(f"| {name} | {e['topology']} ({e['chips']}) | {e['batch']} | {mesh} | {on} | "
                   f"{e['per_chip_gib']:.1f} ({e['hbm_gib']}) | {'yes' if e['fits'] else '**no**'} | "
                   f"{e['weight_allgather_bytes_in_decode'] / 1e9:,.0f} GB | "
                   f"{e['collective_bytes_in_decode'] / 1e9:,.1f} / {e['collective_bytes_outside_decode'] / 1e9:,.1f} | "
