@@ -243,3 +243,14 @@ def test_decode_rules_specs_and_choice():
     assert parallel.tensor_decode_rules({"data": 1, "fsdp": 16, "tensor": 1}, 8) is parallel.DEFAULT_DECODE_RULES
     rules = parallel.tensor_decode_rules({"data": 2, "fsdp": 8, "tensor": 1}, 8, 14336)
     assert dict(rules)["heads"] == "fsdp" and rules[0] == ("batch", ("data", "tensor"))
+    # config.decode_rules='tensor' resolves by the config's model (configs/tiny.py: 2 KV heads, d_ff 64).
+    import importlib.util as iu
+    from nash_lm.train import config as train_cfg
+    spec = iu.spec_from_file_location("tiny_job", __file__.replace("tests/test_decode_layout.py", "configs/tiny.py"))
+    mod = iu.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    c = mod.get_config()
+    c.decode_rules = "tensor"
+    for shape, heads in (({"data": 4, "fsdp": 2}, ("fsdp",)), ({"data": 2, "fsdp": 4}, ("tensor",))):
+        got = train_cfg.decode_rules(c, parallel.make_mesh(shape, devices=jax.devices()[:8]))
+        assert dict(got)["heads"] in (heads, heads[0]), (shape, got)
