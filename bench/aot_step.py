@@ -43,7 +43,22 @@ from nash_lm.train import step as step_lib  # noqa: E402
 DECODE_LOOP = hlo.DECODE_LOOP
 PHASES = ("sample_y_y2/prefill", "sample_y_y2/decode", "sample_y_y2", "judge", "ref_logprobs",
           "policy_grad/transpose", "policy_grad", "optimizer_update", "ema_update")
-DECODE_RULES = {"default": parallel.DEFAULT_DECODE_RULES, "tensor": parallel.TENSOR_DECODE_RULES, "none": None}
+DECODE_RULES = ("default", "tensor", "auto", "none")
+HBM_GIB = {"v4": 32, "v5e": 16, "v5p": 95, "v6e": 32}  # per chip, published (as nash_lm.aot)
+
+
+def decode_rules(name, mesh, model_cfg, decode_bytes, topology):
+    """--decode_rules: 'default' (weights whole per tensor group), 'tensor' (`parallel.tensor_decode_rules`: over
+    the mesh axes that divide the KV heads), 'auto' (`parallel.choose_decode_rules` with half the chip's HBM as
+    the budget of the decode's bf16 policy + mu), 'none' (the training layout)."""
+    if name == "default":
+        return parallel.DEFAULT_DECODE_RULES
+    if name == "tensor":
+        return parallel.tensor_decode_rules(mesh, model_cfg.n_kv_heads, model_cfg.d_ff)
+    if name == "auto":
+        budget = HBM_GIB.get((topology or "").split(":")[0], 1 << 20) * 2**30 // 2
+        return parallel.choose_decode_rules(decode_bytes, mesh, budget, model_cfg.n_kv_heads, model_cfg.d_ff)
+    return None
 
 
 def _load_model_config(path):
@@ -71,7 +86,12 @@ def run(args):
     c = _load_model_config(args.model)
     if args.max_len:
         c.model.max_len = args.max_len
-    model_cfg = models.ModelConfig.from_config(c.model)
+    fields = c.model.to_dict()
+    arch = fields.pop("architecture", "llama")
+    model_cfg = models.ModelConfig.from_config(fields)
+    if arch != "llama":  # Qwen2 / Gemma: the variant's decoder settings (the judge keeps the same widths)
+        from nash_lm.interop import variants
+        model_cfg = variants.config_for(model_cfg, arch)
     if args.topology:
         from jax.experimental import topologies
         devices = topologies.get_topology_desc(platform="tpu", topology_name=args.topology).devices
@@ -92,8 +112,9 @@ def run(args):
     frozen_sh = (parallel.param_shardings(ref, mesh, rules), parallel.param_shardings(pref, mesh, rules))
     batch = {k: jax.ShapeDtypeStruct((args.batch, args.prompt_len), jnp.int32) for k in ("prompt", "prompt_mask")}
     batch_sh = {k: parallel.batch_sharding(mesh, rules, 2, args.batch) for k in batch}
+    rules_d = decode_rules(args.decode_rules, mesh, model_cfg, 2 * _bytes(policy, jnp.bfloat16), args.topology)
     hp = step_lib.PolicyHParams(algorithm="nash_md_pg", tau=args.tau, beta=args.beta, max_new_tokens=args.new_tokens,
-                                decode_rules=DECODE_RULES[args.decode_rules], microbatches=args.microbatches)
+                                decode_rules=rules_d, microbatches=args.microbatches)
     fn = functools.partial(step_lib.policy_step, hp, graphdef, step_lib.Judge("preference", pref_graphdef), tx)
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     t = time.time()
@@ -101,7 +122,24 @@ def run(args):
         lowered = jax.jit(fn, in_shardings=(mut_sh, frozen_sh, batch_sh), out_shardings=(mut_sh, replicated),
                           donate_argnums=0).lower(abstract, (ref, pref), batch)
         t_lower = time.time() - t
-        compiled = lowered.compile()
+        try:
+            compiled = lowered.compile()
+        except jax.errors.JaxRuntimeError as e:  # the TPU compiler's own verdict: it does not fit this chip
+            if "RESOURCE_EXHAUSTED" not in str(e):
+                raise
+            message = next((x for x in str(e).splitlines() if "RESOURCE_EXHAUSTED" in x), str(e)).strip()
+            record = {"bench": "aot_step", "model": os.path.basename(args.model), "topology": args.topology,
+                      "chips": mesh.devices.size, "mesh": dict(zip(mesh.axis_names, map(int, mesh.axis_sizes))),
+                      "batch": args.batch, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
+                      "beta": args.beta, "decode_rules": args.decode_rules, "frozen_dtype": args.frozen_dtype,
+                      "decode_model_axes": None if rules_d is None else dict(rules_d).get("heads"),
+                      "fits": False, "compile_error": message, "compile_s": round(time.time() - t - t_lower, 1)}
+            print(json.dumps(record), flush=True)
+            if args.out:
+                with open(args.out, "a") as f:
+                    f.write(json.dumps(record) + "\n")
+            print(f"error: does not fit {args.topology}: {message}", file=sys.stderr)
+            sys.exit(2)
     t_compile = time.time() - t - t_lower
     text = compiled.as_text()
     if args.save_hlo:
@@ -128,6 +166,7 @@ def run(args):
         "mesh": dict(zip(mesh.axis_names, map(int, mesh.axis_sizes))), "batch": args.batch,
         "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "beta": args.beta,
         "judge": "preference", "decode_rules": args.decode_rules, "frozen_dtype": args.frozen_dtype,
+        "decode_model_axes": None if rules_d is None else dict(rules_d).get("heads"),
         "microbatches": args.microbatches, "lower_s": round(t_lower, 1), "compile_s": round(t_compile, 1),
         "memory_per_chip": {k: getattr(mem, f"{k}_size_in_bytes") for k in ("argument", "output", "alias", "temp",
                                                                             "generated_code")},
@@ -160,7 +199,7 @@ def main(argv=None):
     p.add_argument("--new_tokens", type=int, default=256)
     p.add_argument("--beta", type=float, default=0.125)
     p.add_argument("--tau", type=float, default=0.1)
-    p.add_argument("--decode_rules", choices=sorted(DECODE_RULES), default="default")
+    p.add_argument("--decode_rules", choices=DECODE_RULES, default="default")
     p.add_argument("--frozen_dtype", choices=("float32", "bfloat16"), default="bfloat16")
     p.add_argument("--microbatches", type=int, default=1)
     p.add_argument("--max_len", type=int, default=0, help="override the model config's max_len")

@@ -24,6 +24,7 @@ seconds (y and y'), and plain vs mixture decode separately.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import os
@@ -78,7 +79,7 @@ def run(w: nb.Workload, repeats: int, skip_step: bool = False, peak_sizes=(512, 
     sampling_s = med["sample_pair"]  # y and y' from one decode loop, as the step samples them
     rec = {
         "metric": "mfu", "model": w.model_config().to_dict(), "params": b.n_params,
-        "batch": w.batch, "prompt_len": w.prompt_len, "new_tokens": w.new_tokens, "repeats": repeats,
+        "batch": w.batch, "prompt_len": w.prompt_len, "new_tokens": w.new_tokens, "repeats": repeats, "decode_rules": w.decode_rules,
         "peak_flops": peak, "peak_before": peak0, "peak_after": peak1,
         "flops": {k: flops[k] for k in ("sample_pair", "sample_policy", "sample_mixture", "sampling", "judge",
                                         "update", "step")},
@@ -115,9 +116,12 @@ def main(argv=None):
     ap.add_argument("--smoke", action="store_true", help="tiny model (CI)")
     ap.add_argument("--skip-step", action="store_true", help="phases only (no whole-step timing)")
     ap.add_argument("--step-repeats", type=int, default=None, help="whole-step runs (default: --repeats)")
+    ap.add_argument("--decode-rules", choices=("default", "training"), default="default",
+                    help="the sampler's layout (PolicyHParams.decode_rules: the default decode rules or None)")
     ap.add_argument("--out", default=RESULTS, help="JSONL file to append to ('' = none)")
     args = ap.parse_args(argv)
-    rec = run(SMOKE if args.smoke else BIG, args.repeats, args.skip_step,
+    w = dataclasses.replace(SMOKE if args.smoke else BIG, decode_rules=args.decode_rules)
+    rec = run(w, args.repeats, args.skip_step,
               peak_sizes=(256,) if args.smoke else (512, 1024, 2048), step_repeats=args.step_repeats)
     line = json.dumps(rec)
     if args.out:

@@ -60,6 +60,7 @@ class Workload:
     judge: str = "reward"  # 'reward': sigmoid(r(y) - r(y')) as TRL's reward-model path; or 'preference'
     seed: int = 0
     dtype: str = "float32"
+    decode_rules: str = "default"  # the sampler's layout: 'default' (parallel.DEFAULT_DECODE_RULES) or 'training'
 
     def model_config(self) -> ModelConfig:
         return ModelConfig(vocab_size=self.vocab, d_model=self.d_model, n_layers=self.n_layers,
@@ -74,7 +75,9 @@ class Workload:
 
     def hparams(self) -> step_lib.PolicyHParams:
         return step_lib.PolicyHParams(algorithm="nash_md_pg", tau=self.kl_coef, beta=self.mixture_coef,
-                                      temperature=self.temperature, max_new_tokens=self.new_tokens)
+                                      temperature=self.temperature, max_new_tokens=self.new_tokens,
+                                      decode_rules=None if self.decode_rules == "training" else
+                                      step_lib.PolicyHParams.decode_rules)
 
 
 # A tiny workload for smoke runs (CI): one layer, a few tokens, so that compilation stays short.

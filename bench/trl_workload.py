@@ -75,6 +75,7 @@ def run(w: nb.Workload, breakdown: int = 0, tag: str = "") -> dict:
     rec = {
         "impl": "nash_lm.train.step.policy_step (one jax.jit)",
         "config": f"nash-lm bench (judge={w.judge}, f32, AOT-compiled, donated state){tag}",
+        "decode_rules": w.decode_rules,
         "steps": w.steps, "batch": w.batch, "prompt_len": w.prompt_len, "new_tokens": w.new_tokens,
         "max_pos": w.max_pos,
         "wall_s": round(wall, 3), "build_s": round(build_s, 3), "compile_s": round(compile_s, 3),
@@ -111,11 +112,14 @@ def main(argv=None):
     ap.add_argument("--judge", choices=("reward", "preference"), default=d.judge)
     ap.add_argument("--breakdown", type=int, default=0, help="also time each phase R times (median)")
     ap.add_argument("--smoke", action="store_true", help="tiny model, 3 steps (CI)")
+    ap.add_argument("--decode-rules", choices=("default", "training"), default=d.decode_rules,
+                    help="the sampler's layout (PolicyHParams.decode_rules: the default decode rules or None)")
     ap.add_argument("--out", default=RESULTS, help="JSONL file to append to ('' = none)")
     args = ap.parse_args(argv)
-    w = nb.Workload(steps=args.steps, new_tokens=args.new_tokens, max_pos=args.max_pos, judge=args.judge)
+    w = nb.Workload(steps=args.steps, new_tokens=args.new_tokens, max_pos=args.max_pos, judge=args.judge,
+                    decode_rules=args.decode_rules)
     if args.smoke:
-        w = dataclasses.replace(nb.SMOKE, judge=args.judge)
+        w = dataclasses.replace(nb.SMOKE, judge=args.judge, decode_rules=args.decode_rules)
     rec = run(w, breakdown=args.breakdown)
     line = json.dumps(rec)
     if args.out:

@@ -25,6 +25,8 @@ def get_config():
     c.model = ml_collections.ConfigDict(model)
     c.judge_model = ml_collections.ConfigDict(model)
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+    c.decode_rules = ""  # the sampler's layout ('' default, 'tensor', 'training', or rules; train/config.py)
+    c.frozen_dtype = ""  # '' or 'bfloat16': storage of the policy stages' reference and judge
     c.rules = ""  # logical-axis rules, e.g. "batch=data+fsdp,embed=fsdp,mlp=tensor"; "" = nash_lm.parallel's
 
     policy = dict(ref="sft", steps=4, batch_size=8, lr=1e-3, max_new_tokens=6, log_every=2, checkpoint_every=2,

@@ -11,7 +11,8 @@ stage: per-chip argument / output / alias / temporary bytes from `memory_analysi
 the analytic FLOPs of a step (`nash_lm.train.algorithms.step_flops`), and every collective of the compiled
 pieces (`nash_lm.hlo`: kind, bytes per step, whether inside the sampler's decode loops with their trip counts;
 the weight-shaped all-gathers inside the decode loops counted on their own). A stage that does not fit exits 2
-with one line naming the stage, the bytes it needs per chip and the chip's capacity; bad input is one line,
+with one line naming the stage, the bytes it needs per chip and the chip's capacity (or, where the TPU compiler
+itself refuses the program, its RESOURCE_EXHAUSTED message with the bytes); bad input is one line,
 exit 2, as for `nash_lm.main`. Nothing is written but `--out`.
 """
 from __future__ import annotations
@@ -89,7 +90,14 @@ def stage_report(spec, run, hbm_bytes):
     program = StageProgram(spec, run, inputs, example)
     t0 = time.time()
     with parallel.activate(run.mesh, run.rules):  # only now: eager work above must not target the topology
-        pieces = [lowered.compile() for lowered in program.lowered()]
+        try:
+            pieces = [lowered.compile() for lowered in program.lowered()]
+        except jax.errors.JaxRuntimeError as e:  # the TPU compiler refuses a program that exceeds the HBM
+            if "RESOURCE_EXHAUSTED" not in str(e):
+                raise
+            line = next((x for x in str(e).splitlines() if "RESOURCE_EXHAUSTED" in x), str(e)).strip()
+            raise MemoryError(f"stage {spec.name}: does not fit {hbm_bytes / GIB if hbm_bytes else 0:.0f} GiB "
+                              f"per chip ({line})") from None
     compile_s = time.time() - t0
     memory = {k: 0 for k in ("argument", "output", "alias", "temp")}
     collectives, weight_gathers = [], 0

@@ -17,10 +17,13 @@ What this module owns:
   * The decode layout: the sampler's KV-cached decode loop runs a forward pass per generated token, so weights
     laid out for training (FSDP: 'embed' over 'fsdp') would be all-gathered inside the loop at every token.
     `DEFAULT_DECODE_RULES` (the training defaults with 'embed' and 'vocab' replicated: weights whole on every
-    device of a tensor group, tensor-parallel over 'tensor'; batch over ('data', 'fsdp')) and
-    `TENSOR_DECODE_RULES` (heads / mlp over ('fsdp', 'tensor') where they divide, batch over 'data': for
-    models whose compute-dtype copy does not fit a device) are rules for that phase;
-    `choose_decode_rules(param_bytes, mesh, budget_bytes)` picks one of them by size. `relayout(tree, rules,
+    device of a tensor group, tensor-parallel over 'tensor'; batch over ('data', 'fsdp')) and, for models
+    whose compute-dtype copy does not fit a device, `decode_rules_for(model_axes)` (heads / mlp over
+    `model_axes`, batch over the other axes; `TENSOR_DECODE_RULES` = over ('fsdp', 'tensor')) are rules for that
+    phase. The KV cache stays local only when the heads axes divide n_kv_heads (8 KV heads on fsdp 16 would
+    gather the cache at every token), so `tensor_decode_rules(mesh, n_kv_heads, d_ff)` and
+    `choose_decode_rules(param_bytes, mesh, budget_bytes, n_kv_heads, d_ff)` pick the axes by the model's head
+    counts (the latter the fewest that fit the budget). `relayout(tree, rules,
     dtype)` re-lays a parameter tree once (inside a jitted function, under `activate`: cast to `dtype`, then
     `with_sharding_constraint` to the rules' layout, behind an optimization barrier), and `using_rules(rules)` switches the activation rules
     for the code traced inside it. `nash_lm.sampling.decode_layout` combines them for the training step.
@@ -75,24 +78,25 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
 DEFAULT_DECODE_RULES: tuple[tuple[str, Any], ...] = tuple(
     (name, None) if name in ("embed", "vocab") else (name, axes) for name, axes in DEFAULT_RULES)
 
-# Tensor parallelism over every model axis ('fsdp' and 'tensor' together, the first rule that divides wins):
-# for models whose decode copy does not fit one device; batch over 'data' only.
-TENSOR_DECODE_RULES: tuple[tuple[str, Any], ...] = (
-    ("batch", "data"),
-    ("heads", ("fsdp", "tensor")),
-    ("heads", "fsdp"),
-    ("heads", "tensor"),
-    ("mlp", ("fsdp", "tensor")),
-    ("mlp", "fsdp"),
-    ("mlp", "tensor"),
-    ("embed", None),
-    ("vocab", None),
-    ("act_embed", None),
-    ("length", None),
-    ("kv", None),
-    ("qkv", None),
-    ("layers", None),
-)
+def decode_rules_for(model_axes: Sequence[str]) -> tuple[tuple[str, Any], ...]:
+    """Decode rules with every weight's 'heads' and 'mlp' axes over `model_axes` (mesh axes, together; () =
+    weights whole), 'embed' and 'vocab' whole, and the batch of activations and of the KV cache over the other
+    mesh axes (all of them, else each alone). The fused q/k/v kernel's 'heads' axis is the KV-head axis, so when
+    the product of `model_axes` divides n_kv_heads (and d_ff) the KV cache is sharded exactly like the
+    attention weights and activations that read and write it: it never moves. No fallback for 'heads' or 'mlp'
+    on purpose: a second choice for some arrays only would lay weights and activations differently."""
+    model_axes = tuple(model_axes)
+    rest = tuple(a for a in MESH_AXES if a not in model_axes)
+    model = (model_axes or None) if len(model_axes) != 1 else model_axes[0]
+    return (("batch", rest),) + tuple(("batch", a) for a in rest) + (
+        ("embed", None), ("mlp", model), ("heads", model), ("vocab", None), ("act_embed", None),
+        ("length", None), ("kv", None), ("qkv", None), ("layers", None))
+
+
+# Tensor parallelism over ('fsdp', 'tensor') together, batch over 'data': for models whose decode copy does not
+# fit a device AND whose KV heads and d_ff divide fsdp x tensor. Otherwise use `choose_decode_rules` (or
+# `tensor_decode_rules`), which pick the mesh axes by the model's head counts.
+TENSOR_DECODE_RULES: tuple[tuple[str, Any], ...] = decode_rules_for(("fsdp", "tensor"))
 
 
 # ----------------------------------------------------------------------------------------------- mesh
@@ -340,9 +344,45 @@ def using_rules(rules):
         yield
 
 
-def choose_decode_rules(param_bytes: int, mesh, budget_bytes: int):
-    """`DEFAULT_DECODE_RULES` when the decode's weights (`param_bytes`: the compute-dtype bytes of every tree the
-    decode runs, e.g. policy + mu), divided over the 'tensor' axis, fit `budget_bytes` per device, else
-    `TENSOR_DECODE_RULES` (divided over 'fsdp' x 'tensor')."""
-    sizes = _mesh_sizes(mesh)
-    return DEFAULT_DECODE_RULES if param_bytes / sizes.get("tensor", 1) <= budget_bytes else TENSOR_DECODE_RULES
+def _model_axes_candidates(sizes: Mapping[str, int], n_kv_heads: int | None, d_ff: int | None):
+    """Subsets of ('fsdp', 'tensor') (axes of size 1 left out) whose product divides n_kv_heads and d_ff, by
+    increasing product ('tensor' alone before 'fsdp' alone at equal size)."""
+    axes = [a for a in ("tensor", "fsdp") if sizes.get(a, 1) > 1]
+    subsets = [()] + [(a,) for a in axes] + ([("fsdp", "tensor")] if len(axes) == 2 else [])
+    ok = []
+    for sub in subsets:
+        n = math.prod(sizes[a] for a in sub)
+        if all(x is None or x % n == 0 for x in (n_kv_heads, d_ff)):
+            ok.append((n, sub))
+    return [sub for _, sub in sorted(ok, key=lambda t: t[0])]
+
+
+def _sizes_of(mesh) -> dict[str, int]:
+    return dict(mesh) if isinstance(mesh, Mapping) else _mesh_sizes(mesh)
+
+
+def tensor_decode_rules(mesh, n_kv_heads: int, d_ff: int | None = None):
+    """Tensor-parallel decode rules over the largest of ('fsdp', 'tensor'), 'fsdp', 'tensor' whose size divides
+    n_kv_heads (and d_ff), batch over the rest: the KV cache stays local (`decode_rules_for`). With none
+    (e.g. 8 KV heads on fsdp 16, tensor 1) the weights stay whole: `DEFAULT_DECODE_RULES`."""
+    subs = _model_axes_candidates(_sizes_of(mesh), n_kv_heads, d_ff)
+    best = subs[-1]
+    return DEFAULT_DECODE_RULES if set(best) <= {"tensor"} else decode_rules_for(best)
+
+
+def choose_decode_rules(param_bytes: int, mesh, budget_bytes: int, n_kv_heads: int | None = None,
+                        d_ff: int | None = None):
+    """The decode rules that shard the decode's weights (`param_bytes`: the compute-dtype bytes of every tree
+    the decode runs, e.g. policy + mu) over the fewest devices such that they fit `budget_bytes` per device:
+    `DEFAULT_DECODE_RULES` (whole per 'tensor' group) when that fits, else tensor parallelism over 'fsdp', then
+    over ('fsdp', 'tensor'), only over axes whose size divides `n_kv_heads` and `d_ff` (when given), so that
+    the KV cache is sharded like the attention that reads it and never moves (`decode_rules_for`). `mesh` is a
+    Mesh or {axis: size}. ValueError (one line) when no such layout fits."""
+    sizes = _sizes_of(mesh)
+    for sub in _model_axes_candidates(sizes, n_kv_heads, d_ff):
+        if param_bytes / math.prod(sizes[a] for a in sub) <= budget_bytes:
+            return DEFAULT_DECODE_RULES if set(sub) <= {"tensor"} else decode_rules_for(sub)
+    shape = ", ".join(f"{a}={sizes.get(a, 1)}" for a in MESH_AXES)
+    raise ValueError(f"decode_rules: the decode's weights ({param_bytes / 2**30:.1f} GiB) fit {budget_bytes / 2**30:.1f} "
+                     f"GiB per device on no mesh axes that divide n_kv_heads={n_kv_heads} and d_ff={d_ff} "
+                     f"(mesh {shape}); give the mesh a 'tensor' axis that divides them")

@@ -81,3 +81,20 @@ def test_compare_helpers():
     assert not compare_trl.clean({"foreign_cpu_s_during_run": 2.0, "own_cpu_s": 10.0})
     g = length_scaling.growth([{"new_tokens": n, "median_step_s": 0.01 * n * n} for n in (32, 64, 128)])
     assert g["loglog_slope_fit"] == pytest.approx(2.0)
+
+
+def test_decode_rules_flag_and_roofline():
+    """`--decode-rules training` reaches the step (PolicyHParams.decode_rules None); bench/roofline.py estimates a
+    step from an aot_step record (the recorded 1B v5e:4x4 compile) with positive, summing parts."""
+    import json
+    import roofline
+
+    rec = trl_workload.main(["--smoke", "--decode-rules", "training", "--out", ""])
+    assert rec["decode_rules"] == "training" and rec["wall_s"] > 0
+    assert nb.Workload(decode_rules="training").hparams().decode_rules is None
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "results",
+                        "aot_table.jsonl")
+    first = json.loads(open(path).readline())
+    e = roofline.estimate(first)
+    assert e["fits"] and min(e["t_decode_s"], e["t_rest_s"], e["t_ici_s"]) > 0
+    assert abs(e["step_s"] - (e["t_decode_s"] + e["t_rest_s"] + e["t_ici_s"])) < 0.01

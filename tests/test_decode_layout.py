@@ -2,7 +2,9 @@
 training layout gathers each layer's weights at every generated token (the HLO inventory of `nash_lm.hlo`
 finds weight-shaped all-gathers inside the 'decode/while' loop); with the decode rules (`PolicyHParams.
 decode_rules`, default `parallel.DEFAULT_DECODE_RULES`) it has none, on the 8 fake CPU devices and on a
-deviceless TPU v5e:2x2 topology (skipped when libtpu is not installed). The re-layout changes no sampled
+deviceless TPU v5e:2x2 topology (skipped when libtpu is not installed). The tensor-parallel decode layout,
+chosen by the model's KV-head count, keeps the KV cache local (no KV-cache-sized all-gather in the decode loop,
+where the former fixed rules gathered it at every token). The re-layout changes no sampled
 token: the rollout with the decode rules on 8 devices gives the tokens of the unmodified path
 (`decode_rules=None`, no re-layout at all) on one device."""
 import dataclasses
@@ -124,6 +126,48 @@ def test_no_weight_gathers_in_decode_loop_tpu_v5e(mesh_shape):
     _check_before_after(_tpu_devices(), mesh_shape, itemsize=2)
 
 
+# The former TENSOR_DECODE_RULES (heads over ('fsdp', 'tensor'), else 'fsdp', else 'tensor'; batch over 'data'):
+# with 2 KV heads on fsdp 4 the KV heads fall back to replicated while the batch stays on 'data' alone, and the
+# compiled decode all-gathers each layer's KV cache at every token (as the 8B step did on v5p:2x2x4, fsdp 16).
+OLD_TENSOR_RULES = (("batch", "data"), ("heads", ("fsdp", "tensor")), ("heads", "fsdp"), ("heads", "tensor"),
+                    ("mlp", ("fsdp", "tensor")), ("mlp", "fsdp"), ("mlp", "tensor"), ("embed", None),
+                    ("vocab", None), ("act_embed", None), ("length", None), ("kv", None), ("qkv", None),
+                    ("layers", None))
+
+
+def _kv_gathers(compiled):
+    """All-gathers inside the decode loops whose result is a KV buffer: [..., rows, K, S, hd] (size-1 dims
+    squeezed), S = prompt + new tokens (the cache of this short decode)."""
+    kv = (CFG.n_kv_heads, DATA.prompt_len + N_NEW, CFG.head_dim)
+    dims = lambda c: tuple(d for d in hlo.shape_dims(c.shape)[0][1] if d != 1)
+    return [c for c in hlo.inventory(compiled)
+            if c.kind == "all-gather" and c.inside(DECODE_LOOP) and dims(c)[-3:] == kv]
+
+
+def test_kv_cache_stays_local_with_tensor_parallel_decode():
+    """8 fake CPU devices: the tensor-parallel decode layout is chosen by head counts (`tensor_decode_rules`,
+    what `config.decode_rules='tensor'` resolves to), and its compiled decode loop holds no KV-cache-sized and
+    no weight-shaped all-gather, both where fsdp divides the KV heads (weights sharded over fsdp, batch over
+    data) and where it does not (weights whole, batch over data x fsdp); the former rules gather the cache."""
+    devices = jax.devices()[:8]
+    mesh = parallel.make_mesh({"data": 2, "fsdp": 4}, devices=devices)
+    before, policy = _compiled_step(mesh, OLD_TENSOR_RULES)
+    gathered = _kv_gathers(before)
+    assert gathered and all(c.count >= N_NEW for c in gathered), [(c.shape, c.count) for c in gathered]
+    for shape in ({"data": 2, "fsdp": 4}, {"data": 4, "fsdp": 2}):
+        mesh = parallel.make_mesh(shape, devices=devices)
+        rules = parallel.tensor_decode_rules(mesh, CFG.n_kv_heads, CFG.d_ff)
+        sharded = CFG.n_kv_heads % shape["fsdp"] == 0
+        specs = jax.tree.leaves(parallel.param_specs(policy, mesh, rules),
+                                is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
+        assert any("fsdp" in spec for spec in specs) == sharded  # tensor-parallel over fsdp where it divides
+        after, _ = _compiled_step(mesh, rules)
+        weights, big = _decode_gathers(after, policy, itemsize=4)
+        assert _kv_gathers(after) == [] and weights == [], shape
+        assert sum(c.total_bytes for c in hlo.inventory(after) if c.inside(DECODE_LOOP)) < sum(
+            c.total_bytes for c in gathered)
+
+
 # ------------------------------------------------------------------------------------------------ tokens
 
 
@@ -158,7 +202,8 @@ def test_relayout_changes_no_token():
     for n, shape, rules in [(1, {"data": 1}, parallel.DEFAULT_DECODE_RULES),
                             (8, {"fsdp": 8}, None),
                             (8, {"fsdp": 8}, parallel.DEFAULT_DECODE_RULES),
-                            (8, {"data": 2, "fsdp": 4}, parallel.DEFAULT_DECODE_RULES)]:
+                            (8, {"data": 2, "fsdp": 4}, parallel.DEFAULT_DECODE_RULES),
+                            (8, {"data": 4, "fsdp": 2}, parallel.decode_rules_for(("fsdp",)))]:
         got = _rollout_samples(n, shape, rules)
         for k in ("y", "y_mask", "y2", "y2_mask"):
             np.testing.assert_array_equal(got[k], reference[k], err_msg=f"{k} on {shape} with rules={rules is not None}")
@@ -186,4 +231,26 @@ def test_decode_rules_specs_and_choice():
     assert parallel.batch_sharding(mesh, parallel.DEFAULT_DECODE_RULES, 2, 8).spec[0] == ("data", "fsdp")
     parallel.validate_rules(parallel.TENSOR_DECODE_RULES, mesh)
     assert parallel.choose_decode_rules(2 * 2**30, mesh, budget_bytes=2**30) is parallel.DEFAULT_DECODE_RULES
-    assert parallel.choose_decode_rules(8 * 2**30, mesh, budget_bytes=2**30) is parallel.TENSOR_DECODE_RULES
+    assert parallel.choose_decode_rules(4 * 2**30, mesh, budget_bytes=2**30) == parallel.TENSOR_DECODE_RULES
+    # By head counts: 8 KV heads do not divide fsdp 16, so only 'tensor' (4) may shard the heads; 12 GiB on
+    # tensor 4 fit 4 GiB; 20 GiB fit nowhere (one line, naming the field); 16 KV heads may use fsdp (16).
+    sizes = {"data": 1, "fsdp": 16, "tensor": 4}
+    assert parallel.choose_decode_rules(12 * 2**30, sizes, 4 * 2**30, n_kv_heads=8) is parallel.DEFAULT_DECODE_RULES
+    with pytest.raises(ValueError, match=r"^decode_rules: .*n_kv_heads=8"):
+        parallel.choose_decode_rules(20 * 2**30, sizes, 4 * 2**30, n_kv_heads=8)
+    assert parallel.choose_decode_rules(20 * 2**30, sizes, 4 * 2**30, n_kv_heads=16) == parallel.decode_rules_for(
+        ("fsdp",))
+    assert parallel.tensor_decode_rules({"data": 1, "fsdp": 16, "tensor": 1}, 8) is parallel.DEFAULT_DECODE_RULES
+    rules = parallel.tensor_decode_rules({"data": 2, "fsdp": 8, "tensor": 1}, 8, 14336)
+    assert dict(rules)["heads"] == "fsdp" and rules[0] == ("batch", ("data", "tensor"))
+    # config.decode_rules='tensor' resolves by the config's model (configs/tiny.py: 2 KV heads, d_ff 64).
+    import importlib.util as iu
+    from nash_lm.train import config as train_cfg
+    spec = iu.spec_from_file_location("tiny_job", __file__.replace("tests/test_decode_layout.py", "configs/tiny.py"))
+    mod = iu.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    c = mod.get_config()
+    c.decode_rules = "tensor"
+    for shape, heads in (({"data": 4, "fsdp": 2}, ("fsdp",)), ({"data": 2, "fsdp": 4}, ("tensor",))):
+        got = train_cfg.decode_rules(c, parallel.make_mesh(shape, devices=jax.devices()[:8]))
+        assert dict(got)["heads"] in (heads, heads[0]), (shape, got)

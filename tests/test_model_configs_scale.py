@@ -38,7 +38,9 @@ def test_real_size_configs(name, published, shape):
     assert (cfg.vocab_size, cfg.d_model, cfg.n_layers, cfg.n_heads, cfg.n_kv_heads, cfg.d_ff) == tuple(
         shape[k] for k in ("v", "d", "layers", "h", "kv", "f"))
     parallel.validate_rules(c.rules)
-    parallel.validate_rules(c.decode_rules)
+    assert c.decode_rules == "tensor"  # by head counts: the KV cache stays local
+    rules = parallel.tensor_decode_rules({"data": 1, "fsdp": 16, "tensor": 4}, cfg.n_kv_heads, cfg.d_ff)
+    assert dict(parallel.validate_rules(rules))["heads"] == ("tensor",)
     if arch == "llama":  # the shapes-only tree (no allocation) has the closed-form size
         _, abstract = models.abstract_init(cfg)
         assert sum(x.size for x in jax.tree.leaves(abstract)) == cfg.num_params()

@@ -8,7 +8,10 @@ Not reproduced: the 'llama3' RoPE frequency scaling (factor 8, original context 
 (nash_lm's RoPE is unscaled), so max_len stays at the original 8192 context. bf16 compute with f32 masters,
 scanned and rematerialised layers, FSDP over every device for training. A bf16 copy of policy + mu is 32 GB,
 more than one 16 GB v5e chip holds, so the decode (`decode_rules`, read by the training step as
-`PolicyHParams.decode_rules`) is tensor-parallel over ('fsdp', 'tensor') instead of replicated."""
+`PolicyHParams.decode_rules`) may be tensor-parallel: `'tensor'` shards heads and d_ff over the mesh axes whose
+size divides the 8 KV heads (`parallel.tensor_decode_rules`; e.g. tensor = 4 with fsdp = 16 on v5e-64), so the KV
+cache never moves; on a mesh with no such axis (fsdp 16, tensor 1) the weights stay whole per chip (fine on a
+95 GiB v5p chip; `bench/aot_step.py --decode_rules=auto` chooses by HBM)."""
 import ml_collections
 
 from nash_lm import parallel
@@ -22,5 +25,5 @@ def get_config():
         scan_layers=True, remat=True))
     c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
     c.rules = list(parallel.DEFAULT_RULES)  # [(logical axis, mesh axes)], edit per run
-    c.decode_rules = list(parallel.TENSOR_DECODE_RULES)
+    c.decode_rules = "tensor"  # config.decode_rules: parallel.tensor_decode_rules(mesh, n_kv_heads, d_ff)
     return c

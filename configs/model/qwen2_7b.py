@@ -7,8 +7,9 @@ rope_theta, rms_norm_eps, tie_word_embeddings; attention biases are part of the 
 `architecture='qwen2'` selects the Qwen2 variant of the decoder (`nash_lm.interop.variants`), which has no
 scanned-layer form, so `scan_layers` is False. max_len 32768 (the published max_position_embeddings is 131072;
 sliding-window attention is off in the config). bf16 compute with f32 masters, rematerialised layers, FSDP over
-every device for training; the decode is tensor-parallel over ('fsdp', 'tensor') (`decode_rules`): a bf16 copy
-of policy + mu (30 GB) does not fit one 16 GB v5e chip."""
+every device for training; the decode may be tensor-parallel (`decode_rules='tensor'`: over the mesh axes whose
+size divides the 4 KV heads, `parallel.tensor_decode_rules`): a bf16 copy of policy + mu (30 GB) does not fit
+one 16 GB v5e chip."""
 import ml_collections
 
 from nash_lm import parallel
@@ -22,5 +23,5 @@ def get_config():
         dtype="bfloat16", param_dtype="float32", scan_layers=False, remat=True))
     c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
     c.rules = list(parallel.DEFAULT_RULES)  # [(logical axis, mesh axes)], edit per run
-    c.decode_rules = list(parallel.TENSOR_DECODE_RULES)
+    c.decode_rules = "tensor"  # config.decode_rules: parallel.tensor_decode_rules(mesh, n_kv_heads, d_ff)
     return c

@@ -78,9 +78,13 @@ TOP_LEVEL = ("job", "seed", "model", "judge_model", "data", "mesh", "rules", "pi
              "async_checkpoints")
 # Optional top-level fields: decode_rules, the layout the policy steps' sampler re-lays the policy and mu to once
 # per step ('' = nash_lm.parallel.DEFAULT_DECODE_RULES, weights whole per tensor group; 'tensor' =
-# TENSOR_DECODE_RULES, for models whose copy does not fit a device; 'training' = the training layout itself; or
-# explicit rules in the syntax of `rules`).
-OPTIONAL_TOP_LEVEL = ("decode_rules",)
+# parallel.tensor_decode_rules, tensor-parallel over the mesh axes that divide the model's KV heads and d_ff, for
+# models whose copy does not fit a device; 'training' = the training layout itself; or
+# explicit rules in the syntax of `rules`); frozen_dtype, the storage dtype of the policy stages' frozen trees (the
+# reference mu and a model judge): '' (= their masters' dtype, float32) or 'bfloat16' (half the bytes per chip;
+# the forward passes cast weights to the compute dtype at use either way).
+OPTIONAL_TOP_LEVEL = ("decode_rules", "frozen_dtype")
+FROZEN_DTYPES = ("", "float32", "bfloat16")
 
 
 def stage_fields(algorithm: str) -> dict:
@@ -188,13 +192,24 @@ def decode_rules(config, mesh):
     text = config.get("decode_rules", "")
     if not isinstance(text, str):
         _fail("config.decode_rules", f"expected a string, got {text!r}")
-    named = {"": parallel.DEFAULT_DECODE_RULES, "tensor": parallel.TENSOR_DECODE_RULES, "training": None}
+    if text == "tensor":  # over the mesh axes that divide the KV heads: the KV cache stays local
+        mc = model_config(config, "model")
+        return parallel.tensor_decode_rules(mesh, mc.n_kv_heads, mc.d_ff)
+    named = {"": parallel.DEFAULT_DECODE_RULES, "training": None}
     if text in named:
         return named[text]
     try:
         return parallel.validate_rules(parse_rules(text, "config.decode_rules"), mesh)
     except ValueError as e:
         _fail("config.decode_rules", str(e).splitlines()[0])
+
+
+def frozen_dtype(config) -> str | None:
+    """The validated `frozen_dtype` of a config (see OPTIONAL_TOP_LEVEL): None (stored as trained) or 'bfloat16'."""
+    value = config.get("frozen_dtype", "")
+    if value not in FROZEN_DTYPES:
+        _fail("config.frozen_dtype", f"{value!r} not in {list(FROZEN_DTYPES)}")
+    return value if value not in ("", "float32") else None
 
 
 def parse_rules(text: str, where: str = "config.rules"):
@@ -255,6 +270,8 @@ def stage_fingerprint(config, name: str) -> dict:
         "seed": config.seed,
         "inputs": {},
     }
+    if algorithms.get(st.algorithm).role == "policy" and frozen_dtype(config):  # absent when unset: old runs resume
+        fp["frozen_dtype"] = frozen_dtype(config)
     if config.data.get("kind", "synthetic") == "records":
         from nash_lm.train import data as data_lib
 

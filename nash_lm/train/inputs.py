@@ -81,6 +81,9 @@ class StageInputs:
         if spec.role == "policy":
             self.ref = self._load(spec.ref)
             self.judge, self.judge_params = self._load_judge(spec.judge, host_oracle)
+            if run.frozen_dtype:  # config.frozen_dtype: the frozen trees' matrices stored in bf16 (shardings kept)
+                self.ref, self.judge_params = (None if p is None else models.cast_storage(p, run.frozen_dtype)
+                                               for p in (self.ref, self.judge_params))
         self.frozen = (self.ref, self.judge_params)
 
     def init_policy(self):

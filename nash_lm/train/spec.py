@@ -90,6 +90,7 @@ class RunSpec:
     eos_id: int = synthetic.EOS_ID
     sources: dict = dataclasses.field(default_factory=dict)  # stage -> {split: data.RecordSource} (records runs)
     tokenizer: Any = None  # the records run's tokenizer
+    frozen_dtype: Any = None  # storage dtype of the policy stages' reference and judge (None: as trained)
 
     @property
     def order(self) -> list[str]:
@@ -311,6 +312,7 @@ def resolve(config, workdir: str, *, origins: dict | None = None, host_oracle: b
         raise ValueError(f"config.mesh: {e}") from None
     dp = data_parallel_size(mesh, rules)
     decode_rules = cfg_lib.decode_rules(config, mesh)
+    frozen_dtype = cfg_lib.frozen_dtype(config)
     data = cfg_lib.data_config(config)
     records = isinstance(data, data_lib.RecordsConfig)
     for key in ("model", "judge_model"):
@@ -381,7 +383,7 @@ def resolve(config, workdir: str, *, origins: dict | None = None, host_oracle: b
     if os.path.isdir(workdir):
         _check_workdir(config, workdir, order)
     return RunSpec(config=config, workdir=workdir, mesh=mesh, rules=rules, data=data, stages=stages,
-                   data_parallel=dp, decode_rules=decode_rules, **tokens)
+                   data_parallel=dp, decode_rules=decode_rules, frozen_dtype=frozen_dtype, **tokens)
 
 
 def _records(config, data, stages: dict, wheres) -> dict:
