@@ -50,8 +50,9 @@ MESH_AXES = ("data", "fsdp", "tensor")
 
 # Logical axis names used by nash_lm.models. Parameters: embed, mlp, heads, kv, vocab, layers.
 # Activations: batch, length, act_embed (the residual width of activations, normally replicated),
-# heads, kv, mlp, vocab. 'qkv' is the fused q/k/v slot axis (never sharded).
-LOGICAL_AXES = ("batch", "length", "embed", "act_embed", "mlp", "heads", "kv", "qkv", "vocab", "layers")
+# heads, kv, mlp, vocab. 'qkv' is the fused q/k/v slot axis (never sharded). 'lora' is the rank axis of the
+# low-rank adapters (`nash_lm.models.lora`): no default rule, so replicated unless a rule names it.
+LOGICAL_AXES = ("batch", "length", "embed", "act_embed", "mlp", "heads", "kv", "qkv", "vocab", "layers", "lora")
 
 DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     ("batch", ("data", "fsdp")),
