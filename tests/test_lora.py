@@ -163,7 +163,7 @@ def test_adapters_carry_logical_axes_and_shard_by_the_rules():
 
 @pytest.mark.parametrize("kw,msg", [
     (dict(rank=0), "rank: must be > 0, got 0"),
-    (dict(rank=17), "rank: 17 exceeds 16"),
+    (dict(rank=9), "rank: 9 exceeds 8"),  # k and v: 2 kv heads x head_dim 4
     (dict(rank=2, targets=("q", "qq")), "targets: 'qq' matches no projection"),
     (dict(rank=2, alpha=0.0), "alpha: must be > 0"),
 ])
