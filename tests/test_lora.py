@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from nash_lm import models, parallel
+from nash_lm import models, parallel, sampling
 from nash_lm.models import ModelConfig, lora
 
 CFG = ModelConfig(vocab_size=13, d_model=16, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=24, max_len=16)
@@ -177,3 +177,54 @@ def test_max_rank_is_the_smallest_projection_dimension():
     cfg = ModelConfig(vocab_size=13, d_model=32, n_layers=1, n_heads=4, n_kv_heads=1, d_ff=12, max_len=8)
     assert lora.max_rank(cfg, ("q",)) == 32 and lora.max_rank(cfg, ("k",)) == 8  # kv heads x head_dim
     assert lora.max_rank(cfg, ("down",)) == 12 and lora.max_rank(cfg) == 8
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The mixture decode with adapters: pi = base + adapters and mu = base from one pass over the base weights
+
+SAMPLE_KW = dict(max_new_tokens=6, eos_id=None, pad_id=0, temperature=1.0)
+PAIR = jax.jit(sampling.sample_pair, static_argnums=0, static_argnames=tuple(SAMPLE_KW) + ("beta",))
+ONE = jax.jit(sampling.sample, static_argnums=0, static_argnames=tuple(SAMPLE_KW) + ("beta",))
+
+
+def _adapted_and_merged(scan=False):
+    cfg = CFG if not scan else ModelConfig(**{**CFG.to_dict(), "scan_layers": True})
+    g_base, base = models.init(cfg, "lm", seed=0)
+    g_ad, full = models.init(cfg, "lm", seed=0, lora_cfg=LC)
+    params = lora.join(_randomised(lora.split(full)[0], std=0.5), base)
+    return g_base, base, g_ad, params, _merged_here(base, lora.split(params)[0], LC.scale) if not scan else \
+        lora.merge(cfg, LC, params)
+
+
+@pytest.mark.parametrize("beta", [0.5, 1.0])
+def test_mixture_decode_with_adapters_draws_the_tokens_of_merged_pi_and_base_mu(beta):
+    g_base, base, g_ad, params, merged = _adapted_and_merged()
+    prompts, mask = _tokens(b=4, t=5, seed=3)
+    for seed in range(3):
+        keys = tuple(jax.random.split(jax.random.key(seed)))
+        y, y2 = PAIR(g_ad, params, prompts, mask, keys, mix_params=sampling.ADAPTERS_OFF, beta=beta, **SAMPLE_KW)
+        w, w2 = PAIR(g_base, merged, prompts, mask, keys, mix_params=base, beta=beta, **SAMPLE_KW)
+        for a, b in ((y, w), (y2, w2)):
+            np.testing.assert_array_equal(np.asarray(a.tokens), np.asarray(b.tokens))
+            for f in ("logp_policy", "logp_ref", "logp_sample"):
+                np.testing.assert_allclose(np.asarray(getattr(a, f)), np.asarray(getattr(b, f)), atol=1e-4)
+    # the adapters matter: pi's samples differ from mu's with the same key
+    mu, _ = PAIR(g_base, base, prompts, mask, keys, **SAMPLE_KW)
+    assert (np.asarray(mu.tokens) != np.asarray(y.tokens)).any()
+
+
+def test_mixture_sample_with_adapters_and_growing_cache():
+    """`sample` (every row the mixture) through a decode that grows its cache (GROW = 4 here), stacked layers."""
+    g_base, base, g_ad, params, merged = _adapted_and_merged(scan=True)
+    prompts, mask = _tokens(b=3, t=4, seed=5)
+    old = sampling.GROW
+    sampling.GROW = 4
+    try:
+        kw = dict(SAMPLE_KW, max_new_tokens=10)
+        key = jax.random.key(7)
+        got = sampling.sample(g_ad, params, prompts, mask, key, mix_params=sampling.ADAPTERS_OFF, beta=0.3, **kw)
+        want = sampling.sample(g_base, merged, prompts, mask, key, mix_params=base, beta=0.3, **kw)
+    finally:
+        sampling.GROW = old
+    np.testing.assert_array_equal(np.asarray(got.tokens), np.asarray(want.tokens))
+    np.testing.assert_allclose(np.asarray(got.logp_ref), np.asarray(want.logp_ref), atol=1e-4)
