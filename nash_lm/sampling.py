@@ -410,7 +410,7 @@ def decode_layout(graphdef, rules=parallel.DEFAULT_DECODE_RULES):
     parameters re-laid once to `rules` in the model's compute dtype (`parallel.relayout`), and traces the
     activation and KV-cache constraints of the code inside it with `rules`. A no-op with `rules=None`."""
     def to_decode(params):
-        if params is None or rules is None:
+        if params is None or params is ADAPTERS_OFF or rules is None:
             return params
         return parallel.relayout(params, rules, nnx.merge(graphdef, params).cfg.compute_dtype)
 

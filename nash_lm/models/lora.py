@@ -16,7 +16,8 @@ of the fused kernel, so an adapter on 'q' adds its low-rank term to the query sl
 Trees: an adapted decoder's parameter State holds the base's parameters under the same paths as the plain
 decoder's State, plus the adapters. `split(params) -> (adapters, base)` and `join(adapters, base)` convert
 between them (no copies), so the base State of a plain checkpoint is the frozen half of an adapted model;
-`merge(cfg, params)` folds the adapters into the base weights (a plain State for exports).
+`is_adapters(tree)` tells a trained adapter tree from a full one, and `merge(cfg, lora, params)` folds the adapters into the base
+weights (a plain State for exports).
 """
 from __future__ import annotations
 
@@ -120,6 +121,12 @@ def split(params):
 def join(adapters, base):
     """The adapted model's parameter State from its adapters and a base State (the plain decoder's)."""
     return nnx.merge_state(base, adapters)
+
+
+def is_adapters(tree) -> bool:
+    """Whether `tree` (a parameter State) holds adapters only (the trained tree of a LoRA stage)."""
+    leaves = jax.tree.leaves(tree, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    return bool(leaves) and all(isinstance(v, nnx.LoRAParam) for v in leaves)
 
 
 def _delta(a, b, layered: bool):
