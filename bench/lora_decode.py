@@ -16,7 +16,7 @@ Ratios over plain_adapted (target: mixture_fused ≤ 1.3), from medians of `--re
 after a compile run, in wall time and this process's CPU time.
 
 Writes JSON lines to bench/results/lora_decode.jsonl (appends) and prints them.
-Usage: .venv/bin/python bench/lora_decode.py [--repeats 7] [--batch 8] [--quick]
+Usage: .venv/bin/python bench/lora_decode.py [--repeats 7] [--batch 8] [--size quick|small|large]
 """
 from __future__ import annotations
 
@@ -39,6 +39,11 @@ from nash_lm import models, sampling
 from nash_lm.models import ModelConfig, lora
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "lora_decode.jsonl")
+SIZES = {  # 'small' is bench/sampling.py's model; 'large' (~100M parameters, 0.4 GB f32) does not fit the caches
+    "quick": dict(vocab_size=512, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=128),
+    "small": dict(vocab_size=2048, d_model=256, n_layers=4, n_heads=8, n_kv_heads=4, d_ff=768),
+    "large": dict(vocab_size=8192, d_model=1024, n_layers=8, n_heads=16, n_kv_heads=8, d_ff=2816),
+}
 
 
 def main():
@@ -47,15 +52,12 @@ def main():
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--new_tokens", type=int, default=64)
     ap.add_argument("--rank", type=int, default=16)
-    ap.add_argument("--quick", action="store_true", help="smaller model (smoke run)")
+    ap.add_argument("--size", choices=sorted(SIZES), default="small")
     ap.add_argument("--out", default=RESULTS)
     args = ap.parse_args()
     assert args.repeats >= 5, "medians of at least 5 runs"
 
-    if args.quick:
-        cfg = ModelConfig(vocab_size=512, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=128, max_len=256)
-    else:
-        cfg = ModelConfig(vocab_size=2048, d_model=256, n_layers=4, n_heads=8, n_kv_heads=4, d_ff=768, max_len=256)
+    cfg = ModelConfig(max_len=256, **SIZES[args.size])
     lc = lora.LoRAConfig(rank=args.rank, alpha=2.0 * args.rank)
     g_base, base = models.init(cfg, "lm", seed=0)
     g_ad, full = models.init(cfg, "lm", seed=0, lora_cfg=lc)
@@ -89,7 +91,7 @@ def main():
     med = {k: statistics.median(v) for k, v in wall.items()}
     med_cpu = {k: statistics.median(v) for k, v in cpu.items()}
     record = dict(
-        metric="lora_pair_decode", model=cfg.to_dict(), n_params=models.num_params(base),
+        metric="lora_pair_decode", size=args.size, model=cfg.to_dict(), n_params=models.num_params(base),
         n_adapter_params=models.num_params(adapters), rank=args.rank, batch=b, prompt_len=64, new_tokens=n,
         beta=beta, repeats=args.repeats, machine=machine(), time=datetime.datetime.now().isoformat(timespec="seconds"),
         median_s=med, median_cpu_s=med_cpu,

@@ -239,3 +239,22 @@ def test_stages_without_adapters_keep_their_fingerprints():
     fp = cfg_lib.stage_fingerprint(config, "nash_md")
     assert not any(k.startswith("lora_") for k in fp["stage"])
     assert cfg_lib.stage_fingerprint(config, "nash_md_lora")["stage"]["lora_rank"] == 4
+
+
+def test_adapters_on_a_hugging_face_base(tmp_path):
+    """init / ref = 'hf:/dir': the adapters train on the imported checkpoint, whose content hash is the base's."""
+    from test_train_pretrained import _make_hf, _model_config, _model_overrides
+
+    from nash_lm.interop import hf
+    from nash_lm.train import checkpoint as ckpt_lib
+
+    ckpt = str(tmp_path / "hf")
+    _make_hf("llama", ckpt)
+    wd = str(tmp_path / "wd")
+    proc = _run(wd, *_model_overrides(), "--config.model.max_len=24", f"--config.stages.sft_lora.init=hf:{ckpt}",
+                f"--config.stages.nash_md_lora.ref=hf:{ckpt}", pipeline="pm,sft_lora,nash_md_lora")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    imported = hf.load_pretrained(ckpt, config=_model_config(), tokenizer=False).params
+    for name in ("sft_lora", "nash_md_lora"):
+        assert _done(wd, name)["adapters"]["base_sha256"] == ckpt_lib.params_sha256(imported), name
+    assert _done(wd, "nash_md_lora")["policy_params_sha256"] != ckpt_lib.params_sha256(imported)
