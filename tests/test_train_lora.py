@@ -4,6 +4,7 @@ merged export against the adapted model (nash-lm and transformers' LlamaForCausa
 exact resume, a changed base refused on resume, and bad adapter settings as one-line errors."""
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -179,7 +180,7 @@ def test_resume_is_exact_and_a_changed_base_is_refused(workdir, tmp_path):
     os.remove(os.path.join(wd, "summary.json")) if os.path.exists(os.path.join(wd, "summary.json")) else None
     proc = _run(wd, pipeline="sft,pm,nash_md_lora")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "resumed from step 2" in proc.stderr
+    assert re.search(r"nash_md_lora:\s+50%.*2/4 \[00:00<\?", proc.stderr)  # its progress bar starts at step 2
     assert _done(wd, "nash_md_lora")["policy_params_sha256"] == _done(workdir, "nash_md_lora")["policy_params_sha256"]
     # the base's content changes under an unchanged config: the adapters' checkpoint is refused
     for path in ("done.json", "export", "adapters", "adapters.json", "checkpoints/4"):
@@ -201,13 +202,14 @@ def test_resume_is_exact_and_a_changed_base_is_refused(workdir, tmp_path):
     (dict(lora_rank=33), "config.stages.nash_md_lora.lora_rank: 33 exceeds 32"),
     (dict(lora_targets="q,zz"), "config.stages.nash_md_lora.lora_targets: 'zz' matches no projection"),
     (dict(lora_alpha=0.0), "config.stages.nash_md_lora.lora_alpha: must be > 0"),
-    (dict(init="pm"), "config.stages.nash_md_lora.init: 'pm': with adapters the policy is its reference"),
+    (dict(init="sft_lora"), "config.stages.nash_md_lora.init: 'sft_lora': with adapters the policy is its "
+                            "reference"),
 ])
 def test_bad_adapter_settings_are_one_line_errors(tmp_path, overrides, needle):
     from nash_lm.train import spec
 
     config = _tiny()
-    config.pipeline = "sft,pm,nash_md_lora"
+    config.pipeline = "sft,pm,sft_lora,nash_md_lora"
     for k, v in overrides.items():
         config.stages.nash_md_lora[k] = v
     with pytest.raises(ValueError) as e:
