@@ -121,7 +121,7 @@ def sft_step(graphdef, tx, prompt_loss_weight: float, mut: TrainState, frozen, b
     """Teacher forcing on the response; with `prompt_loss_weight` w > 0 the loss is NLL(response) + w NLL(prompt)
     (per-token means; the prompt's own tokens after the first, so the model also learns the prompts' language).
     With LoRA, `frozen`'s first tree is the base the trained adapters are joined with."""
-    base, _ = frozen
+    base = None if frozen is None else frozen[0]
     prompt, pmask, response, rmask = batch["prompt"], batch["prompt_mask"], batch["response"], batch["response_mask"]
 
     def loss_fn(params):
