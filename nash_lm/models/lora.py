@@ -16,8 +16,8 @@ of the fused kernel, so an adapter on 'q' adds its low-rank term to the query sl
 Trees: an adapted decoder's parameter State holds the base's parameters under the same paths as the plain
 decoder's State, plus the adapters. `split(params) -> (adapters, base)` and `join(adapters, base)` convert
 between them (no copies), so the base State of a plain checkpoint is the frozen half of an adapted model;
-`is_adapters(tree)` tells a trained adapter tree from a full one, and `merge(cfg, lora, params)` folds the adapters into the base
-weights (a plain State for exports).
+`is_adapters(tree)` tells a trained adapter tree from a full one, and `merge(cfg, lora, params)` folds the
+adapters into the base weights (a plain State for exports).
 """
 from __future__ import annotations
 

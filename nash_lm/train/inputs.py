@@ -25,8 +25,8 @@ from absl import logging
 
 from nash_lm import models, parallel
 from nash_lm.interop import hf as hf_interop
-from nash_lm.models import lora as lora_lib
 from nash_lm.interop import variants
+from nash_lm.models import lora as lora_lib
 from nash_lm.train import algorithms
 from nash_lm.train import checkpoint as ckpt_lib
 from nash_lm.train import config as cfg_lib
