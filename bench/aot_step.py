@@ -16,6 +16,10 @@ none of their trip counts; this script counts each at its maximum (no early stop
     PYTHONPATH=.:/work/tpu_pkgs JAX_PLATFORMS=cpu python bench/aot_step.py --model=configs/model/llama_1b.py \
         --topology=v5e:4x4 --batch=64 --prompt_len=512 --new_tokens=256 --beta=0.125
 
+`--lora_rank=R` compiles the step of a LoRA stage instead (`nash_lm.models.lora`, rank R, alpha 2R, every
+projection): the state holds the adapters and their Adam moments, the frozen reference is the base (bf16 with
+`--frozen_dtype=bfloat16`) and the decode samples the mixture in one pass over it (`sampling.ADAPTERS_OFF`).
+
 Results are appended to bench/results/aot_step.jsonl with `--out`.
 """
 from __future__ import annotations
@@ -36,6 +40,7 @@ import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from nash_lm import hlo, models, parallel  # noqa: E402
+from nash_lm.models import lora  # noqa: E402
 from nash_lm.train import config as cfg_lib  # noqa: E402
 from nash_lm.train import state as state_lib  # noqa: E402
 from nash_lm.train import step as step_lib  # noqa: E402
@@ -99,9 +104,13 @@ def run(args):
         devices = jax.devices()
     mesh = parallel.make_mesh(json.loads(args.mesh) if args.mesh else c.mesh, devices=devices)
     rules = parallel.validate_rules(c.rules, mesh)
-    graphdef, policy = models.abstract_init(model_cfg, "lm")
+    lora_cfg = lora.LoRAConfig(rank=args.lora_rank, alpha=2.0 * args.lora_rank) if args.lora_rank else None
+    graphdef, policy = models.abstract_init(model_cfg, "lm", lora_cfg)
     pref_graphdef, pref = models.abstract_init(model_cfg, "preference")
-    ref = policy
+    ref = policy  # with adapters: the base with zero adapters, and the trained tree the adapters alone
+    weights = lora.split(policy)[1] if lora_cfg else policy  # the decoder's own weights
+    if lora_cfg:
+        policy = lora.split(policy)[0]
     if args.frozen_dtype != "float32":
         ref, pref = models.cast_storage(ref, args.frozen_dtype), models.cast_storage(pref, args.frozen_dtype)
     param_sh = parallel.param_shardings(policy, mesh, rules)
@@ -148,7 +157,7 @@ def run(args):
     trips = hlo.decode_trip_counts(text)
     inv = hlo.inventory(text, trip_counts=trips)
     s = hlo.summary(inv, within=DECODE_LOOP)
-    shapes = _weight_shapes(policy)
+    shapes = _weight_shapes(weights)
     dims = lambda x: tuple(d for d in hlo.shape_dims(x.shape)[0][1] if d != 1) if hlo.shape_dims(x.shape) else ()
     weight_in_decode = [x for x in inv if x.kind == "all-gather" and x.inside(DECODE_LOOP) and dims(x) in shapes]
     by_phase = {}
@@ -157,11 +166,12 @@ def run(args):
         d = by_phase.setdefault(phase, {})
         d[x.kind] = d.get(x.kind, 0) + x.total_bytes
     mem = compiled.memory_analysis()
-    bf16_policy_mu = 2 * _bytes(policy, jnp.bfloat16)
+    bf16_policy_mu = 2 * _bytes(weights, jnp.bfloat16)
     n_chips = mesh.devices.size
     top = sorted(inv, key=lambda x: -x.total_bytes)[:12]
     record = {
-        "bench": "aot_step", "model": os.path.basename(args.model), "params": models.num_params(policy),
+        "bench": "aot_step", "model": os.path.basename(args.model), "params": models.num_params(weights),
+        "lora_rank": args.lora_rank, "trained_params": models.num_params(policy),
         "topology": args.topology or jax.devices()[0].device_kind, "chips": n_chips,
         "mesh": dict(zip(mesh.axis_names, map(int, mesh.axis_sizes))), "batch": args.batch,
         "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "beta": args.beta,
@@ -203,6 +213,7 @@ def main(argv=None):
     p.add_argument("--frozen_dtype", choices=("float32", "bfloat16"), default="bfloat16")
     p.add_argument("--microbatches", type=int, default=1)
     p.add_argument("--max_len", type=int, default=0, help="override the model config's max_len")
+    p.add_argument("--lora_rank", type=int, default=0, help="> 0: the step of a LoRA stage with adapters of this rank")
     p.add_argument("--save_hlo", default="")
     p.add_argument("--out", default="")
     run(p.parse_args(argv))

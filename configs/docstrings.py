@@ -66,6 +66,9 @@ def get_config():
     t.stages.md4 = stage("nash_md_pg", beta=0.5, **policy)
     t.stages.br = stage("nash_md_pg", beta=1.0, **policy)
     t.stages.ema = stage("nash_ema_pg", ema_decay=0.99, **policy)
+    # Nash-MD-PG with rank-16 adapters on the frozen SFT model (10x the learning rate); not in the default
+    # pipeline: --config.train.pipeline=sft,pm,md1,md1_lora
+    t.stages.md1_lora = stage("nash_md_pg", beta=0.125, **{**policy, "lr": 2e-3}, lora_rank=16, lora_alpha=32.0)
     t.pipeline = "sft,pm,rm,rlhf,sp,md1,md2,md3,md4,br,ema"
     c.train = t
     return c

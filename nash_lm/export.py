@@ -14,6 +14,11 @@ Reads the `train` job's workdir (its `config.json` and the last policy stage's p
                      {"tokens", "mask", "logp"} [B, N].
   OUT/export.json    manifest: source stage, params SHA-256, files, settings.
 
+A LoRA stage's params export is already its adapters merged into the base (a plain tree), so the above is the
+merged model. `--adapters_only` instead writes the adapters alone: OUT/adapters/ (orbax {policy[, ema]}: the
+`nash_lm.models.lora` adapter trees), OUT/adapters.json (rank, alpha, targets, the base's SHA-256) and
+OUT/export.json.
+
 `load_sampler(OUT)` deserializes the sampler and binds the parameters of OUT/params, giving
 `sample(prompts, prompt_mask, key_data) -> dict`; it needs nothing of nash-lm but jax and orbax.
 Every bad input (no such workdir or stage, a stage that is not a policy) is one line and exit code 2.
@@ -48,6 +53,7 @@ flags.DEFINE_integer("eos_id", 2, "End-of-sequence id (-1 = never stop early).")
 flags.DEFINE_integer("pad_id", 0, "Padding id.")
 flags.DEFINE_string("platforms", "cpu,cuda,tpu", "Comma-separated platforms to lower the sampler for.")
 flags.DEFINE_bool("overwrite", False, "Replace an existing OUT.")
+flags.DEFINE_bool("adapters_only", False, "Write a LoRA stage's adapters alone (OUT/adapters, OUT/adapters.json).")
 
 
 def _read_json(path):
@@ -173,8 +179,10 @@ def load_sampler(out: str):
 def run(workdir: str, out: str, *, stage: str = "", which: str = "policy", params_dtype: str = "bfloat16",
         hf_dtype: str = "float32", tokenizer: str = "", batch_size: int = 8, prompt_len: int = 0,
         max_new_tokens: int = 0, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-        eos_id: int = 2, pad_id: int = 0, platforms=("cpu", "cuda", "tpu"), overwrite: bool = False) -> dict:
-    """Writes OUT/params, OUT/hf, OUT/sampler and OUT/export.json; returns the manifest."""
+        eos_id: int = 2, pad_id: int = 0, platforms=("cpu", "cuda", "tpu"), overwrite: bool = False,
+        adapters_only: bool = False) -> dict:
+    """Writes OUT/params, OUT/hf, OUT/sampler and OUT/export.json (or, `adapters_only`, a LoRA stage's adapters
+    alone); returns the manifest."""
     from nash_lm.interop import hf
     from nash_lm.train import checkpoint as ckpt_lib
 
@@ -191,10 +199,22 @@ def run(workdir: str, out: str, *, stage: str = "", which: str = "policy", param
                          f"ModelConfig.max_len={cfg.max_len}")
     if tokenizer:
         hf.load_tokenizer(tokenizer, cfg, {"eos_token_id": eos_id if eos_id >= 0 else None, "pad_token_id": pad_id})
+    adapters_dir = os.path.join(workdir, "stages", stage, "adapters")
+    if adapters_only and not os.path.isdir(adapters_dir):
+        raise ValueError(f"--adapters_only: stage {stage!r} trained no adapters (lora_rank = 0)")
     if os.path.exists(out):
         if not overwrite:
             raise ValueError(f"--out={out} exists; pass --overwrite to replace it")
         shutil.rmtree(out)
+    if adapters_only:
+        os.makedirs(out)
+        shutil.copytree(adapters_dir, os.path.join(out, "adapters"))
+        shutil.copy(os.path.join(workdir, "stages", stage, "adapters.json"), os.path.join(out, "adapters.json"))
+        manifest = {"workdir": workdir, "stage": stage, "adapters": _read_json(os.path.join(out, "adapters.json")),
+                    "model": cfg.to_dict(), "files": ["adapters", "adapters.json"]}
+        with open(os.path.join(out, "export.json"), "w") as f:
+            json.dump(manifest, f, indent=2, sort_keys=True)
+        return manifest
     graphdef, params = load_stage_params(workdir, stage, cfg, which)
     sha = ckpt_lib.params_sha256(params)
     os.makedirs(out)
@@ -241,11 +261,11 @@ def main(argv):
                        batch_size=FLAGS.batch_size, prompt_len=FLAGS.prompt_len, max_new_tokens=FLAGS.max_new_tokens,
                        temperature=FLAGS.temperature, top_k=FLAGS.top_k, top_p=FLAGS.top_p, eos_id=FLAGS.eos_id,
                        pad_id=FLAGS.pad_id, platforms=[p for p in FLAGS.platforms.split(",") if p],
-                       overwrite=FLAGS.overwrite)
+                       overwrite=FLAGS.overwrite, adapters_only=FLAGS.adapters_only)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
         sys.exit(2)
-    print(json.dumps({k: manifest[k] for k in ("stage", "params_sha256", "platforms")}))
+    print(json.dumps({k: manifest[k] for k in ("stage", "params_sha256", "platforms", "adapters") if k in manifest}))
 
 
 if __name__ == "__main__":

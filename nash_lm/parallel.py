@@ -53,8 +53,9 @@ MESH_AXES = ("data", "fsdp", "tensor")
 
 # Logical axis names used by nash_lm.models. Parameters: embed, mlp, heads, kv, vocab, layers.
 # Activations: batch, length, act_embed (the residual width of activations, normally replicated),
-# heads, kv, mlp, vocab. 'qkv' is the fused q/k/v slot axis (never sharded).
-LOGICAL_AXES = ("batch", "length", "embed", "act_embed", "mlp", "heads", "kv", "qkv", "vocab", "layers")
+# heads, kv, mlp, vocab. 'qkv' is the fused q/k/v slot axis (never sharded). 'lora' is the rank axis of the
+# low-rank adapters (`nash_lm.models.lora`): `validate_rules` maps it to None (replicated) unless a rule names it.
+LOGICAL_AXES = ("batch", "length", "embed", "act_embed", "mlp", "heads", "kv", "qkv", "vocab", "layers", "lora")
 
 DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     ("batch", ("data", "fsdp")),
@@ -157,7 +158,8 @@ def _as_axes(mesh_axes: Any) -> tuple[str, ...]:
 
 def validate_rules(rules: Iterable[Any] | None = None, mesh: Mesh | Sequence[str] | None = None
                    ) -> tuple[tuple[str, tuple[str, ...] | None], ...]:
-    """Normalises rules to ((logical, mesh_axes|None), ...); ValueError naming the rule on unknown names."""
+    """Normalises rules to ((logical, mesh_axes|None), ...) (with ('lora', None) last when no rule names 'lora');
+    ValueError naming the rule on unknown names."""
     if rules is None:
         rules = DEFAULT_RULES
     if hasattr(rules, "to_dict"):
@@ -185,6 +187,8 @@ def validate_rules(rules: Iterable[Any] | None = None, mesh: Mesh | Sequence[str
         if len(set(axes)) != len(axes):
             raise ValueError(f"rules[{i}] ({logical!r}): mesh axis repeated in {axes}")
         out.append((logical, axes if axes else None))
+    if not any(logical == "lora" for logical, _ in out):  # the adapters' rank axis: replicated unless ruled
+        out.append(("lora", None))
     return tuple(out)
 
 

@@ -34,6 +34,13 @@ mix_params is None); the prompt is prefilled once per tree and the policy's cach
 `rng = (key_y, key_y2)` its tokens are those of `sample(..., rng=key_y)` and `sample(..., mix_params, beta,
 rng=key_y2)` (up to floating-point ties): the same distribution, half the sequential decode iterations.
 
+LoRA (`mix_params=ADAPTERS_OFF`): μ is the policy's own base with its adapters off (the policy an adapted decoder,
+`nash_lm.models.lora`). The prefill and every decode step then run the model ONCE over the policy's rows and μ's
+rows together, with the adapters' per-row scale 1 on the policy's rows and 0 on μ's (`lora_scale`): each layer's
+base weights are read once per step for both models, and μ's rows compute the base exactly (the low-rank term is
+an exact 0 there). The tokens are those of the same decode with the adapters merged into a separate π and the
+base as μ (up to floating-point ties).
+
 The mechanism behind both is `decode`'s row layout: the policy covers rows [0, Rp) and μ the last Rm of the R
 rows, with Rp + Rm ≥ R; rows covered by both sample the mixture, the others their one model. Plain sampling is
 Rp = R, Rm = 0; the mixture Rp = Rm = R; the pair R = 2B with Rp ∈ {B, 2B}, Rm ∈ {0, B}.
@@ -69,9 +76,21 @@ from nash_lm.models import KVCache, init_cache
 from nash_lm.parallel import constrain
 
 __all__ = ["Samples", "Prefilled", "sample", "sample_pair", "prefill", "decode", "filter_logits", "sample_jit",
-           "decode_layout"]
+           "decode_layout", "ADAPTERS_OFF"]
 
 GROW = 128  # the decode's KV buffers start with room for GROW new tokens and grow by GROW slots
+
+
+class _AdaptersOff:
+    """The `mix_params` meaning "μ = the policy's base, adapters off" (a pytree with no leaves, so it passes
+    through `jax.jit` and tree maps as static structure)."""
+
+    def __repr__(self):
+        return "sampling.ADAPTERS_OFF"
+
+
+ADAPTERS_OFF = _AdaptersOff()
+jax.tree_util.register_pytree_node(_AdaptersOff, lambda x: ((), None), lambda aux, children: ADAPTERS_OFF)
 
 
 class Samples(NamedTuple):
@@ -147,38 +166,56 @@ def _check_args(cfg, prompts, prompt_mask, max_new_tokens, eos_id, pad_id, tempe
 
 
 @functools.partial(jax.tree_util.register_dataclass,
-                   data_fields=["logits_pol", "cache_pol", "logits_mix", "cache_mix"], meta_fields=["prompt_len"])
+                   data_fields=["logits_pol", "cache_pol", "logits_mix", "cache_mix"],
+                   meta_fields=["prompt_len", "mu_rows"])
 @dataclasses.dataclass(frozen=True)
 class Prefilled:
     """The decode loop's starting point: last-position logits and KV cache of each tree ([Rp, V] for the policy,
     [Rm, V] for the second tree; see the row layout in the module docstring), and the prompt length (static: the
-    first cache slot of the completion; it survives a jit boundary as pytree metadata)."""
+    first cache slot of the completion; it survives a jit boundary as pytree metadata). With `ADAPTERS_OFF`
+    (`mu_rows` = Rm > 0) the policy's logits and cache hold Rp + Rm rows, μ's last, and the second tree's are
+    None."""
     logits_pol: jax.Array
     cache_pol: KVCache
     logits_mix: jax.Array | None
     cache_mix: KVCache | None
     prompt_len: int
+    mu_rows: int = 0
 
 
-def _model_fn(graphdef, p, tokens, mask, cache, index, outputs=slice(None)):
-    return nnx.merge(graphdef, p)(tokens, mask, cache=cache, index=index, outputs=outputs)
+def _model_fn(graphdef, p, tokens, mask, cache, index, outputs=slice(None), lora_scale=None):
+    return nnx.merge(graphdef, p)(tokens, mask, cache=cache, index=index, outputs=outputs, lora_scale=lora_scale)
 
 
-def _prefill_tree(graphdef, p, prompts, prompt_mask, cache_len):
+def _prefill_tree(graphdef, p, prompts, prompt_mask, cache_len, lora_scale=None):
     cfg = nnx.merge(graphdef, p).cfg
     b, tp = prompts.shape
     cache = init_cache(cfg, b, cache_len)
     logits, cache = _model_fn(graphdef, p, prompts.astype(jnp.int32), prompt_mask.astype(jnp.int32), cache, 0,
-                              slice(-1, None))
+                              slice(-1, None), lora_scale)
     return logits[:, 0], cache
 
 
+def _row_axis(x):
+    return 1 if x.ndim == 5 else 0  # the batch axis of a stacked [L, B, K, S, hd] cache is 1
+
+
+def _cat_rows(parts):
+    """Prefilled rows (logits, cache) of several parts, concatenated along the batch (a part alone as is)."""
+    if len(parts) == 1:
+        return parts[0]
+    cat = lambda *xs: jnp.concatenate(xs, axis=_row_axis(xs[0]))
+    return jax.tree.map(cat, *parts)
+
+
+def _take_rows(part, lo, hi):
+    """Rows [lo, hi) of prefilled (logits, cache)."""
+    return jax.tree.map(lambda x: jax.lax.slice_in_dim(x, lo, hi, axis=_row_axis(x)), part)
+
+
 def _tile_rows(logits, cache: KVCache, copies: int):
-    """The same prefilled rows `copies` times along the batch (the batch axis of a stacked [L, B, ...] cache is 1)."""
-    if copies == 1:
-        return logits, cache
-    rep = lambda x: jnp.concatenate([x] * copies, axis=1 if x.ndim == 5 else 0)
-    return rep(logits), KVCache(*jax.tree.map(rep, (cache.k, cache.v, cache.mask)))
+    """The same prefilled rows `copies` times along the batch."""
+    return _cat_rows([(logits, cache)] * copies)
 
 
 def prefill(graphdef, params, prompts, prompt_mask, *, max_new_tokens: int, mix_params=None,
@@ -187,8 +224,17 @@ def prefill(graphdef, params, prompts, prompt_mask, *, max_new_tokens: int, mix_
     rows are then repeated `policy_copies` times (the pair sampler's y and y' rows share one prefill).
 
     The caches get `cache_len` slots when it is given, otherwise room for the first GROW new tokens (`decode`
-    grows them as it goes)."""
+    grows them as it goes). With `mix_params=ADAPTERS_OFF` one pass over the prompts twice (adapters on, then
+    off) gives the policy's rows and μ's, kept in one cache (policy rows first)."""
     s = cache_len or prompts.shape[1] + min(max_new_tokens, GROW)
+    if mix_params is ADAPTERS_OFF:
+        b = prompts.shape[0]
+        two = lambda x: jnp.concatenate([x, x])
+        both = _prefill_tree(graphdef, params, two(prompts), two(prompt_mask), s,
+                             jnp.concatenate([jnp.ones((b,), jnp.float32), jnp.zeros((b,), jnp.float32)]))
+        pol, mu = _take_rows(both, 0, b), _take_rows(both, b, 2 * b)
+        logits, cache = _cat_rows([pol] * policy_copies + [mu])
+        return Prefilled(logits, cache, None, None, prompts.shape[1], mu_rows=b)
     logits_pol, cache_pol = _tile_rows(*_prefill_tree(graphdef, params, prompts, prompt_mask, s), policy_copies)
     logits_mix, cache_mix = (_prefill_tree(graphdef, mix_params, prompts, prompt_mask, s)
                              if mix_params is not None else (None, None))
@@ -250,11 +296,11 @@ def decode(graphdef, params, state: Prefilled, rng, *, max_new_tokens: int, eos_
     `rows` (default: the policy's rows Rp) is the number R of sampled rows: the policy covers rows [0, Rp), the
     second tree the last Rm; `rng` is one key or a tuple of keys, one per equal block of rows."""
     cfg = nnx.merge(graphdef, params).cfg
-    mixing = mix_params is not None
-    if mixing != (state.cache_mix is not None):
+    mixing, fused = mix_params is not None, mix_params is ADAPTERS_OFF
+    if (mixing and not fused) != (state.cache_mix is not None) or fused != (state.mu_rows > 0):
         raise ValueError("mix_params: must be given to both prefill and decode, or to neither")
-    rp = state.logits_pol.shape[0]
-    rm = state.logits_mix.shape[0] if mixing else 0
+    rp = state.logits_pol.shape[0] - state.mu_rows
+    rm = state.mu_rows if fused else (state.logits_mix.shape[0] if mixing else 0)
     r = rows or rp
     if not (rp <= r and rm <= r and rp + rm >= r):
         raise ValueError(f"rows={r}: the policy's {rp} rows and the second tree's {rm} must cover them")
@@ -282,6 +328,7 @@ def decode(graphdef, params, state: Prefilled, rng, *, max_new_tokens: int, eos_
         return parts[0] if len(parts) == 1 else jnp.concatenate(parts)
 
     zeros_f = jnp.zeros((r, n), jnp.float32)
+    row_scale = jnp.concatenate([jnp.ones((rp,), jnp.float32), jnp.zeros((rm,), jnp.float32)]) if fused else None
     st = dict(
         i=jnp.zeros((), jnp.int32),
         done=jnp.zeros((r,), bool),
@@ -298,9 +345,9 @@ def decode(graphdef, params, state: Prefilled, rng, *, max_new_tokens: int, eos_
         i = st["i"]
         # Scaled logits z/T; log-softmaxes are only needed at the chosen token (z_tok/T − logsumexp), and the
         # argmax input skips the per-row normalising constants (argmax and top-k/top-p are shift-invariant).
-        z_pol = st["logits_pol"] * inv_t
+        z_pol = st["logits_pol"][:rp] * inv_t
         if mixing:
-            z_mix = st["logits_mix"] * inv_t
+            z_mix = (st["logits_pol"][rp:] if fused else st["logits_mix"]) * inv_t
             both = (1.0 - beta) * z_pol[lo:] + beta * z_mix[:rp - lo]  # exactly z_pol at β = 0 and z_mix at β = 1
             unnorm = cat(z_pol[:lo], both, z_mix[rp - lo:])
         else:
@@ -330,9 +377,14 @@ def decode(graphdef, params, state: Prefilled, rng, *, max_new_tokens: int, eos_
         out["lp_samp"] = st["lp_samp"].at[:, i].set(jnp.where(live, lp_samp_tok, 0.0))
         out["done"] = st["done"] | (tok == eos_id) if eos_id is not None else st["done"]
         step_mask = live.astype(jnp.int32)[:, None]
-        logits, out["cache_pol"] = model_fn(params, tok[:rp, None], step_mask[:rp], st["cache_pol"], tp + i)
+        if fused:  # the policy's rows and μ's in one pass over the base weights, the adapters off on μ's
+            logits, out["cache_pol"] = model_fn(params, cat(tok[:rp], tok[lo:])[:, None],
+                                                cat(step_mask[:rp], step_mask[lo:]), st["cache_pol"], tp + i,
+                                                lora_scale=row_scale)
+        else:
+            logits, out["cache_pol"] = model_fn(params, tok[:rp, None], step_mask[:rp], st["cache_pol"], tp + i)
         out["logits_pol"] = logits[:, 0]
-        if mixing:
+        if mixing and not fused:
             logits, out["cache_mix"] = model_fn(mix_params, tok[lo:, None], step_mask[lo:], st["cache_mix"], tp + i)
             out["logits_mix"] = logits[:, 0]
         out["i"] = i + 1
@@ -348,7 +400,7 @@ def decode(graphdef, params, state: Prefilled, rng, *, max_new_tokens: int, eos_
             break
         size = min(tp + n, size + GROW)
         st = {**st, "cache_pol": _grow(st["cache_pol"], size),
-              "cache_mix": _grow(st["cache_mix"], size) if mixing else None}
+              "cache_mix": _grow(st["cache_mix"], size) if st["cache_mix"] is not None else None}
     return Samples(st["tokens"], st["mask"], st["lp_pol"], st["lp_ref"], st["lp_samp"])
 
 
@@ -358,7 +410,7 @@ def decode_layout(graphdef, rules=parallel.DEFAULT_DECODE_RULES):
     parameters re-laid once to `rules` in the model's compute dtype (`parallel.relayout`), and traces the
     activation and KV-cache constraints of the code inside it with `rules`. A no-op with `rules=None`."""
     def to_decode(params):
-        if params is None or rules is None:
+        if params is None or params is ADAPTERS_OFF or rules is None:
             return params
         return parallel.relayout(params, rules, nnx.merge(graphdef, params).cfg.compute_dtype)
 

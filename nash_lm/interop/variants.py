@@ -29,15 +29,16 @@ def config_for(cfg, arch: str):
     return dataclasses.replace(cfg, **_SETTINGS[arch]).validate()
 
 
-def build_abstract(cfg, arch: str):
-    """(graphdef, params of ShapeDtypeStruct) of the decoder for a Hugging Face architecture."""
-    return models.abstract_init(config_for(cfg, arch), "lm")
+def build_abstract(cfg, arch: str, lora_cfg=None):
+    """(graphdef, params of ShapeDtypeStruct) of the decoder for a Hugging Face architecture (with adapters when
+    `lora_cfg`, a `nash_lm.models.lora.LoRAConfig`, is given)."""
+    return models.abstract_init(config_for(cfg, arch), "lm", lora_cfg)
 
 
-def init(cfg, arch: str, seed: int = 0, shardings=None):
+def init(cfg, arch: str, seed: int = 0, shardings=None, lora_cfg=None):
     """(graphdef, randomly initialised params) of the decoder for a Hugging Face architecture, created by one
     jitted program (already sharded with `shardings`, a tree from `nash_lm.parallel.param_shardings`)."""
-    return models.init(config_for(cfg, arch), "lm", seed, shardings=shardings)
+    return models.init(config_for(cfg, arch), "lm", seed, shardings=shardings, lora_cfg=lora_cfg)
 
 
 def architecture_of(graphdef, params) -> str:

@@ -7,15 +7,17 @@ with plain `jax.jit`, and several parameter trees (policy, reference, EMA) share
 
 Contract (used by `nash_lm.sampling` and `nash_lm.train`):
   ModelConfig                                 frozen dataclass; `.validate()`; `ModelConfig.from_config(cd)`
-  init(cfg, kind, seed, shardings=None) -> (graphdef, params)  kind in {'lm', 'preference', 'reward'}
-  abstract_init(cfg, kind) -> (graphdef, abstract params)   shapes only (for shardings before allocating)
+  init(cfg, kind, seed, shardings=None, lora=None) -> (graphdef, params)  kind in {'lm', 'preference', 'reward'}
+  abstract_init(cfg, kind, lora=None) -> (graphdef, abstract params)   shapes only (for shardings before allocating)
+      with `lora` (a `LoRAConfig`, 'lm' only) the decoder carries low-rank adapters (`nash_lm.models.lora`:
+      `split`/`join` of adapters and base, `merge` into a plain State)
   lm_logits(graphdef, params, tokens, mask, outputs=slice(None)) -> [B, T, V] float32 (T' positions with outputs)
       positions from the mask (left padding works), causal attention ignoring padded keys.
   preference_prob(graphdef, params, prompt, prompt_mask, y, y_mask, y2, y2_mask) -> [B]
       P(y ≻ y2 | prompt); both orders in one forward pass; exactly antisymmetric.
   reward(graphdef, params, tokens, mask) -> [B] scalar Bradley–Terry reward.
   init_cache(cfg, batch, length) -> KVCache;  forward_cached(graphdef, params, tokens, mask, cache, index,
-      outputs=slice(None)) -> (logits float32, cache): prefill (T = prompt length, index 0) and decode (T = 1).
+      outputs=slice(None), lora_scale=None) -> (logits float32, cache): prefill (T = prompt length, index 0) and decode (T = 1).
   config_of(graphdef, params) -> ModelConfig.
   cast_storage(params, dtype) -> params with every floating matrix stored in dtype (frozen trees in bfloat16).
 Tokens are int32 [B, T]; masks are 0/1 (any integer or bool dtype) [B, T].
@@ -28,8 +30,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from nash_lm.models import lora
 from nash_lm.models.config import ModelConfig
 from nash_lm.models.heads import PreferenceModel, RewardModel, exact_sigmoid
+from nash_lm.models.lora import LoRAConfig
 from nash_lm.models.transformer import KVCache, Transformer, init_cache, positions_from_mask
 
 KINDS = ("lm", "preference", "reward")
@@ -37,14 +41,16 @@ KINDS = ("lm", "preference", "reward")
 __all__ = [
     "ModelConfig", "KVCache", "Transformer", "PreferenceModel", "RewardModel", "KINDS", "init",
     "abstract_init", "lm_logits", "preference_prob", "reward", "init_cache", "forward_cached", "config_of",
-    "check_length", "exact_sigmoid", "positions_from_mask", "num_params", "cast_storage",
+    "check_length", "exact_sigmoid", "positions_from_mask", "num_params", "cast_storage", "LoRAConfig", "lora",
 ]
 
 
-def _build(cfg: ModelConfig, kind: str, seed):
+def _build(cfg: ModelConfig, kind: str, seed, lora_cfg: LoRAConfig | None = None):
     key = jax.random.key(seed) if isinstance(seed, int) else seed
+    if lora_cfg is not None and kind != "lm":
+        raise ValueError(f"lora: adapters are available on 'lm' models, not {kind!r}")
     if kind == "lm":
-        return Transformer(cfg, key)
+        return Transformer(cfg, key, lora=lora_cfg)
     if kind == "preference":
         return PreferenceModel(cfg, key)
     if kind == "reward":
@@ -53,31 +59,32 @@ def _build(cfg: ModelConfig, kind: str, seed):
 
 
 @functools.lru_cache(maxsize=64)
-def _jitted_init(cfg: ModelConfig, kind: str):
-    return jax.jit(lambda key: nnx.state(_build(cfg, kind, key), nnx.Param))
+def _jitted_init(cfg: ModelConfig, kind: str, lora_cfg: LoRAConfig | None = None):
+    return jax.jit(lambda key: nnx.state(_build(cfg, kind, key, lora_cfg), nnx.Param))
 
 
-def init(cfg: ModelConfig, kind: str = "lm", seed: int = 0, shardings=None):
+def init(cfg: ModelConfig, kind: str = "lm", seed: int = 0, shardings=None, lora_cfg: LoRAConfig | None = None):
     """Builds the model and splits it: (graphdef, params nnx.State). Validates cfg first.
 
     The parameters are created by one jit-compiled program (much faster than op-by-op creation); with
     `shardings` (a tree from `nash_lm.parallel.param_shardings`) they are created already sharded.
     """
-    graphdef, _ = abstract_init(cfg, kind)
+    graphdef, _ = abstract_init(cfg, kind, lora_cfg)
     key = jax.random.key(seed) if isinstance(seed, int) else seed
     if shardings is None:
-        params = _jitted_init(cfg, kind)(key)
+        params = _jitted_init(cfg, kind, lora_cfg)(key)
     else:
-        params = jax.jit(lambda key: nnx.state(_build(cfg, kind, key), nnx.Param), out_shardings=shardings)(key)
+        params = jax.jit(lambda key: nnx.state(_build(cfg, kind, key, lora_cfg), nnx.Param),
+                         out_shardings=shardings)(key)
     return graphdef, params
 
 
-def abstract_init(cfg: ModelConfig, kind: str = "lm"):
+def abstract_init(cfg: ModelConfig, kind: str = "lm", lora_cfg: LoRAConfig | None = None):
     """(graphdef, params of jax.ShapeDtypeStruct) without allocating anything."""
     cfg.validate()
     if kind not in KINDS:
         raise ValueError(f"kind={kind!r}: must be one of {KINDS}")
-    model = nnx.eval_shape(lambda: _build(cfg, kind, 0))
+    model = nnx.eval_shape(lambda: _build(cfg, kind, 0, lora_cfg))
     return nnx.split(model, nnx.Param)
 
 
@@ -130,10 +137,12 @@ def lm_logits(graphdef, params, tokens, mask, outputs: slice = slice(None)):
     return logits
 
 
-def forward_cached(graphdef, params, tokens, mask, cache: KVCache, index, outputs: slice = slice(None)):
-    """Runs T tokens into cache slots [index, index + T); returns (logits f32 at `outputs`, new cache)."""
+def forward_cached(graphdef, params, tokens, mask, cache: KVCache, index, outputs: slice = slice(None),
+                   lora_scale=None):
+    """Runs T tokens into cache slots [index, index + T); returns (logits f32 at `outputs`, new cache).
+    `lora_scale` [B]: the adapters' per-row scale of an adapted model (None: 1)."""
     model = nnx.merge(graphdef, params)
-    return model(tokens, mask, cache=cache, index=index, outputs=outputs)
+    return model(tokens, mask, cache=cache, index=index, outputs=outputs, lora_scale=lora_scale)
 
 
 def preference_prob(graphdef, params, prompt, prompt_mask, y, y_mask, y2, y2_mask):

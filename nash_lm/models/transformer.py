@@ -19,6 +19,9 @@ Conventions
     `lax.scan`; otherwise an `nnx.List` of blocks run in a Python loop. Both use the same per-layer function;
     the `KVCache` holds per-layer [B, n_kv_heads, S, head_dim] buffers, stacked for the scan.
   * `cfg.remat` wraps each block in `jax.checkpoint`, only on the cache-free (training) path.
+  * LoRA (`lora=LoRAConfig(...)`, `nash_lm.models.lora`): adapters `lora_<target>` on the attention and MLP
+    projections add their low-rank term to the projection's output (zeros in the fused kernels' untargeted
+    slots), times a per-row `lora_scale`; without `lora` the modules and their parameters are the plain ones.
   * Cache-free causal attention over T > ATTN_BLOCK tokens runs by query blocks, each over the keys up to its
     last query only (the fully masked upper blocks are skipped; exact).
 
@@ -37,6 +40,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from nash_lm.models import lora as lora_lib
 from nash_lm.models.config import ModelConfig
 from nash_lm.parallel import constrain
 
@@ -97,6 +101,17 @@ def rope(x: jax.Array, rot: tuple[jax.Array, jax.Array]) -> jax.Array:
     return out.astype(x.dtype)
 
 
+def _add_adapters(module, cfg, lora, targets, key):
+    """`module.lora_<target>`: an adapter per target of `lora` among `targets` (nothing without `lora`)."""
+    for target in targets:
+        if lora is not None and target in lora.targets:
+            setattr(module, f"lora_{target}", lora_lib.Adapter(cfg, lora, target, lora_lib.adapter_key(key, target)))
+
+
+def _adapter(module, target):
+    return getattr(module, f"lora_{target}", None)
+
+
 class RMSNorm(nnx.Module):
     def __init__(self, cfg: ModelConfig, axes=("embed",)):
         self.eps = float(cfg.norm_eps)
@@ -130,10 +145,11 @@ class Attention(nnx.Module):
     """Grouped-query self-attention with a fused q/k/v kernel [embed, kv-heads, group + 2, head_dim] and, with
     `cfg.qkv_bias` (Qwen2), a bias [kv-heads, group + 2, head_dim] added before RoPE."""
 
-    def __init__(self, cfg: ModelConfig, key):
+    def __init__(self, cfg: ModelConfig, key, lora: lora_lib.LoRAConfig | None = None):
         self.cfg = cfg
         k1, k2 = jax.random.split(key)
         d, kv, g, hd = cfg.d_model, cfg.n_kv_heads, cfg.group_size, cfg.head_dim
+        _add_adapters(self, cfg, lora, ("q", "k", "v", "o"), key)
         self.qkv = _param(k1, (d, kv, g + 2, hd), d ** -0.5, ("embed", "heads", "qkv", "kv"), cfg.weight_dtype)
         self.out = _param(k2, (kv, g, hd, d), (cfg.n_heads * hd) ** -0.5 / math.sqrt(2 * cfg.n_layers),
                           ("heads", "qkv", "kv", "embed"), cfg.weight_dtype)
@@ -141,13 +157,13 @@ class Attention(nnx.Module):
             self.qkv_bias = nnx.Param(jnp.zeros((kv, g + 2, hd), cfg.weight_dtype), out_sharding=("heads", "qkv", "kv"),
                                       eager_sharding=False)
 
-    def __call__(self, x, rot, key_mask, cache_kv=None, index=None):
+    def __call__(self, x, rot, key_mask, cache_kv=None, index=None, lora_scale=None):
         """x [B,T,D]; rot = `rope_angles` of the T positions; key_mask [B,S] (S = T without cache).
         Returns (out [B,T,D], (k, v) or None).
 
         With a cache, `cache_kv` is this layer's keys/values (k, v), each [B, K, S, hd]: the new keys/values are
         written in place at [:, :, index] (a small dynamic-update-slice on the loop-carried buffer) and the whole
-        buffer is attended over.
+        buffer is attended over. `lora_scale` [B] scales the adapters' low-rank terms per row (None: 1).
         """
         cfg = self.cfg
         dt = cfg.compute_dtype
@@ -155,6 +171,13 @@ class Attention(nnx.Module):
         qkv = jnp.einsum("btd,dkgh->btkgh", x, self.qkv[...].astype(dt))
         if cfg.qkv_bias:
             qkv = qkv + self.qkv_bias[...].astype(dt)
+        slots = [(_adapter(self, t), n) for t, n in (("q", g), ("k", 1), ("v", 1))]
+        if any(a is not None for a, _ in slots):  # the q/k/v adapters' terms, zeros in untargeted slots
+            b, t = x.shape[:2]
+            zero = lambda n: jnp.zeros((b, t, cfg.n_kv_heads, n, cfg.head_dim), qkv.dtype)
+            qkv = qkv + jnp.concatenate(
+                [zero(n) if a is None else a(x, lora_scale).reshape(b, t, cfg.n_kv_heads, n, cfg.head_dim)
+                 for a, n in slots], axis=3)
         qkv = constrain(qkv, ("batch", "length", "heads", "qkv", "kv"))
         q = rope(qkv[:, :, :, :g], rot)
         k = rope(qkv[:, :, :, g], rot)
@@ -182,6 +205,8 @@ class Attention(nnx.Module):
             o = _attend(q, keys, vals, key_mask, start, cfg)
         o = constrain(o, ("batch", "length", "heads", "qkv", "kv"))
         out = jnp.einsum("btkgh,kghd->btd", o, self.out[...].astype(dt))
+        if _adapter(self, "o") is not None:
+            out = out + self.lora_o(o, lora_scale)
         return out, (None if cache_kv is None else (k_buf, v_buf))
 
 
@@ -189,44 +214,54 @@ class MLP(nnx.Module):
     """Gated MLP with a fused gate/up kernel [embed, 2, mlp]: SwiGLU, or GeGLU (tanh GeLU) with
     `cfg.activation='gelu_tanh'` (Gemma)."""
 
-    def __init__(self, cfg: ModelConfig, key):
+    def __init__(self, cfg: ModelConfig, key, lora: lora_lib.LoRAConfig | None = None):
         self.cfg = cfg
         k1, k2 = jax.random.split(key)
+        _add_adapters(self, cfg, lora, ("gate", "up", "down"), key)
         self.gate_up = _param(k1, (cfg.d_model, 2, cfg.d_ff), cfg.d_model ** -0.5, ("embed", "qkv", "mlp"),
                               cfg.weight_dtype)
         self.down = _param(k2, (cfg.d_ff, cfg.d_model), cfg.d_ff ** -0.5 / math.sqrt(2 * cfg.n_layers),
                            ("mlp", "embed"), cfg.weight_dtype)
 
-    def __call__(self, x):
+    def __call__(self, x, lora_scale=None):
         dt = self.cfg.compute_dtype
         h = jnp.einsum("btd,dcf->btcf", x, self.gate_up[...].astype(dt))
+        if _adapter(self, "gate") is not None or _adapter(self, "up") is not None:
+            h = h + jnp.stack([jnp.zeros(h.shape[:2] + h.shape[3:], h.dtype) if a is None else a(x, lora_scale)
+                               for a in (_adapter(self, "gate"), _adapter(self, "up"))], axis=2)
         h = constrain(h, ("batch", "length", "qkv", "mlp"))
         gate = h[:, :, 0]
         gate = jax.nn.silu(gate) if self.cfg.activation == "silu" else jax.nn.gelu(gate, approximate=True)
         h = gate * h[:, :, 1]
-        return jnp.einsum("btf,fd->btd", h, self.down[...].astype(dt))
+        out = jnp.einsum("btf,fd->btd", h, self.down[...].astype(dt))
+        if _adapter(self, "down") is not None:
+            out = out + self.lora_down(h, lora_scale)
+        return out
 
 
 class Block(nnx.Module):
-    def __init__(self, cfg: ModelConfig, key):
+    def __init__(self, cfg: ModelConfig, key, lora: lora_lib.LoRAConfig | None = None):
         k1, k2 = jax.random.split(key)
         self.attn_norm = RMSNorm(cfg)
-        self.attn = Attention(cfg, k1)
+        self.attn = Attention(cfg, k1, lora)
         self.mlp_norm = RMSNorm(cfg)
-        self.mlp = MLP(cfg, k2)
+        self.mlp = MLP(cfg, k2, lora)
 
-    def __call__(self, x, rot, key_mask, cache_kv=None, index=None):
-        h, new_kv = self.attn(self.attn_norm(x), rot, key_mask, cache_kv, index)
+    def __call__(self, x, rot, key_mask, cache_kv=None, index=None, lora_scale=None):
+        h, new_kv = self.attn(self.attn_norm(x), rot, key_mask, cache_kv, index, lora_scale)
         x = constrain(x + h, ("batch", "length", "act_embed"))
-        x = constrain(x + self.mlp(self.mlp_norm(x)), ("batch", "length", "act_embed"))
+        x = constrain(x + self.mlp(self.mlp_norm(x), lora_scale), ("batch", "length", "act_embed"))
         return x, new_kv
 
 
 class Transformer(nnx.Module):
-    """Decoder: embedding -> blocks -> final RMSNorm -> (LM head, tied or not) when `lm_head`."""
+    """Decoder: embedding -> blocks -> final RMSNorm -> (LM head, tied or not) when `lm_head`; with `lora`,
+    low-rank adapters on its targeted projections (`nash_lm.models.lora`)."""
 
-    def __init__(self, cfg: ModelConfig, key, *, lm_head: bool = True):
+    def __init__(self, cfg: ModelConfig, key, *, lm_head: bool = True, lora: lora_lib.LoRAConfig | None = None):
         cfg.validate()
+        if lora is not None:
+            lora.validate(cfg)
         self.cfg = cfg
         self.lm_head = lm_head
         k_emb, k_blocks, k_head = jax.random.split(key, 3)
@@ -234,25 +269,25 @@ class Transformer(nnx.Module):
                             cfg.weight_dtype)
         keys = jax.random.split(k_blocks, cfg.n_layers)
         if cfg.scan_layers:
-            make = nnx.vmap(lambda k: Block(cfg, k), in_axes=0, out_axes=0,
+            make = nnx.vmap(lambda k: Block(cfg, k, lora), in_axes=0, out_axes=0,
                             transform_metadata={nnx.PARTITION_NAME: "layers"})
             self.blocks = make(keys)
         else:
-            self.blocks = nnx.List([Block(cfg, keys[i]) for i in range(cfg.n_layers)])
+            self.blocks = nnx.List([Block(cfg, keys[i], lora) for i in range(cfg.n_layers)])
         self.final_norm = RMSNorm(cfg)
         if lm_head and not cfg.tie_embeddings:
             self.head = _param(k_head, (cfg.d_model, cfg.vocab_size), cfg.d_model ** -0.5, ("embed", "vocab"),
                                cfg.weight_dtype)
 
-    def _run_blocks(self, x, rot, key_mask, cache, index):
+    def _run_blocks(self, x, rot, key_mask, cache, index, lora_scale):
         cfg = self.cfg
 
         def layer(block_state, block_def, x, kv):  # kv: this layer's (k, v) or None
             block = nnx.merge(block_def, block_state)
             if kv is None:
-                y, _ = block(x, rot, key_mask)
+                y, _ = block(x, rot, key_mask, lora_scale=lora_scale)
                 return y, None
-            return block(x, rot, key_mask, kv, index)
+            return block(x, rot, key_mask, kv, index, lora_scale)
 
         use_remat = cfg.remat and cache is None
         if cfg.scan_layers:  # the stacked caches are scanned over with the blocks and come back stacked
@@ -276,13 +311,15 @@ class Transformer(nnx.Module):
             new.append(kv)
         return x, (None if cache is None else (tuple(k for k, _ in new), tuple(v for _, v in new)))
 
-    def __call__(self, tokens, mask, cache: KVCache | None = None, index=None, outputs: slice = slice(None)):
+    def __call__(self, tokens, mask, cache: KVCache | None = None, index=None, outputs: slice = slice(None),
+                 lora_scale=None):
         """tokens, mask [B, T] -> (logits [B,T',V] f32 or hidden [B,T',D] f32, updated cache or None).
 
         With `cache`, the T tokens go to buffer slots [index, index + T) and attend over the whole buffer.
         `outputs` (a static slice of the T positions; default all) selects the positions that get the final norm
         and the LM head: `slice(-1, None)` for the sampler's prefill, the response positions for teacher-forced
-        log-probs (the head's FLOPs and the [B, T, V] logits are not spent on the prompt).
+        log-probs (the head's FLOPs and the [B, T, V] logits are not spent on the prompt). `lora_scale` [B]
+        multiplies the adapters' low-rank terms row by row (0: that row runs the base alone; None: 1).
         """
         cfg = self.cfg
         mask = mask.astype(jnp.int32)
@@ -299,7 +336,7 @@ class Transformer(nnx.Module):
         x = jnp.take(table, tokens, axis=0).astype(cfg.compute_dtype)
         x = constrain(x, ("batch", "length", "act_embed"))
         rot = rope_angles(positions, cfg.head_dim, cfg.rope_theta)
-        x, kv = self._run_blocks(x, rot, key_mask, cache, index)
+        x, kv = self._run_blocks(x, rot, key_mask, cache, index, lora_scale)
         x = x[:, outputs]
         x = self.final_norm(x)
         new_cache = None if cache is None else KVCache(kv[0], kv[1], key_mask)

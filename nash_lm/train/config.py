@@ -30,7 +30,13 @@ hub name). `check_hf_input` checks it before anything is compiled or written: th
 its model_type is `config.model.architecture` ('llama' when the field is absent), its shapes match
 `config.model`, every tensor name/shape/dtype from the safetensors headers, and the tokenizer fits the
 vocabulary. Its path and a SHA-256 of its files go into the stage fingerprint, so a changed checkpoint is
-refused on resume. `config.model.architecture` ('llama' | 'gemma' | 'qwen2', optional) selects the decoder
+refused on resume.
+
+LoRA (`lora_rank` > 0, SFT and policy stages): the stage trains low-rank adapters on a frozen base (its `ref`
+for a policy stage, which is then also mu = the base with the adapters off; its `init` for SFT); only the
+adapters are optimised, averaged (EMA) and checkpointed, and the stage exports the adapters merged into a plain
+parameter tree (and the adapters alone, `nash_lm.train.stage`). `lora_config(st)` is the stage's
+`nash_lm.models.lora.LoRAConfig` (None when off). `config.model.architecture` ('llama' | 'gemma' | 'qwen2', optional) selects the decoder
 variant (`nash_lm.interop.variants`); judge models are Llama-architecture only.
 """
 from __future__ import annotations
@@ -67,7 +73,11 @@ _COMMON = dict(
     keep_checkpoints=2,
     eval_every=0,  # 0 = evaluate at the end only
     eval_batches=2,
+    lora_rank=0,  # > 0: train low-rank adapters of this rank on a frozen base (nash_lm.models.lora); 0 = off
+    lora_alpha=16.0,  # the adapters' low-rank term is scaled by lora_alpha / lora_rank
+    lora_targets="q,k,v,o,gate,up,down",  # the adapted projections (comma-separated)
 )
+LORA_FIELDS = ("lora_rank", "lora_alpha", "lora_targets")  # in a stage's fingerprint only when lora_rank > 0
 # Fields that change how a run is observed, not what it computes: excluded from the stage fingerprint.
 OPERATIONAL = ("log_every", "checkpoint_every", "keep_checkpoints", "eval_every", "eval_batches")
 HF_PREFIX = "hf:"  # init/ref from a local Hugging Face checkpoint directory
@@ -100,6 +110,16 @@ def stage(algorithm: str, **overrides) -> ml_collections.ConfigDict:
         raise ValueError(f"stage({algorithm!r}): unknown field(s) {unknown}")
     fields.update(overrides)
     return ml_collections.ConfigDict(fields)
+
+
+def lora_config(st):
+    """The `LoRAConfig` of a stage (None when `lora_rank` is 0); checked against the model by `spec.resolve`."""
+    from nash_lm.models import lora
+
+    if not st.get("lora_rank", 0):
+        return None
+    targets = tuple(t.strip() for t in str(st.lora_targets).split(",") if t.strip())
+    return lora.LoRAConfig(rank=int(st.lora_rank), alpha=float(st.lora_alpha), targets=targets)
 
 
 def pipeline(config) -> list[str]:
@@ -263,8 +283,9 @@ def stage_fingerprint(config, name: str) -> dict:
     """Everything that determines a stage's result: its computational fields, the model and data configs, the
     seed and (recursively) the fingerprints of its input stages. Operational fields are left out."""
     st = config.stages[name]
+    dropped = OPERATIONAL + (() if st.get("lora_rank", 0) else LORA_FIELDS)  # stages without adapters: as before
     fp = {
-        "stage": {k: v for k, v in to_jsonable(st).items() if k not in OPERATIONAL},
+        "stage": {k: v for k, v in to_jsonable(st).items() if k not in dropped},
         "model": to_jsonable(config.judge_model if algorithms.get(st.algorithm).role == "judge" else config.model),
         "data": to_jsonable(config.data),
         "seed": config.seed,

@@ -36,7 +36,7 @@ class Evaluator:
         if self._fn is None:
             self._fn = self._build()
         if spec.role != "policy":
-            return mean([self._fn(mut.policy, x) for x in batches])
+            return mean([self._fn(self.inputs.full_params(mut.policy), x) for x in batches])
         out = {}
         for label, params in [("", mut.policy)] + ([("ema_", mut.ema)] if mut.ema is not None else []):
             res = mean([self._fn(params, x, self._key(i)) for i, x in enumerate(batches)])

@@ -9,7 +9,8 @@ fingerprint. Every problem is a `ValueError` whose message starts with the field
 (`config.stages.md1.beta: must be in [0, 1], got 1.5`); `nash_lm.main` prints it as one line, exit code 2.
 
 What is checked: top-level fields, the mesh and the logical-axis rules, model and data configs, each stage's
-fields (unknown or missing names, types, ranges, its algorithm's own rules), its inputs (they exist, run
+fields (unknown or missing names, types, ranges, its algorithm's own rules, its adapters: targets, rank against
+the model's projections, a base to adapt), its inputs (they exist, run
 earlier or are complete in the workdir, produce the right kind of parameters; `hf:` checkpoints against
 `config.model` without reading tensor data), batch divisibility by the data-parallel size, and every existing
 stage directory's fingerprint in the workdir (a workdir holding a checkpoint of an incompatible config is
@@ -62,6 +63,7 @@ class StageSpec:
     judge: Input | None
     fingerprint: dict
     fingerprint_hash: str
+    lora: Any = None  # nash_lm.models.lora.LoRAConfig of a stage that trains adapters, else None
 
     @property
     def role(self) -> str:
@@ -149,6 +151,8 @@ _RANGES = {
     "microbatches": (lambda v, st: v >= 1 and st.batch_size % v == 0,
                      "must be a positive divisor of batch_size={batch_size}"),
     "missing_eos_penalty": (lambda v, st: v >= 0, "must be >= 0"),
+    "lora_rank": (lambda v, st: v >= 0, "must be > 0 (or 0: no adapters)"),
+    "lora_alpha": (lambda v, st: v > 0, "must be > 0"),
 }
 _CHOICES = {"lr_schedule": cfg_lib.LR_SCHEDULES, "labels": ("soft", "hard")}
 _SCHEDULES = {"beta_schedule": (0.0, 1.0), "tau_schedule": (0.0, float("inf"))}  # the values' range
@@ -191,6 +195,26 @@ def _check_fields(name: str, st, where: Callable, stage_where: str) -> algorithm
             schedules.parse(st[key], where(key), *_SCHEDULES[key], st.steps)
     alg.check(st, where)
     return alg
+
+
+def _check_lora(st, alg, model, where):
+    """The stage's LoRAConfig (None without adapters), checked against its model and its inputs."""
+    lora = cfg_lib.lora_config(st)
+    if lora is None:
+        return None
+    if alg.role == "judge":
+        _fail(where("lora_rank"), f"adapters train 'lm' stages (SFT and policy), not a {alg.produces} judge")
+    try:
+        lora.validate(model)
+    except ValueError as e:
+        field, msg = str(e).split(": ", 1)
+        _fail(where(f"lora_{field}"), msg)
+    if alg.role == "policy" and st.init and st.init != st.ref:
+        _fail(where("init"), f"{st.init!r}: with adapters the policy is its reference {st.ref!r} (the frozen base) "
+                             f"plus the adapters; leave init empty")
+    if alg.role == "sft" and not st.init:
+        _fail(where("init"), "adapters need a base to adapt: name the stage or 'hf:' checkpoint it starts from")
+    return lora
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -372,11 +396,13 @@ def resolve(config, workdir: str, *, origins: dict | None = None, host_oracle: b
             _fail(where("batch_size"), f"{st.batch_size} exceeds data.n_examples {data.n_examples}")
         if "max_new_tokens" in st and st.max_new_tokens > data.response_len:
             _fail(where("max_new_tokens"), f"{st.max_new_tokens} exceeds data.response_len {data.response_len}")
+        lora = _check_lora(st, alg, cfg_lib.model_config(config, model_key), where)
         fp = cfg_lib.stage_fingerprint(config, name)
         stages[name] = StageSpec(
             name=name, algorithm=alg, st=st, model=cfg_lib.model_config(config, model_key),
             architecture=cfg_lib.model_architecture(config, model_key), seed=stage_seed(config, name),
-            init=init, ref=ref, judge=judge, fingerprint=fp, fingerprint_hash=cfg_lib.fingerprint_hash(fp))
+            init=init, ref=ref, judge=judge, fingerprint=fp, fingerprint_hash=cfg_lib.fingerprint_hash(fp),
+            lora=lora)
     tokens = {}
     if records:
         tokens = _records(config, data, stages, wheres)

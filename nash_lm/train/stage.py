@@ -13,6 +13,12 @@
 4. the final checkpoint, the params export (`export/`: policy, and the EMA when the algorithm keeps one), the
    held-out evaluation (`nash_lm.train.evaluate`) and `done.json` (final metrics, evaluation, parameter hashes).
 
+A LoRA stage checkpoints its adapters (the train state holds nothing else of the model) with the base's content
+hash in the checkpoint's meta; resuming onto a base with another hash is refused. Its `export/` holds the
+adapters merged into the base (`nash_lm.models.lora.merge`: a plain tree, read by later stages and
+`nash_lm.export` like any other), and `adapters/` the adapters alone ({policy[, ema]}) with `adapters.json`
+(rank, alpha, targets, the base's hash).
+
 `data` maps (kind, split) to the stage's sources (`nash_lm.train.data`: arrays or records files), kind its
 algorithm's `data` ('sft', 'pairs', 'prompts') and split 'train' or 'eval'; the training batches come from the
 source's iterator (a seeded permutation of arrays, or a grain pipeline over records), whose state is
@@ -29,6 +35,7 @@ import numpy as np
 from absl import logging
 
 from nash_lm import distributed
+from nash_lm.models import lora as lora_lib
 from nash_lm.train import algorithms
 from nash_lm.train import data as data_lib
 from nash_lm.train import checkpoint as ckpt_lib
@@ -101,6 +108,9 @@ class Stage:
             if meta.get("fingerprint") != spec.fingerprint_hash:
                 raise ValueError(f"stage {spec.name}: checkpoint {latest} has fingerprint {meta.get('fingerprint')}, "
                                  f"expected {spec.fingerprint_hash}")
+            if meta.get("base_sha256") != self.inputs.base_sha256:
+                raise ValueError(f"stage {spec.name}: checkpoint {latest} adapts a base with sha256 "
+                                 f"{meta.get('base_sha256')}, but the base is now {self.inputs.base_sha256}")
             iterator.set_state(data_state)
             logging.info("stage %s: resumed from step %d", spec.name, latest)
         else:
@@ -108,6 +118,8 @@ class Stage:
         step = latest or 0
         self.writer.truncate(spec.name, step)
         meta = {"fingerprint": spec.fingerprint_hash, "stage": spec.name}
+        if self.inputs.base_sha256 is not None:
+            meta["base_sha256"] = self.inputs.base_sha256
         if step < st.steps:
             mut = self._train(self.program.compile(), mut, iterator, ckpt, step, meta, stop_flag)
         ckpt.close()
@@ -164,22 +176,32 @@ class Stage:
         bar.close()
         return mut
 
+    def _adapters_dir(self) -> str:
+        return os.path.join(self.dir, "adapters")
+
+    def _merged(self, trained: dict) -> dict:
+        """{name: the base with those adapters merged in} (a plain tree, on the base's shardings)."""
+        base = lora_lib.split(self.inputs.ref)[1]
+        merge = jax.jit(lambda ad, base: lora_lib.merge(self.spec.model, self.spec.lora, lora_lib.join(ad, base)),
+                        out_shardings=jax.tree.map(lambda a: a.sharding, self.inputs.abstract_base))
+        return {name: merge(ad, base) for name, ad in trained.items()}
+
     def _finish(self, mut) -> dict:
         spec = self.spec
         export = os.path.join(self.dir, "export")
         if distributed.is_primary():  # leftovers of an export cut short by a kill; the final checkpoint is complete
-            for path in (export, export + ".partial"):
+            for path in (export, export + ".partial", self._adapters_dir(), self._adapters_dir() + ".partial"):
                 if os.path.exists(path):
                     shutil.rmtree(path)
         distributed.barrier(f"{spec.name}:export_clean")
-        tree = {"policy": mut.policy}
-        if mut.ema is not None:
-            tree["ema"] = mut.ema
-        ckpt_lib.export_params(export + ".partial", tree)  # collective: every process writes its shards
-        distributed.barrier(f"{spec.name}:exported")
-        if distributed.is_primary():
-            os.replace(export + ".partial", export)
-        distributed.barrier(f"{spec.name}:export_renamed")
+        trained = {"policy": mut.policy, **({"ema": mut.ema} if mut.ema is not None else {})}
+        tree = trained if spec.lora is None else self._merged(trained)
+        for path, content in [(export, tree)] + ([] if spec.lora is None else [(self._adapters_dir(), trained)]):
+            ckpt_lib.export_params(path + ".partial", content)  # collective: every process writes its shards
+            distributed.barrier(f"{spec.name}:exported:{os.path.basename(path)}")
+            if distributed.is_primary():
+                os.replace(path + ".partial", path)
+            distributed.barrier(f"{spec.name}:export_renamed:{os.path.basename(path)}")
         evaluation = self.evaluate(mut)
         self.writer.write(spec.name, spec.steps, {"final": True, **{f"eval/{k}": v for k, v in evaluation.items()}})
         done = {
@@ -190,13 +212,19 @@ class Stage:
             "fingerprint": spec.fingerprint_hash,
             "final_metrics": self.writer.last(spec.name),
             "eval": {k: float(v) for k, v in evaluation.items()},
-            "policy_params_sha256": ckpt_lib.params_sha256(mut.policy),
+            "policy_params_sha256": ckpt_lib.params_sha256(tree["policy"]),
         }
         reports = {split: data_lib.report_json(src) for split, src in (("train", self.train_data),
                                                                        ("eval", self.eval_data))}
         if any(reports.values()):
             done["data"] = reports
         if mut.ema is not None:
-            done["ema_params_sha256"] = ckpt_lib.params_sha256(mut.ema)
+            done["ema_params_sha256"] = ckpt_lib.params_sha256(tree["ema"])
+        if spec.lora is not None:
+            adapters = {"rank": spec.lora.rank, "alpha": spec.lora.alpha, "targets": list(spec.lora.targets),
+                        "base_sha256": self.inputs.base_sha256,
+                        "adapters_sha256": ckpt_lib.params_sha256(mut.policy)}
+            distributed.write_json(os.path.join(self.dir, "adapters.json"), adapters)
+            done["adapters"] = adapters
         distributed.write_json(os.path.join(self.dir, "done.json"), done)
         return done

@@ -24,7 +24,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 class TrainState:
     step: jax.Array  # int32 [], optimizer steps taken
     rng: jax.Array  # uint32 [2], raw PRNG key data
-    policy: Any  # trained parameters (an LM, or a preference/reward model in judge stages)
+    policy: Any  # trained parameters (an LM, or a preference/reward model in judge stages; a LoRA stage: adapters)
     opt_state: Any
     ema: Any = None  # EMA of the policy parameters (Nash-EMA-PG), else None
 

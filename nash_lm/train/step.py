@@ -21,6 +21,11 @@ A Nash-MD-PG step (`policy_step` with algorithm 'nash_md_pg'), top to bottom, al
 What differs between policy algorithms (how y and y' are drawn, what is judged, which responses are scored, the
 loss, an EMA, extragradient rounds) is read from the algorithm's registry record; this file has no special case.
 
+LoRA stages (`nash_lm.models.lora`): the state's policy (and EMA) holds the adapters only, so the gradient, Adam
+and the EMA cover the adapters alone; `frozen`'s reference is the base in the adapted structure with zero
+adapters (mu = the base, exactly), and pi_theta is that base joined with the trained adapters (`_policy`). The
+decode samples the mixture with `sampling.ADAPTERS_OFF`: pi's and mu's rows in one pass over the base weights.
+
 The mutable part of the state (step, rng, policy, opt_state, ema) is donated; the reference and the judge's
 parameters are a separate, non-donated argument `frozen`. A `host_oracle` judge (any Python callable) cannot be
 traced, so its stage compiles the pieces of `phases` (the rollout, any lookahead rounds, the update) and calls
@@ -37,6 +42,7 @@ import optax
 
 from nash_lm import models, parallel, sampling
 from nash_lm.data.synthetic import EOS_ID, PAD_ID
+from nash_lm.models import lora
 from nash_lm.train import algorithms, losses, schedules
 from nash_lm.train.scoring import (Judge, judge_pair, pair_rewards, response_logprobs, sample_pair,
                                   sequence_reward)
@@ -50,6 +56,14 @@ __all__ = ["Judge", "PolicyHParams", "eval_judge", "eval_policy", "eval_policy_m
 
 # ---------------------------------------------------------------------------------------------------------------
 # Gradients, optimizer and EMA
+
+
+def _policy(trained, ref):
+    """The parameters pi_theta runs with: the trained tree, or, when it holds LoRA adapters, the frozen base
+    (`ref`, with its zero adapters) joined with them."""
+    if trained is None or not lora.is_adapters(trained):
+        return trained
+    return lora.join(trained, lora.split(ref)[1])
 
 
 def accumulate_gradients(loss_fn, params, data, microbatches: int = 1):
@@ -106,11 +120,13 @@ def _apply_gradients(tx, mut: TrainState, loss_fn, rng, ema_decay=None, data=Non
 
 def sft_step(graphdef, tx, prompt_loss_weight: float, mut: TrainState, frozen, batch):
     """Teacher forcing on the response; with `prompt_loss_weight` w > 0 the loss is NLL(response) + w NLL(prompt)
-    (per-token means; the prompt's own tokens after the first, so the model also learns the prompts' language)."""
-    del frozen
+    (per-token means; the prompt's own tokens after the first, so the model also learns the prompts' language).
+    With LoRA, `frozen`'s first tree is the base the trained adapters are joined with."""
+    base = None if frozen is None else frozen[0]
     prompt, pmask, response, rmask = batch["prompt"], batch["prompt_mask"], batch["response"], batch["response_mask"]
 
     def loss_fn(params):
+        params = _policy(params, base)
         if not prompt_loss_weight:
             logp, correct = response_logprobs(graphdef, params, prompt, pmask, response, rmask)
             return losses.sft_loss(logp, rmask, correct)
@@ -199,8 +215,11 @@ def rollout(hp: PolicyHParams, graphdef, mut: TrainState, frozen, batch):
     hp = hp.at(mut.step)
     ref, _ = frozen
     rng, k_y, k_y2 = jax.random.split(mut.rng, 3)
+    policy, ema = _policy(mut.policy, ref), _policy(mut.ema, ref)
+    if lora.is_adapters(mut.policy):  # LoRA: mu is pi's own base, sampled in the same pass (adapters off on its rows)
+        ref = sampling.ADAPTERS_OFF
     with scope("sample_y_y2"), sampling.decode_layout(graphdef, hp.decode_rules) as to_decode:
-        policy, ref, ema = to_decode(mut.policy), to_decode(ref), to_decode(mut.ema)  # once, before the decode
+        policy, ref, ema = to_decode(policy), to_decode(ref), to_decode(ema)  # once, before the decode
         samples = algorithms.get(hp.algorithm).sample(hp, graphdef, policy, ref, ema, batch, (k_y, k_y2))
     samples = jax.lax.stop_gradient(samples)
     return rng, samples
@@ -237,6 +256,7 @@ def _loss_and_data(hp: PolicyHParams, graphdef, frozen, batch, samples, judged):
     data = jax.lax.stop_gradient(data)
 
     def loss_fn(params, d):
+        params = _policy(params, ref)
         lp = {r: response_logprobs(graphdef, params, d["prompt"], d["pmask"], d[r], d[f"{r}_mask"], t)[0]
               for r in alg.scored}
         return alg.loss(hp, lp, {r: d[f"ref_{r}"] for r in alg.scored}, d, d["judged"])
@@ -313,9 +333,11 @@ def eval_judge(kind: str, graphdef, params, batch):
 def eval_policy_rollout(hp: PolicyHParams, graphdef, params, ref, batch, key):
     """y ~ pi (the trained or the averaged policy), y' ~ mu: the pair that measures improvement over mu."""
     keys = tuple(jax.random.split(key))
+    policy = _policy(params, ref)
+    mu = sampling.ADAPTERS_OFF if lora.is_adapters(params) else ref
     with sampling.decode_layout(graphdef, hp.decode_rules) as to_decode:
-        return sample_pair(graphdef, to_decode(params), batch, keys, dataclasses.replace(hp, temperature=1.0),
-                           mix_params=to_decode(ref), beta=1.0)
+        return sample_pair(graphdef, to_decode(policy), batch, keys, dataclasses.replace(hp, temperature=1.0),
+                           mix_params=to_decode(mu), beta=1.0)
 
 
 def eval_policy(hp: PolicyHParams, graphdef, judge: Judge, params, ref, judge_params, batch, key):
@@ -328,7 +350,7 @@ def eval_policy(hp: PolicyHParams, graphdef, judge: Judge, params, ref, judge_pa
 
 
 def eval_policy_metrics(graphdef, params, ref, batch, samples, win_prob):
-    logp, _ = response_logprobs(graphdef, params, batch["prompt"], batch["prompt_mask"], samples["y"],
+    logp, _ = response_logprobs(graphdef, _policy(params, ref), batch["prompt"], batch["prompt_mask"], samples["y"],
                                 samples["y_mask"])
     ref_logp, _ = response_logprobs(graphdef, ref, batch["prompt"], batch["prompt_mask"], samples["y"],
                                     samples["y_mask"])
