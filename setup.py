@@ -28,6 +28,7 @@ CORE = [
     "portpicker>=1.6",  # free ports for the local multi-process launcher
     "tensorboardX==2.6.5",  # TensorBoard event files (pure Python: numpy, packaging, protobuf)
     "rouge-score>=0.1.2",
+    "jinja2>=3.1",  # chat templates of Hugging Face tokenizers (nash_lm.data.tokenizer.render_chat)
 ]
 
 HF = ["transformers==5.23.0", "torch==2.13.0"]  # torch: the CPU wheel 2.13.0 only (any other spec pulls CUDA)
