@@ -356,9 +356,13 @@ _HASHES: dict = {}
 
 
 def checkpoint_sha256(path: str) -> str:
-    """SHA-256 over the names and bytes of `checkpoint_files(path)`. Memoised per process on (file, size,
-    mtime) so that validating and fingerprinting a large checkpoint several times reads it once."""
-    files = checkpoint_files(path)
+    """SHA-256 over the names and bytes of `checkpoint_files(path)` (`files_sha256`)."""
+    return files_sha256(checkpoint_files(path))
+
+
+def files_sha256(files: list[str]) -> str:
+    """SHA-256 over the base names and bytes of `files`, in order. Memoised per process on (file, size, mtime) so
+    that validating and fingerprinting large files several times reads them once."""
     key = tuple((f, os.path.getsize(f), os.stat(f).st_mtime_ns) for f in files)
     if key not in _HASHES:
         h = hashlib.sha256()

@@ -35,7 +35,6 @@ The records data config (`config.data`):
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import os
 
 import jax
@@ -45,6 +44,7 @@ from absl import logging
 from nash_lm import distributed
 from nash_lm.data import features, sources
 from nash_lm.data.features import TextFormat
+from nash_lm.interop.hf import files_sha256
 from nash_lm.data import tokenizer as tokenizer_lib
 from nash_lm.data.synthetic import BatchIterator
 
@@ -96,16 +96,6 @@ def records_config(given: dict) -> RecordsConfig:
 def paths(text: str) -> list[str]:
     """'a.jsonl, b.jsonl' -> absolute paths ('' -> [])."""
     return [os.path.abspath(os.path.expanduser(p.strip())) for p in str(text).split(",") if p.strip()]
-
-
-def files_sha256(file_paths: list[str]) -> str:
-    digest = hashlib.sha256()
-    for path in file_paths:
-        digest.update(os.path.basename(path).encode() + b"\0")
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
-    return digest.hexdigest()
 
 
 def run_tokenizer(data: RecordsConfig, hf_dirs: list[str]):
