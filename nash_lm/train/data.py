@@ -163,9 +163,7 @@ class RecordSource:
         return {k: np.asarray(v)[None] for k, v in row.items()}
 
     def arrays(self) -> dict:
-        fn = self.fmt.featurizer(self.kind, self.seed)
-        feats = [fn(r) for r in self.rows]
-        return {k: np.stack([f[k] for f in feats]) for k in feats[0]}
+        return self.fmt.arrays(self.rows, self.kind, self.seed)  # row i's hard label seeded by i == its _index
 
     def batches(self, batch_size: int, seed: int, shardings: dict, split: str = "train") -> "RecordBatches":
         return RecordBatches(self, batch_size, seed, shardings)
