@@ -46,11 +46,15 @@ def get_config():
     c.stages.nash_md_oracle = stage("nash_md_pg", judge="host_oracle:nash_lm.data.synthetic:synthetic_preference_numpy",
                                     tau=0.1, beta=0.125, **policy)
     # LoRA (rank 4 adapters on the frozen SFT model; not in the default pipeline):
-    #   --config.pipeline=sft,pm,sft_lora,nash_md_lora,nash_ema_lora
+    #   --config.pipeline=sft,pm,pm_lora,rm_lora,sft_lora,nash_md_lora,nash_ema_lora
     lora = dict(lora_rank=4, lora_alpha=8.0)
     c.stages.sft_lora = stage("sft", init="sft", steps=4, batch_size=8, lr=3e-3, log_every=2, checkpoint_every=2,
                               eval_batches=1, **lora)
     c.stages.nash_md_lora = stage("nash_md_pg", judge="pm", tau=0.1, beta=0.125, **policy, **lora)
-    c.stages.nash_ema_lora = stage("nash_ema_pg", judge="pm", tau=0.1, ema_decay=0.9, **policy, **lora)
+    # judges with adapters on the SFT decoder (their backbone, frozen) and a fresh head trained with them
+    judge_lora = dict(init="sft", steps=4, batch_size=8, lr=3e-3, log_every=2, checkpoint_every=2, eval_batches=1)
+    c.stages.pm_lora = stage("preference", **judge_lora, **lora)
+    c.stages.rm_lora = stage("reward", **judge_lora, **lora)
+    c.stages.nash_ema_lora = stage("nash_ema_pg", judge="pm_lora", tau=0.1, ema_decay=0.9, **policy, **lora)
     c.pipeline = "sft,pm,rm,nash_md,self_play,best_response,nash_ema,rlhf,ipo,ipo_md,nash_md_oracle"
     return c

@@ -102,6 +102,11 @@ def test_adapter_gradient_is_the_chain_rule_projection_of_the_full_gradient():
     np.testing.assert_allclose(np.asarray(_loss(g_base, merged, tokens, mask)),
                                np.asarray(_loss(g_ad, lora.join(adapters, base), tokens, mask)), rtol=1e-5)
     g_w = jax.grad(lambda p: _loss(g_base, p, tokens, mask))(merged)
+    _check_chain_rule(g_w, adapters, g_adapters, s)
+
+
+def _check_chain_rule(g_w, adapters, g_adapters, s, tol=1e-5):
+    """dL/dA = s dL/dW' B^T and dL/dB = s A^T dL/dW' for every target of every layer of a decoder's trees."""
     g = CFG.group_size
     for i in range(CFG.n_layers):
         gw, ad, ga = g_w["blocks"][i], adapters["blocks"][i], g_adapters["blocks"][i]
@@ -118,7 +123,50 @@ def test_adapter_gradient_is_the_chain_rule_projection_of_the_full_gradient():
             want_b = s * jnp.tensordot(A, d, axes=(tuple(range(n_in)), tuple(range(n_in))))  # s A^T dW
             for name, want in (("a", want_a), ("b", want_b)):  # float32 sums: tolerance relative to the tensor
                 np.testing.assert_allclose(np.asarray(ga[m][f"lora_{t}"][name][...]), np.asarray(want), rtol=0,
-                                           atol=1e-5 * float(np.abs(want).max()), err_msg=f"layer {i} {t} {name}")
+                                           atol=tol * float(np.abs(want).max()), err_msg=f"layer {i} {t} {name}")
+
+
+def _judge_out(kind, graphdef, params, tokens, mask):
+    if kind == "reward":
+        return models.reward(graphdef, params, tokens, mask)
+    return models.preference_prob(graphdef, params, tokens[:, :3], mask[:, :3], tokens[:, 3:5], mask[:, 3:5],
+                                  tokens[::-1, 5:], mask[:, 5:])
+
+
+@pytest.mark.parametrize("kind", ["preference", "reward"])
+def test_adapted_judge_step0_gradient_and_merge(kind):
+    """An adapted judge: its backbone carries the adapters, its fresh head trains with them. At step 0 it is the
+    plain judge of the same seed exactly; the head's gradient is the plain model's, the adapters' the chain-rule
+    projection of the merged backbone's weight gradient; `merge` gives a plain judge computing the same."""
+    g_plain, plain = models.init(CFG, kind, seed=0)
+    g_ad, full = models.init(CFG, kind, seed=0, lora_cfg=LC)
+    trained, base = lora.split(full)
+    heads = ("score",) if kind == "preference" else ("score", "bias")
+    assert sorted(trained.keys()) == sorted(("backbone",) + heads) and "backbone" in base
+    tokens, mask = _tokens(t=8)
+    np.testing.assert_array_equal(np.asarray(_judge_out(kind, g_ad, full, tokens, mask)),
+                                  np.asarray(_judge_out(kind, g_plain, plain, tokens, mask)))
+    trained = _randomised(trained)
+    s = LC.scale
+    w = jnp.asarray([0.7, -1.3, 0.4])
+    loss = lambda g, p: jnp.sum(w * _judge_out(kind, g, p, tokens, mask))
+    g_trained = jax.grad(lambda a: loss(g_ad, lora.join(a, base)))(trained)
+    merged_here = jax.tree.map(lambda x: x, plain)  # the plain tree: backbone W + s A B, the trained head
+    merged_here["backbone"] = _merged_here(base["backbone"], trained["backbone"], s)
+    for h in heads:
+        merged_here[h].set_value(trained[h][...])
+    np.testing.assert_allclose(np.asarray(loss(g_plain, merged_here)), np.asarray(loss(g_ad, lora.join(trained, base))),
+                               rtol=5e-5)
+    g_w = jax.grad(lambda p: loss(g_plain, p))(merged_here)
+    for h in heads:
+        want = np.asarray(g_w[h][...])  # float32 sums in another order: tolerance relative to the tensor
+        np.testing.assert_allclose(np.asarray(g_trained[h][...]), want, rtol=0, atol=2e-5 * np.abs(want).max())
+    # (a difference of two pooled scores: float32 cancellation, so a looser tolerance than the decoder's)
+    _check_chain_rule(g_w["backbone"], trained["backbone"], g_trained["backbone"], s, tol=1e-4)
+    merged = lora.merge(CFG, LC, lora.join(trained, base))
+    assert jax.tree.structure(merged) == jax.tree.structure(plain)
+    np.testing.assert_allclose(np.asarray(_judge_out(kind, g_plain, merged, tokens, mask)),
+                               np.asarray(_judge_out(kind, g_plain, merged_here, tokens, mask)), atol=1e-6, rtol=1e-5)
 
 
 @pytest.mark.parametrize("scan,targets", [(False, lora.TARGETS), (True, ("q", "v", "down"))])

@@ -17,7 +17,7 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "configs", "tiny.py")
-PIPELINE = "sft,pm,sft_lora,nash_md_lora,nash_ema_lora"
+PIPELINE = "sft,pm,pm_lora,rm_lora,sft_lora,nash_md_lora,nash_ema_lora"
 ENV = {
     **os.environ,
     "XLA_FLAGS": "--xla_force_host_platform_device_count=2 --xla_backend_optimization_level=0 "
@@ -125,6 +125,55 @@ def test_merged_export_equals_the_adapted_model(workdir):
         assert np.abs(np.asarray(adapted - models.lm_logits(g_base, base, tokens, mask))).max() > 1e-4, name
 
 
+def _load_judge(workdir, name, kind, lora_cfg=None, tree="export"):
+    from nash_lm import models
+    from nash_lm.models import lora
+    from nash_lm.train import checkpoint as ckpt_lib, config as cfg_lib
+
+    graphdef, shapes = models.abstract_init(cfg_lib.model_config(_tiny(), "judge_model"), kind, lora_cfg)
+    if lora_cfg is not None:
+        shapes = lora.split(shapes)[0]
+    return graphdef, ckpt_lib.load_params(os.path.join(workdir, "stages", name, tree), {"policy": shapes})["policy"]
+
+
+@pytest.mark.parametrize("name,kind", [("pm_lora", "preference"), ("rm_lora", "reward")])
+def test_adapted_judges_train_adapters_and_head_on_the_sft_decoder(workdir, name, kind):
+    """An adapted judge's checkpoint holds its adapters and head only; its export is a plain judge computing the
+    adapted one (the SFT decoder + adapters + head), and a policy stage reads it as its judge (nash_ema_lora)."""
+    from flax import nnx
+
+    from nash_lm import models
+    from nash_lm.models import lora
+
+    stage = os.path.join(workdir, "stages", name)
+    done = _done(workdir, name)
+    step = max(int(d) for d in os.listdir(os.path.join(stage, "checkpoints")) if d.isdigit())
+    paths = [p for p in _tree_paths(os.path.join(stage, "checkpoints", str(step), "state"))
+             if p.split("/")[0] in ("policy", "opt_state")]
+    heads = ("score",) if kind == "preference" else ("score", "bias")
+    backbone = [p for p in paths if "/backbone/" in p]
+    assert backbone and all("/lora_" in p for p in backbone), [p for p in backbone if "/lora_" not in p][:3]
+    for h in heads:  # the head in the trained tree and in both Adam moments
+        assert {p for p in paths if f"/{h}/" in p} >= {f"policy/{h}/value", f"opt_state/1/0/mu/{h}/value"}, h
+    assert len(done["adapters"]["base_sha256"]) == 64
+    g_plain, exported = _load_judge(workdir, name, kind)
+    g_ad, trained = _load_judge(workdir, name, kind, _lora_cfg(name), "adapters")
+    _, sft = _load(workdir, "sft")
+    adapted = lora.join(trained, nnx.State({"backbone": sft}))
+    tokens = jnp.asarray(np.random.default_rng(3).integers(3, 32, (4, 10)), jnp.int32)
+    mask = jnp.ones_like(tokens)
+    if kind == "reward":
+        out = lambda g, p: models.reward(g, p, tokens, mask)
+    else:
+        out = lambda g, p: models.preference_prob(g, p, tokens[:, :4], mask[:, :4], tokens[:, 4:7], mask[:, 4:7],
+                                                  tokens[::-1, 7:], mask[:, 7:])
+    np.testing.assert_allclose(np.asarray(out(g_plain, exported)), np.asarray(out(g_ad, adapted)), atol=1e-5,
+                               rtol=1e-5)
+    assert max(float(np.abs(np.asarray(x)).max()) for p, x in jax.tree_util.tree_leaves_with_path(trained)
+               if "'b'" in jax.tree_util.keystr(p)) > 0  # the adapters trained (B starts at 0)
+    assert _done(workdir, "nash_ema_lora")["policy_params_sha256"]
+
+
 def test_hf_export_of_the_merged_policy_loads_in_transformers(workdir, tmp_path):
     import torch
     import transformers
@@ -223,8 +272,14 @@ def test_adapters_on_a_judge_or_an_sft_stage_without_base_are_refused(tmp_path):
 
     config = _tiny()
     config.pipeline = "sft,pm"
-    config.stages.pm.lora_rank = 2
-    with pytest.raises(ValueError, match=r"^config.stages.pm.lora_rank: adapters train 'lm' stages"):
+    config.stages.pm.lora_rank = 2  # pm starts from random weights: no decoder to adapt
+    with pytest.raises(ValueError, match=r"^config.stages.pm.init: '': an adapted preference model adapts a "
+                                         r"language model's decoder"):
+        spec.resolve(config, str(tmp_path))
+    config.pipeline = "sft,rm,rm_lora"
+    config.stages.pm.lora_rank = 0
+    config.stages.rm_lora.init = "rm"  # a trained reward model is not a decoder to adapt
+    with pytest.raises(ValueError, match=r"^config.stages.rm_lora.init: 'rm': an adapted reward model"):
         spec.resolve(config, str(tmp_path))
     config = _tiny()
     config.pipeline = "sft"

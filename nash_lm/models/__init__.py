@@ -9,8 +9,8 @@ Contract (used by `nash_lm.sampling` and `nash_lm.train`):
   ModelConfig                                 frozen dataclass; `.validate()`; `ModelConfig.from_config(cd)`
   init(cfg, kind, seed, shardings=None, lora=None) -> (graphdef, params)  kind in {'lm', 'preference', 'reward'}
   abstract_init(cfg, kind, lora=None) -> (graphdef, abstract params)   shapes only (for shardings before allocating)
-      with `lora` (a `LoRAConfig`, 'lm' only) the decoder carries low-rank adapters (`nash_lm.models.lora`:
-      `split`/`join` of adapters and base, `merge` into a plain State)
+      with `lora` (a `LoRAConfig`) the decoder (a judge's backbone) carries low-rank adapters
+      (`nash_lm.models.lora`: `split`/`join` of adapters and base, `merge` into a plain State)
   lm_logits(graphdef, params, tokens, mask, outputs=slice(None)) -> [B, T, V] float32 (T' positions with outputs)
       positions from the mask (left padding works), causal attention ignoring padded keys.
   preference_prob(graphdef, params, prompt, prompt_mask, y, y_mask, y2, y2_mask) -> [B]
@@ -47,14 +47,12 @@ __all__ = [
 
 def _build(cfg: ModelConfig, kind: str, seed, lora_cfg: LoRAConfig | None = None):
     key = jax.random.key(seed) if isinstance(seed, int) else seed
-    if lora_cfg is not None and kind != "lm":
-        raise ValueError(f"lora: adapters are available on 'lm' models, not {kind!r}")
     if kind == "lm":
         return Transformer(cfg, key, lora=lora_cfg)
     if kind == "preference":
-        return PreferenceModel(cfg, key)
+        return PreferenceModel(cfg, key, lora=lora_cfg)
     if kind == "reward":
-        return RewardModel(cfg, key)
+        return RewardModel(cfg, key, lora=lora_cfg)
     raise ValueError(f"kind={kind!r}: must be one of {KINDS}")
 
 

@@ -8,6 +8,9 @@ the batch and scored in one forward pass, so swapping y and y' negates d exactly
 arithmetic) and P(y ≻ y') + P(y' ≻ y) = 1, P(y ≻ y) = ½ hold exactly. Padding inside the concatenation
 (left-padded prompt, right-padded answers) is handled by the mask-derived positions of the backbone.
 
+With `lora` (a `LoRAConfig`) the backbone carries low-rank adapters and the head is trained with them
+(`nash_lm.models.lora.trained_head`): an adapted judge on a frozen decoder.
+
 `RewardModel` is the scalar reward r(x, y) for the RLHF baseline (trained with the Bradley–Terry loss
 −log σ(r(x, y_w) − r(x, y_l)) by the training code): w·h_last + b on the tokens [x; y].
 """
@@ -17,6 +20,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from nash_lm.models import lora as lora_lib
 from nash_lm.models.config import ModelConfig
 from nash_lm.models.transformer import Transformer, _param
 
@@ -41,11 +45,13 @@ def exact_sigmoid(d: jax.Array) -> jax.Array:
 
 
 class PreferenceModel(nnx.Module):
-    def __init__(self, cfg: ModelConfig, key):
+    def __init__(self, cfg: ModelConfig, key, lora=None):
         k1, k2 = jax.random.split(key)
         self.cfg = cfg
-        self.backbone = Transformer(cfg, k1, lm_head=False)
+        self.backbone = Transformer(cfg, k1, lm_head=False, lora=lora)
         self.score = _param(k2, (cfg.d_model,), cfg.d_model ** -0.5, ("embed",), cfg.weight_dtype)
+        if lora is not None:  # an adapted judge trains its head with the adapters
+            self.score = lora_lib.trained_head(self.score)
 
     def pair_score(self, tokens, mask):
         """f on concatenated sequences [B, T] -> [B] float32."""
@@ -62,12 +68,14 @@ class PreferenceModel(nnx.Module):
 
 
 class RewardModel(nnx.Module):
-    def __init__(self, cfg: ModelConfig, key):
+    def __init__(self, cfg: ModelConfig, key, lora=None):
         k1, k2 = jax.random.split(key)
         self.cfg = cfg
-        self.backbone = Transformer(cfg, k1, lm_head=False)
+        self.backbone = Transformer(cfg, k1, lm_head=False, lora=lora)
         self.score = _param(k2, (cfg.d_model,), cfg.d_model ** -0.5, ("embed",), cfg.weight_dtype)
         self.bias = nnx.Param(jnp.zeros((), cfg.weight_dtype), out_sharding=(), eager_sharding=False)
+        if lora is not None:  # an adapted judge trains its head with the adapters
+            self.score, self.bias = lora_lib.trained_head(self.score), lora_lib.trained_head(self.bias)
 
     def __call__(self, tokens, mask):
         h, _ = self.backbone(tokens, mask)

@@ -123,6 +123,12 @@ def join(adapters, base):
     return nnx.merge_state(base, adapters)
 
 
+def trained_head(var: nnx.Variable) -> nnx.LoRAParam:
+    """A judge's fresh score head in an adapted judge: trained with the adapters (an `nnx.LoRAParam`, so that
+    `split` puts it on the adapters' side), a plain `nnx.Param` again in `merge`'s output."""
+    return nnx.LoRAParam(var.get_value(), **var.get_metadata())
+
+
 def is_adapters(tree) -> bool:
     """Whether `tree` (a parameter State) holds adapters only (the trained tree of a LoRA stage)."""
     leaves = jax.tree.leaves(tree, is_leaf=lambda x: isinstance(x, nnx.Variable))
@@ -136,9 +142,23 @@ def _delta(a, b, layered: bool):
 
 
 def merge(cfg, lora: LoRAConfig, params):
-    """The plain decoder's State with every adapter folded into its projection: W + s · A ⊗ B (float32 sums,
-    stored in the base's dtype). The merged model computes the adapted model's function."""
+    """The plain model's State with every adapter folded into its projection: W + s · A ⊗ B (float32 sums,
+    stored in the base's dtype). The merged model computes the adapted model's function. For a judge the
+    decoder is its 'backbone' and the trained head comes back as plain parameters."""
     adapters, base = split(params)
+    base = jax.tree.map(lambda v: v.replace(v.get_value()), base, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    if "backbone" in base:  # a preference or reward model: the adapted decoder under 'backbone', then the head
+        _fold_decoder(cfg, lora, base["backbone"], adapters["backbone"])
+        head = nnx.State({k: v for k, v in adapters.items() if k != "backbone"})
+        head = jax.tree.map(lambda v: nnx.Param(v.get_value(), **v.get_metadata()), head,
+                            is_leaf=lambda x: isinstance(x, nnx.Variable))
+        return nnx.merge_state(base, head)
+    _fold_decoder(cfg, lora, base, adapters)
+    return base
+
+
+def _fold_decoder(cfg, lora: LoRAConfig, base, adapters):
+    """Adds each adapter's s · A ⊗ B into the decoder State `base` (in place)."""
     layered = cfg.scan_layers
     g = cfg.group_size
     slot = {"q": (slice(None), slice(0, g)), "k": (slice(None), g), "v": (slice(None), g + 1),
@@ -159,10 +179,8 @@ def merge(cfg, lora: LoRAConfig, params):
             w = w.at[idx].add(d) if target in slot else w + d
             var.set_value(w.astype(var[...].dtype))
 
-    base = jax.tree.map(lambda v: v.replace(v.get_value()), base, is_leaf=lambda x: isinstance(x, nnx.Variable))
     if layered:
         fold(base["blocks"], adapters["blocks"])
     else:
         for i in adapters["blocks"]:
             fold(base["blocks"][i], adapters["blocks"][i])
-    return base

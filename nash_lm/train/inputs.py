@@ -10,8 +10,8 @@
   oracle or a host oracle).
 
 A LoRA stage (`spec.lora`): the model is the adapted decoder, the trained tree (`abstract_policy`,
-`init_policy`) holds its adapters only (fresh: A random, B = 0), and the frozen base (the policy stage's `ref`, the
-SFT stage's `init`) is read once into `ref` in the adapted structure with its adapters zero (which computes the
+`init_policy`) holds its adapters only (fresh: A random, B = 0; an adapted judge's fresh head too), and the frozen
+base (the policy stage's `ref`, the SFT stage's `init`, a judge's `init` decoder as its backbone) is read once into `ref` in the adapted structure with its adapters zero (which computes the
 base exactly: each low-rank term is an exact 0): mu itself, and the base the step joins the trained adapters with
 (`full_params`). `base_sha256` is the base's content hash (checked against a checkpoint on resume).
 """
@@ -22,6 +22,7 @@ import os
 import jax
 import jax.numpy as jnp
 from absl import logging
+from flax import nnx
 
 from nash_lm import models, parallel
 from nash_lm.interop import hf as hf_interop
@@ -108,7 +109,8 @@ class StageInputs:
                 self.ref, self.judge_params = (None if p is None else models.cast_storage(p, run.frozen_dtype)
                                                for p in (self.ref, self.judge_params))
         if spec.lora is not None:  # the frozen base (mu), in the adapted structure with zero adapters
-            base = self.ref if spec.role == "policy" else self._load(spec.init)
+            base = (self.ref if spec.role == "policy" else self._load_backbone(spec.init) if spec.role == "judge"
+                    else self._load(spec.init))
             if not abstract:
                 self.base_sha256 = ckpt_lib.params_sha256(base)
             zeros = self.abstract_policy if abstract else jax.jit(
@@ -123,6 +125,12 @@ class StageInputs:
             return trained
         return lora_lib.join(trained, lora_lib.split(self.ref)[1])
 
+    def plain_shardings(self):
+        """The shardings of the stage's model without adapters (the tree a LoRA stage exports, merged)."""
+        spec, run = self.spec, self.run
+        _, plain, _ = abstract_params(spec.model, spec.algorithm.produces, 0, run.mesh, run.rules, spec.architecture)
+        return jax.tree.map(lambda a: a.sharding, plain)
+
     def init_policy(self):
         """The parameters step 0 starts from."""
         spec = self.spec
@@ -130,11 +138,15 @@ class StageInputs:
         if start is None or spec.lora is not None:  # random, or fresh adapters on the frozen base
             return self._initialise()
         if spec.role == "judge" and start.produces == "lm":  # the decoder of an 'lm' stage, a fresh score head
-            _, abstract_lm, _ = abstract_params(spec.model, "lm", 0, self.run.mesh, self.run.rules)
-            params = self._initialise()
-            params["backbone"] = load_export(self.run.workdir, start.value, abstract_lm)
-            return params
+            return nnx.merge_state(self._initialise(), self._load_backbone(start))
         return self._load(start)
+
+    def _load_backbone(self, inp: Input):
+        """{'backbone': the decoder of the 'lm' stage `inp`}: the part of a judge read from a language model."""
+        _, abstract_lm, _ = abstract_params(self.spec.model, "lm", 0, self.run.mesh, self.run.rules)
+        if self.abstract:
+            return nnx.State({"backbone": self.abstract_base["backbone"]})
+        return nnx.State({"backbone": load_export(self.run.workdir, inp.value, abstract_lm)})
 
     def _load(self, inp: Input):
         """Parameters of an 'lm'-shaped input of this stage's model: an earlier stage's export or a checkpoint."""

@@ -197,13 +197,14 @@ def _check_fields(name: str, st, where: Callable, stage_where: str) -> algorithm
     return alg
 
 
-def _check_lora(st, alg, model, where):
+def _check_lora(st, alg, model, init, where):
     """The stage's LoRAConfig (None without adapters), checked against its model and its inputs."""
     lora = cfg_lib.lora_config(st)
     if lora is None:
         return None
-    if alg.role == "judge":
-        _fail(where("lora_rank"), f"adapters train 'lm' stages (SFT and policy), not a {alg.produces} judge")
+    if alg.role == "judge" and (init is None or init.produces != "lm"):
+        _fail(where("init"), f"{st.init!r}: an adapted {alg.produces} model adapts a language model's decoder "
+                             f"(its backbone, frozen): name an earlier 'lm' stage such as the SFT stage")
     try:
         lora.validate(model)
     except ValueError as e:
@@ -396,7 +397,7 @@ def resolve(config, workdir: str, *, origins: dict | None = None, host_oracle: b
             _fail(where("batch_size"), f"{st.batch_size} exceeds data.n_examples {data.n_examples}")
         if "max_new_tokens" in st and st.max_new_tokens > data.response_len:
             _fail(where("max_new_tokens"), f"{st.max_new_tokens} exceeds data.response_len {data.response_len}")
-        lora = _check_lora(st, alg, cfg_lib.model_config(config, model_key), where)
+        lora = _check_lora(st, alg, cfg_lib.model_config(config, model_key), init, where)
         fp = cfg_lib.stage_fingerprint(config, name)
         stages[name] = StageSpec(
             name=name, algorithm=alg, st=st, model=cfg_lib.model_config(config, model_key),

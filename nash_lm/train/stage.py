@@ -183,7 +183,7 @@ class Stage:
         """{name: the base with those adapters merged in} (a plain tree, on the base's shardings)."""
         base = lora_lib.split(self.inputs.ref)[1]
         merge = jax.jit(lambda ad, base: lora_lib.merge(self.spec.model, self.spec.lora, lora_lib.join(ad, base)),
-                        out_shardings=jax.tree.map(lambda a: a.sharding, self.inputs.abstract_base))
+                        out_shardings=self.inputs.plain_shardings())
         return {name: merge(ad, base) for name, ad in trained.items()}
 
     def _finish(self, mut) -> dict:

@@ -155,9 +155,11 @@ def judge_loss(kind: str, graphdef, params, batch, label):
 
 
 def judge_step(kind: str, labels: str, graphdef, tx, mut: TrainState, frozen, batch):
-    del frozen
+    """One step of the preference or reward loss. With LoRA, `frozen`'s first tree is the judge's frozen base
+    (its backbone) the trained adapters and head are joined with."""
+    base = None if frozen is None else frozen[0]
     label = batch["label"] if labels == "soft" else batch["hard_label"]
-    return _apply_gradients(tx, mut, lambda p: judge_loss(kind, graphdef, p, batch, label), mut.rng)
+    return _apply_gradients(tx, mut, lambda p: judge_loss(kind, graphdef, _policy(p, base), batch, label), mut.rng)
 
 
 # ---------------------------------------------------------------------------------------------------------------
