@@ -159,3 +159,29 @@ def test_penalised_preference_stays_antisymmetric():
     rev = step_lib.penalize_missing_eos(hp, 1 - p, dict(y=y2, y_mask=y2m, y2=y, y2_mask=ym))
     np.testing.assert_allclose(np.asarray(fwd), [0.5, 0.6], rtol=1e-6)
     np.testing.assert_allclose(np.asarray(fwd + rev), 1.0, rtol=1e-6)
+
+
+def test_a_jobs_own_tokenizer_sets_the_policy_stages_eos_and_pad(tmp_path):
+    """A job handing over its own token data (the docstring jobs) names its tokenizer: the policy stages stop at
+    and penalise the absence of that tokenizer's EOS, not the synthetic data's (ids 2 / 0)."""
+    import os
+    import sys
+    import types
+
+    from nash_lm.train import compile as compile_lib
+    from nash_lm.train.pipeline import Pipeline
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs"))
+    import tiny
+
+    config = tiny.get_config()
+    config.pipeline = "sft,pm,nash_md"
+    with Pipeline(config, str(tmp_path / "wd"), data={}) as pipe:
+        hp = compile_lib.policy_hparams(pipe.spec.stages["nash_md"], pipe.spec)
+        assert (hp.eos_id, hp.pad_id) == (synthetic.EOS_ID, synthetic.PAD_ID)
+        pipe.use_tokenizer(types.SimpleNamespace(eos_id=17, pad_id=5))
+        hp = compile_lib.policy_hparams(pipe.spec.stages["nash_md"], pipe.spec)
+        assert (hp.eos_id, hp.pad_id) == (17, 5)
+    tokens = jnp.asarray([[4, 17, 5], [4, 2, 0]])
+    np.testing.assert_array_equal(np.asarray(step_lib.missing_eos(tokens, jnp.ones_like(tokens), hp.eos_id)), [0, 1])
+    assert not os.path.exists(tmp_path / "wd" / "stages")

@@ -295,6 +295,7 @@ def _run_rounds(config, pipe: Pipeline, arms, task_hash: str, t0: float) -> dict
 
     # round 0 inputs: corpus, tokenizer, arrays (as the docstrings job builds them)
     d = pipeline.prepare_docstrings(config, workdir, "online_lm")
+    pipe.use_tokenizer(d.fmt.tokenizer)
     corpus, tok, rlen = d.corpus, d.tokenizer, d.response_len
     test_ex = d.splits["test"]
     sft = {s: d.arrays[("sft", s)] for s in ("train", "eval")}

@@ -231,6 +231,7 @@ def run_docstrings(config, workdir: str) -> dict:
     with Pipeline(train_config(config, task_hash(config, ("task",))), workdir, data=arrays) as pipe:
         distributed.write_json(os.path.join(pipe.workdir, "config.json"), cfg_lib.to_jsonable(config))
         d = prepare_docstrings(config, pipe.workdir, "docstrings")
+        pipe.use_tokenizer(d.fmt.tokenizer)
         arrays.update(d.arrays)
         oracle = rater_lib.token_oracle(rater_lib.Rater(d.corpus, noise=task.rater_noise, seed=task.seed), d.fmt,
                                         d.corpus)

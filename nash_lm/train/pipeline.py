@@ -4,8 +4,8 @@
 (`nash_lm.train.spec.resolve`: every check, nothing written), then `run(names, data=...)` runs stages in
 pipeline order, each in `WORKDIR/stages/<name>/` (`nash_lm.train.stage.Stage`): a stage whose `done.json`
 exists is skipped and its record returned; the others resume from their latest checkpoint or start. A job may
-call `run` several times (the docstring jobs build pair data between stages) and read stage outputs with
-`params(name)`.
+call `run` several times (the docstring jobs build pair data between stages), read stage outputs with
+`params(name)`, and name the tokenizer of the data it hands over with `use_tokenizer` (its EOS and padding ids).
 
 - Data (`nash_lm.train.data`): a stage that names records files (`train_data`, `eval_data`; `config.data.kind
   = 'records'`) reads those, already checked by `resolve`. Otherwise a mapping (or a callable) from (kind, split)
@@ -27,6 +27,7 @@ metrics and TensorBoard events are written by process 0 only.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -67,6 +68,11 @@ class Pipeline:
         self._peak = None
         self._stop = False
         self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+
+    def use_tokenizer(self, tokenizer) -> None:
+        """The job's own data was tokenized by `tokenizer`: its stop and padding ids become the policy stages'
+        (sampler, missing-EOS penalty). A records run takes them from its tokenizer at `resolve`."""
+        self.spec = dataclasses.replace(self.spec, eos_id=int(tokenizer.eos_id), pad_id=int(tokenizer.pad_id))
 
     def _on_sigterm(self, signum, frame):
         self._stop = True
