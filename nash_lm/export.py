@@ -6,7 +6,9 @@ Reads the `train` job's workdir (its `config.json` and the last policy stage's p
   OUT/params/        params-only orbax checkpoint {"policy": ...} in bfloat16 (`--params_dtype`), the layout
                      of `nash_lm.train.checkpoint.export_params`
   OUT/hf/            model.safetensors + config.json for transformers' LlamaForCausalLM (float32 by default,
-                     `--hf_dtype=bfloat16` halves it); `--tokenizer=tokenizer.json` is copied beside them
+                     `--hf_dtype=bfloat16` halves it) and the tokenizer.json: `--tokenizer`, by default a
+                     records run's own (its `data.tokenizer` or its hf: checkpoint's), whose EOS / padding
+                     ids are then the defaults of `--eos_id` / `--pad_id`
   OUT/sampler/       sampler.jaxexport: the jitted sampler serialized with `jax.export` (StableHLO, for the
                      platforms in `--platforms`), and sampler.json (static shapes, sampling settings, the
                      flat parameter names it takes). Inputs: (params {name: array}, prompts int32 [B, Tp]
@@ -42,15 +44,15 @@ flags.DEFINE_string("stage", "", "Stage to export (default: the last policy stag
 flags.DEFINE_enum("which", "policy", ["policy", "ema"], "Which parameters of the stage's export.")
 flags.DEFINE_enum("params_dtype", "bfloat16", ["bfloat16", "float32"], "dtype of OUT/params.")
 flags.DEFINE_enum("hf_dtype", "float32", ["float32", "bfloat16"], "dtype of OUT/hf/model.safetensors.")
-flags.DEFINE_string("tokenizer", "", "Optional tokenizer.json copied to OUT/hf.")
+flags.DEFINE_string("tokenizer", "", "tokenizer.json copied to OUT/hf ('': a records run's own, if any).")
 flags.DEFINE_integer("batch_size", 8, "Sampler batch size (static).")
 flags.DEFINE_integer("prompt_len", 0, "Sampler prompt length (static; 0 = the config's data.prompt_len).")
 flags.DEFINE_integer("max_new_tokens", 0, "Tokens to sample (0 = the config's data.response_len).")
 flags.DEFINE_float("temperature", 1.0, "Sampling temperature.")
 flags.DEFINE_integer("top_k", 0, "Top-k filter (0 = off).")
 flags.DEFINE_float("top_p", 1.0, "Nucleus filter (1 = off).")
-flags.DEFINE_integer("eos_id", 2, "End-of-sequence id (-1 = never stop early).")
-flags.DEFINE_integer("pad_id", 0, "Padding id.")
+flags.DEFINE_integer("eos_id", None, "End-of-sequence id (-1 = never stop early; default: the tokenizer's, else 2).")
+flags.DEFINE_integer("pad_id", None, "Padding id (default: the tokenizer's, else 0).")
 flags.DEFINE_string("platforms", "cpu,cuda,tpu", "Comma-separated platforms to lower the sampler for.")
 flags.DEFINE_bool("overwrite", False, "Replace an existing OUT.")
 flags.DEFINE_bool("adapters_only", False, "Write a LoRA stage's adapters alone (OUT/adapters, OUT/adapters.json).")
@@ -82,6 +84,25 @@ def unflatten(flat: dict) -> dict:
             node = node.setdefault(k, {})
         node[keys[-1]] = v
     return out
+
+
+def run_tokenizer_json(config: dict) -> str:
+    """The tokenizer.json a `train` run tokenized its records with ('' when none: synthetic data, or a
+    SentencePiece model): `data.tokenizer`, or with '' the first `hf:` checkpoint's in pipeline order."""
+    from nash_lm.train import config as cfg_lib
+
+    data = config.get("data", {})
+    if data.get("kind") != "records":
+        return ""
+    path = data.get("tokenizer", "")
+    if not path:
+        stages = config.get("stages", {})
+        hf_dirs = [v[len(cfg_lib.HF_PREFIX):] for s in str(config.get("pipeline", "")).split(",") if s in stages
+                   for v in (stages[s].get("init", ""), stages[s].get("ref", ""))
+                   if str(v).startswith(cfg_lib.HF_PREFIX)]
+        path = os.path.join(hf_dirs[0], "tokenizer.json") if hf_dirs else ""
+    path = os.path.abspath(os.path.expanduser(path)) if path else ""
+    return path if path.endswith(".json") and os.path.isfile(path) else ""
 
 
 def find_policy_stage(workdir: str, stage: str = ""):
@@ -179,10 +200,11 @@ def load_sampler(out: str):
 def run(workdir: str, out: str, *, stage: str = "", which: str = "policy", params_dtype: str = "bfloat16",
         hf_dtype: str = "float32", tokenizer: str = "", batch_size: int = 8, prompt_len: int = 0,
         max_new_tokens: int = 0, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-        eos_id: int = 2, pad_id: int = 0, platforms=("cpu", "cuda", "tpu"), overwrite: bool = False,
-        adapters_only: bool = False) -> dict:
+        eos_id: int | None = None, pad_id: int | None = None, platforms=("cpu", "cuda", "tpu"),
+        overwrite: bool = False, adapters_only: bool = False) -> dict:
     """Writes OUT/params, OUT/hf, OUT/sampler and OUT/export.json (or, `adapters_only`, a LoRA stage's adapters
-    alone); returns the manifest."""
+    alone); returns the manifest. `tokenizer` '' takes the run's own tokenizer.json (a records run's, see
+    `run_tokenizer_json`); `eos_id` / `pad_id` None take that tokenizer's ids (else 2 / 0)."""
     from nash_lm.interop import hf
     from nash_lm.train import checkpoint as ckpt_lib
 
@@ -197,6 +219,15 @@ def run(workdir: str, out: str, *, stage: str = "", which: str = "policy", param
     if prompt_len + max_new_tokens > cfg.max_len:
         raise ValueError(f"--prompt_len + --max_new_tokens = {prompt_len + max_new_tokens} exceeds "
                          f"ModelConfig.max_len={cfg.max_len}")
+    tokenizer = tokenizer or run_tokenizer_json(config)
+    if tokenizer:
+        from nash_lm.data import tokenizer as tokenizer_lib
+
+        tok = tokenizer_lib.HFTokenizer(tokenizer)
+        eos_id = tok.eos_id if eos_id is None else eos_id
+        pad_id = tok.pad_id if pad_id is None else pad_id
+    eos_id = 2 if eos_id is None else eos_id
+    pad_id = 0 if pad_id is None else pad_id
     if tokenizer:
         hf.load_tokenizer(tokenizer, cfg, {"eos_token_id": eos_id if eos_id >= 0 else None, "pad_token_id": pad_id})
     adapters_dir = os.path.join(workdir, "stages", stage, "adapters")
@@ -242,9 +273,9 @@ def run(workdir: str, out: str, *, stage: str = "", which: str = "policy", param
                   f, indent=2)
     manifest = {"workdir": workdir, "stage": stage, "which": which, "params_sha256": sha,
                 "model": cfg.to_dict(), "params_dtype": params_dtype, "hf_dtype": hf_dtype,
-                "sampler": settings, "platforms": list(exp.platforms),
+                "sampler": settings, "platforms": list(exp.platforms), "tokenizer": tokenizer,
                 "files": ["params", "hf/model.safetensors", "hf/config.json", "sampler/sampler.jaxexport",
-                          "sampler/sampler.json"]}
+                          "sampler/sampler.json"] + (["hf/tokenizer.json"] if tokenizer else [])}
     with open(os.path.join(out, "export.json"), "w") as f:
         json.dump(manifest, f, indent=2, sort_keys=True)
     return manifest

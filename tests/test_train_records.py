@@ -178,9 +178,16 @@ def test_user_data_pipeline_reports_bad_rows_exports_to_transformers_and_resumes
 
     # the export loads in transformers and gives the logits of nash-lm's own policy
     export = str(tmp_path / "export")
-    r = _run([sys.executable, "-m", "nash_lm.export", f"--workdir={full}", f"--out={export}", "--platforms=cpu",
-              f"--tokenizer={os.path.join(user['ckpt'], 'tokenizer.json')}"])
+    r = _run([sys.executable, "-m", "nash_lm.export", f"--workdir={full}", f"--out={export}", "--platforms=cpu"])
     assert r.returncode == 0, r.stderr[-2000:]
+    # by default the run's own tokenizer (the hf: checkpoint's) and its ids, as transformers reads them
+    with open(os.path.join(export, "export.json")) as f:
+        manifest = json.load(f)
+    assert manifest["tokenizer"] == os.path.join(user["ckpt"], "tokenizer.json")
+    hf_tok = transformers.AutoTokenizer.from_pretrained(user["ckpt"])
+    assert (manifest["sampler"]["eos_id"], manifest["sampler"]["pad_id"]) == (hf_tok.eos_token_id,
+                                                                                hf_tok.pad_token_id)
+    assert os.path.isfile(os.path.join(export, "hf", "tokenizer.json"))
     import torch
 
     model = transformers.LlamaForCausalLM.from_pretrained(os.path.join(export, "hf"))
