@@ -38,7 +38,7 @@ def get_config():
         rater_noise=0.1,
         pairs_per_prompt=1,
         sample_batch_size=32,  # rows per sampler call (pairs from mu, the tournament)
-        tournament=ml_collections.ConfigDict(dict(samples_per_prompt=4, temperature=1.0,
+        tournament=ml_collections.ConfigDict(dict(samples_per_prompt=6, temperature=1.0,
                                                   ci_method="clopper_pearson", base_label="smollm2")),
     ))
     plen, rlen = 96, 16
@@ -59,9 +59,10 @@ def get_config():
                          warmup_steps=5, log_every=10, checkpoint_every=20, eval_batches=4)
     judge = dict(init="sft", steps=40, batch_size=8, lr=3e-5, lr_schedule="cosine", warmup_steps=5, log_every=10,
                  checkpoint_every=20, eval_batches=4)
-    t.stages.pm = stage("preference", **judge)
+    # a pairwise model learns slower than a scalar reward: more steps and a larger step size than rm
+    t.stages.pm = stage("preference", **{**judge, "steps": 60, "lr": 1e-4, "checkpoint_every": 30})
     t.stages.rm = stage("reward", **{**judge, "steps": 20})
-    policy = dict(ref="sft", judge="pm", tau=0.01, steps=20, batch_size=8, lr=2e-5, max_new_tokens=rlen,
+    policy = dict(ref="sft", judge="pm", tau=0.01, steps=30, batch_size=8, lr=5e-5, max_new_tokens=rlen,
                   missing_eos_penalty=0.1, log_every=10, checkpoint_every=10, eval_batches=2)
     t.stages.md1 = stage("nash_md_pg", beta=0.125, **policy)
     t.stages.sp = stage("nash_md_pg", beta=0.0, **policy)
