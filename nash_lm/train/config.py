@@ -34,8 +34,8 @@ refused on resume.
 
 LoRA (`lora_rank` > 0, any stage): the stage trains low-rank adapters on a frozen base (its `ref` for a policy
 stage, which is then also mu = the base with the adapters off; its `init` for SFT; its `init` language model's
-decoder as a judge's backbone, whose fresh head trains with the adapters); only the adapters are optimised, averaged (EMA) and checkpointed, and the stage exports the adapters merged into a plain
-parameter tree (and the adapters alone, `nash_lm.train.stage`). `lora_config(st)` is the stage's
+decoder as a judge's backbone, whose fresh head trains with the adapters); only the adapters are optimised,
+averaged (EMA) and checkpointed, and the stage exports the adapters merged into a plain parameter tree (and the adapters alone, `nash_lm.train.stage`). `lora_config(st)` is the stage's
 `nash_lm.models.lora.LoRAConfig` (None when off). `config.model.architecture` ('llama' | 'gemma' | 'qwen2', optional) selects the decoder
 variant (`nash_lm.interop.variants`); judge models are Llama-architecture only.
 """

@@ -11,8 +11,9 @@
 
 A LoRA stage (`spec.lora`): the model is the adapted decoder, the trained tree (`abstract_policy`,
 `init_policy`) holds its adapters only (fresh: A random, B = 0; an adapted judge's fresh head too), and the frozen
-base (the policy stage's `ref`, the SFT stage's `init`, a judge's `init` decoder as its backbone) is read once into `ref` in the adapted structure with its adapters zero (which computes the
-base exactly: each low-rank term is an exact 0): mu itself, and the base the step joins the trained adapters with
+base (the policy stage's `ref`, the SFT stage's `init`, a judge's `init` decoder as its backbone) is read once
+into `ref` in the adapted structure with its adapters zero (which computes the base exactly: each low-rank term
+is an exact 0): mu itself, and the base the step joins the trained adapters with
 (`full_params`). `base_sha256` is the base's content hash (checked against a checkpoint on resume).
 """
 from __future__ import annotations
