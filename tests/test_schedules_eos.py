@@ -76,10 +76,20 @@ def test_ipo_tau_schedule_must_stay_positive(tmp_path):
         spec_lib.resolve(cfg, str(tmp_path / "w"))
 
 
-def _step_setup(algorithm, judge_fn, **hp):
+def _step_setup(algorithm, judge_fn, adapters=False, **hp):
+    """A jitted policy step at a given step; `adapters`: rank-2 LoRA on a base whose adapters-off model is mu
+    (B drawn nonzero, so that pi differs from mu and the one-pass mixture decode has work to do)."""
     mesh = parallel.make_mesh({"data": 1}, devices=jax.devices()[:1])
-    graphdef, policy = models.init(CFG, "lm", 0)
-    _, ref = models.init(CFG, "lm", 1)
+    if adapters:
+        graphdef, full = models.init(CFG, "lm", 0, lora_cfg=models.LoRAConfig(rank=2, alpha=4.0))
+        trained, base = models.lora.split(full)
+        leaves, treedef = jax.tree.flatten(trained)
+        keys = jax.random.split(jax.random.key(3), len(leaves))
+        policy = jax.tree.unflatten(treedef, [x + 1.0 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
+        ref = models.lora.join(jax.tree.map(jnp.zeros_like, trained), base)
+    else:
+        graphdef, policy = models.init(CFG, "lm", 0)
+        _, ref = models.init(CFG, "lm", 1)
     stage = cfg_lib.stage(algorithm, lr=1e-2, batch_size=B, steps=10, grad_clip=0.0)
     tx = state_lib.make_optimizer(stage)
     data = synthetic.prompt_dataset(DATA, "train")
@@ -119,6 +129,13 @@ def test_scheduled_step_equals_the_constant_step_at_the_scheduled_values():
     _close(scheduled, constant)
     assert float(scheduled[1]["beta"]) == pytest.approx(beta, abs=1e-7)
     assert float(scheduled[1]["tau"]) == pytest.approx(0.05, abs=1e-7)
+    # the same with adapters (mu = the base, adapters off on mu's rows of the one-pass mixture decode)
+    lora_scheduled = _step_setup("nash_md_pg", _oracle, True, tau=0.3, beta=0.6, beta_schedule=schedules.parse(
+        "linear:0.1", "b", 0, 1, 10))(step)
+    _close(lora_scheduled, _step_setup("nash_md_pg", _oracle, True, tau=0.3, beta=beta)(step))
+    unscheduled = _step_setup("nash_md_pg", _oracle, True, tau=0.3, beta=0.6)(step)  # beta matters here
+    assert max(float(np.abs(np.asarray(x) - np.asarray(y)).max()) for x, y in
+               zip(jax.tree.leaves(lora_scheduled[0].policy), jax.tree.leaves(unscheduled[0].policy))) > 1e-4
     before = _step_setup("nash_md_pg", _oracle, tau=0.3, beta=0.6, tau_schedule=schedules.parse(
         "steps:4=0.05", "t", 0, 1, 10))(3)  # before step 4 the stage's own tau
     _close(before, _step_setup("nash_md_pg", _oracle, tau=0.3, beta=0.6)(3))
