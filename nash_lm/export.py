@@ -90,18 +90,15 @@ def run_tokenizer_json(config: dict) -> str:
     """The tokenizer.json a `train` run tokenized its records with ('' when none: synthetic data, or a
     SentencePiece model): `data.tokenizer`, or with '' the first `hf:` checkpoint's in pipeline order."""
     from nash_lm.train import config as cfg_lib
+    from nash_lm.train import data as data_lib
 
     data = config.get("data", {})
     if data.get("kind") != "records":
         return ""
-    path = data.get("tokenizer", "")
-    if not path:
-        stages = config.get("stages", {})
-        hf_dirs = [v[len(cfg_lib.HF_PREFIX):] for s in str(config.get("pipeline", "")).split(",") if s in stages
-                   for v in (stages[s].get("init", ""), stages[s].get("ref", ""))
-                   if str(v).startswith(cfg_lib.HF_PREFIX)]
-        path = os.path.join(hf_dirs[0], "tokenizer.json") if hf_dirs else ""
-    path = os.path.abspath(os.path.expanduser(path)) if path else ""
+    stages = config.get("stages", {})
+    hf_dirs = [v[len(cfg_lib.HF_PREFIX):] for s in str(config.get("pipeline", "")).split(",") if s in stages
+               for v in (stages[s].get("init", ""), stages[s].get("ref", "")) if str(v).startswith(cfg_lib.HF_PREFIX)]
+    path = data_lib.tokenizer_path(data.get("tokenizer", ""), hf_dirs)
     return path if path.endswith(".json") and os.path.isfile(path) else ""
 
 

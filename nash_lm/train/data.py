@@ -98,14 +98,19 @@ def paths(text: str) -> list[str]:
     return [os.path.abspath(os.path.expanduser(p.strip())) for p in str(text).split(",") if p.strip()]
 
 
+def tokenizer_path(tokenizer: str, hf_dirs: list[str]) -> str:
+    """The file a records run tokenizes with: `config.data.tokenizer`, or with '' the first `hf:` checkpoint's
+    tokenizer.json ('' when neither applies)."""
+    if tokenizer:
+        return os.path.abspath(os.path.expanduser(tokenizer))
+    return os.path.join(hf_dirs[0], "tokenizer.json") if hf_dirs else ""
+
+
 def run_tokenizer(data: RecordsConfig, hf_dirs: list[str]):
-    """The tokenizer of a records run: `config.data.tokenizer`, or the first `hf:` checkpoint's tokenizer.json."""
-    if data.tokenizer:
-        path = os.path.abspath(os.path.expanduser(data.tokenizer))
-        where = "config.data.tokenizer"
-    elif hf_dirs:
-        path, where = os.path.join(hf_dirs[0], "tokenizer.json"), "config.data.tokenizer ('': the hf: checkpoint's)"
-    else:
+    """The tokenizer of a records run (`tokenizer_path`), loaded."""
+    path = tokenizer_path(data.tokenizer, hf_dirs)
+    where = "config.data.tokenizer" if data.tokenizer else "config.data.tokenizer ('': the hf: checkpoint's)"
+    if not path:
         _fail("config.data.tokenizer", "'' takes the tokenizer of the pipeline's hf: checkpoint, but no stage starts "
                                        "from one: name a SentencePiece .model or a tokenizer.json")
     try:
