@@ -16,7 +16,7 @@ Ratios over plain_adapted (target: mixture_fused ≤ 1.3), from medians of `--re
 after a compile run, in wall time and this process's CPU time.
 
 Writes JSON lines to bench/results/lora_decode.jsonl (appends) and prints them.
-Usage: .venv/bin/python bench/lora_decode.py [--repeats 7] [--batch 8] [--size quick|small|large]
+Usage: .venv/bin/python bench/lora_decode.py [--repeats 7] [--batch 8] [--size quick|small|large|smollm2]
 """
 from __future__ import annotations
 
@@ -39,10 +39,13 @@ from nash_lm import models, sampling
 from nash_lm.models import ModelConfig, lora
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "lora_decode.jsonl")
-SIZES = {  # 'small' is bench/sampling.py's model; 'large' (~100M parameters, 0.4 GB f32) does not fit the caches
+SIZES = {  # 'small' is bench/sampling.py's model; 'large' (~100M parameters, 0.4 GB f32) does not fit the caches;
+    # 'smollm2' is SmolLM2-135M-Instruct's architecture (configs/smollm2_docstrings.py), random weights
     "quick": dict(vocab_size=512, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=128),
     "small": dict(vocab_size=2048, d_model=256, n_layers=4, n_heads=8, n_kv_heads=4, d_ff=768),
     "large": dict(vocab_size=8192, d_model=1024, n_layers=8, n_heads=16, n_kv_heads=8, d_ff=2816),
+    "smollm2": dict(vocab_size=49152, d_model=576, n_layers=30, n_heads=9, n_kv_heads=3, d_ff=1536,
+                    rope_theta=100000.0, norm_eps=1e-5),
 }
 
 
