@@ -11,6 +11,9 @@ differs from μ):
   * mixture_merged:  the same pair with the adapters merged into a separate π and the base as μ (two trees,
                      two model passes per step: the full-model mixture of a policy stage without adapters)
   * plain_base:      y, y' ~ the base (no adapters: what the adapters' low-rank terms cost)
+  * ema_one_pass:    Nash-EMA-PG's pair, y ~ π and y' ~ the EMA of the adapters (another adapter set on the same
+                     base, `sampling.Adapters`; 2B rows, one model pass, the two sets concatenated along the rank)
+  * ema_two_trees:   the same pair from two merged trees, base + π's adapters and base + the EMA's (two passes)
 
 Ratios over plain_adapted (target: mixture_fused ≤ 1.3), from medians of `--repeats` (≥ 5) interleaved runs
 after a compile run, in wall time and this process's CPU time.
@@ -68,6 +71,8 @@ def main():
                             lora.split(full)[0])
     params = lora.join(adapters, base)
     merged = lora.merge(cfg, lc, params)
+    ema = jax.tree.map(lambda x: x + 0.02 * jax.random.normal(jax.random.key(2), x.shape, x.dtype), adapters)
+    merged_ema = lora.merge(cfg, lc, lora.join(ema, base))
     b, n, beta = args.batch, args.new_tokens, 0.125
     rs = np.random.RandomState(0)
     x = jnp.asarray(rs.randint(1, cfg.vocab_size, (b, 64)), jnp.int32)
@@ -80,6 +85,8 @@ def main():
         "mixture_fused": lambda: pair(g_ad, params, x, m, keys, mix_params=sampling.ADAPTERS_OFF, beta=beta, **kw),
         "mixture_merged": lambda: pair(g_base, merged, x, m, keys, mix_params=base, beta=beta, **kw),
         "plain_base": lambda: pair(g_base, base, x, m, keys, **kw),
+        "ema_one_pass": lambda: pair(g_ad, params, x, m, keys, mix_params=sampling.Adapters(ema), beta=1.0, **kw),
+        "ema_two_trees": lambda: pair(g_base, merged, x, m, keys, mix_params=merged_ema, beta=1.0, **kw),
     }
     wall = {k: [] for k in modes}
     cpu = {k: [] for k in modes}

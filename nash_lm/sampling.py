@@ -34,12 +34,15 @@ mix_params is None); the prompt is prefilled once per tree and the policy's cach
 `rng = (key_y, key_y2)` its tokens are those of `sample(..., rng=key_y)` and `sample(..., mix_params, beta,
 rng=key_y2)` (up to floating-point ties): the same distribution, half the sequential decode iterations.
 
-LoRA (`mix_params=ADAPTERS_OFF`): μ is the policy's own base with its adapters off (the policy an adapted decoder,
-`nash_lm.models.lora`). The prefill and every decode step then run the model ONCE over the policy's rows and μ's
-rows together, with the adapters' per-row scale 1 on the policy's rows and 0 on μ's (`lora_scale`): each layer's
-base weights are read once per step for both models, and μ's rows compute the base exactly (the low-rank term is
-an exact 0 there). The tokens are those of the same decode with the adapters merged into a separate π and the
-base as μ (up to floating-point ties).
+LoRA (`mix_params=ADAPTERS_OFF` or `mix_params=Adapters(tree)`; the policy an adapted decoder,
+`nash_lm.models.lora`): the second model is the policy's own base, with its adapters off (ADAPTERS_OFF: μ = the
+reference of a LoRA policy stage) or with another set of adapters on the same base (`Adapters`: the Nash-EMA-PG
+EMA of the adapters). The prefill and every decode step then run the model ONCE over the policy's rows and the
+second model's rows together, with a per-row scale on the adapters' low-rank terms (`lora_scale`): with
+ADAPTERS_OFF 1 on the policy's rows and 0 on μ's, so μ's rows compute the base exactly (the low-rank term is an
+exact 0 there); with `Adapters` the two sets are concatenated along the rank and each row's scale [2r] keeps
+its own set's half. Each layer's base weights are read once per step for both models. The tokens are those of
+the same decode with the adapters merged into two separate trees (up to floating-point ties).
 
 The mechanism behind both is `decode`'s row layout: the policy covers rows [0, Rp) and μ the last Rm of the R
 rows, with Rp + Rm ≥ R; rows covered by both sample the mixture, the others their one model. Plain sampling is
@@ -72,11 +75,11 @@ import jax.numpy as jnp
 from flax import nnx
 
 from nash_lm import parallel
-from nash_lm.models import KVCache, init_cache
+from nash_lm.models import KVCache, init_cache, lora
 from nash_lm.parallel import constrain
 
 __all__ = ["Samples", "Prefilled", "sample", "sample_pair", "prefill", "decode", "filter_logits", "sample_jit",
-           "decode_layout", "ADAPTERS_OFF"]
+           "decode_layout", "ADAPTERS_OFF", "Adapters", "same_base"]
 
 GROW = 128  # the decode's KV buffers start with room for GROW new tokens and grow by GROW slots
 
@@ -91,6 +94,46 @@ class _AdaptersOff:
 
 ADAPTERS_OFF = _AdaptersOff()
 jax.tree_util.register_pytree_node(_AdaptersOff, lambda x: ((), None), lambda aux, children: ADAPTERS_OFF)
+
+
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["tree"], meta_fields=[])
+@dataclasses.dataclass(frozen=True)
+class Adapters:
+    """The `mix_params` meaning "the second model = the policy's base with these adapters" (`tree`: an adapter
+    State of the policy's structure, e.g. the EMA of a LoRA stage's adapters)."""
+    tree: object
+
+
+def same_base(mix_params) -> bool:
+    """Whether `mix_params` names a second model on the policy's own base (ADAPTERS_OFF or `Adapters`), which
+    the sampler runs in the policy's pass."""
+    return mix_params is ADAPTERS_OFF or isinstance(mix_params, Adapters)
+
+
+def _rank(adapters) -> int:
+    v = jax.tree.leaves(adapters, is_leaf=lambda x: isinstance(x, nnx.Variable))[0]
+    return v.shape[v.get_metadata()["out_sharding"].index("lora")]
+
+
+def _one_pass(params, mix_params, rp: int, rm: int):
+    """(parameters, lora_scale) of one model pass over rp policy rows then rm rows of the second model on the
+    same base (`same_base(mix_params)`): ADAPTERS_OFF scales the adapters by 1 on the policy's rows and 0 on the
+    others ([rp + rm]); `Adapters` concatenates the policy's adapters and the second set along the rank axis and
+    gives each row the half of its own set ([rp + rm, r + r2])."""
+    if mix_params is ADAPTERS_OFF:
+        return params, jnp.concatenate([jnp.ones((rp,), jnp.float32), jnp.zeros((rm,), jnp.float32)])
+    pol, base = lora.split(params)
+    other = mix_params.tree
+
+    def cat(a, b):
+        axis = a.get_metadata()["out_sharding"].index("lora")
+        return a.replace(jnp.concatenate([a.get_value(), b.get_value().astype(a.dtype)], axis=axis))
+
+    both = jax.tree.map(cat, pol, other, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    r, r2 = _rank(pol), _rank(other)
+    own = lambda n, first: jnp.tile(jnp.concatenate([jnp.full((r,), float(first)), jnp.full((r2,), float(not first))]),
+                                    (n, 1))
+    return lora.join(both, base), jnp.concatenate([own(rp, True), own(rm, False)])
 
 
 class Samples(NamedTuple):
@@ -172,9 +215,9 @@ def _check_args(cfg, prompts, prompt_mask, max_new_tokens, eos_id, pad_id, tempe
 class Prefilled:
     """The decode loop's starting point: last-position logits and KV cache of each tree ([Rp, V] for the policy,
     [Rm, V] for the second tree; see the row layout in the module docstring), and the prompt length (static: the
-    first cache slot of the completion; it survives a jit boundary as pytree metadata). With `ADAPTERS_OFF`
-    (`mu_rows` = Rm > 0) the policy's logits and cache hold Rp + Rm rows, μ's last, and the second tree's are
-    None."""
+    first cache slot of the completion; it survives a jit boundary as pytree metadata). With a second model on
+    the policy's base (`same_base`; `mu_rows` = Rm > 0) the policy's logits and cache hold Rp + Rm rows, the
+    second model's last, and the second tree's are None."""
     logits_pol: jax.Array
     cache_pol: KVCache
     logits_mix: jax.Array | None
@@ -187,7 +230,7 @@ def _model_fn(graphdef, p, tokens, mask, cache, index, outputs=slice(None), lora
     return nnx.merge(graphdef, p)(tokens, mask, cache=cache, index=index, outputs=outputs, lora_scale=lora_scale)
 
 
-def _prefill_tree(graphdef, p, prompts, prompt_mask, cache_len, lora_scale=None):
+def _prefill_tree(graphdef, p, lora_scale, prompts, prompt_mask, cache_len):
     cfg = nnx.merge(graphdef, p).cfg
     b, tp = prompts.shape
     cache = init_cache(cfg, b, cache_len)
@@ -224,19 +267,19 @@ def prefill(graphdef, params, prompts, prompt_mask, *, max_new_tokens: int, mix_
     rows are then repeated `policy_copies` times (the pair sampler's y and y' rows share one prefill).
 
     The caches get `cache_len` slots when it is given, otherwise room for the first GROW new tokens (`decode`
-    grows them as it goes). With `mix_params=ADAPTERS_OFF` one pass over the prompts twice (adapters on, then
-    off) gives the policy's rows and μ's, kept in one cache (policy rows first)."""
+    grows them as it goes). With a second model on the policy's base (`same_base(mix_params)`) one pass over
+    the prompts twice (the policy's adapters, then the second model's) gives the policy's rows and the second
+    model's, kept in one cache (policy rows first)."""
     s = cache_len or prompts.shape[1] + min(max_new_tokens, GROW)
-    if mix_params is ADAPTERS_OFF:
+    if same_base(mix_params):
         b = prompts.shape[0]
         two = lambda x: jnp.concatenate([x, x])
-        both = _prefill_tree(graphdef, params, two(prompts), two(prompt_mask), s,
-                             jnp.concatenate([jnp.ones((b,), jnp.float32), jnp.zeros((b,), jnp.float32)]))
+        both = _prefill_tree(graphdef, *_one_pass(params, mix_params, b, b), two(prompts), two(prompt_mask), s)
         pol, mu = _take_rows(both, 0, b), _take_rows(both, b, 2 * b)
         logits, cache = _cat_rows([pol] * policy_copies + [mu])
         return Prefilled(logits, cache, None, None, prompts.shape[1], mu_rows=b)
-    logits_pol, cache_pol = _tile_rows(*_prefill_tree(graphdef, params, prompts, prompt_mask, s), policy_copies)
-    logits_mix, cache_mix = (_prefill_tree(graphdef, mix_params, prompts, prompt_mask, s)
+    logits_pol, cache_pol = _tile_rows(*_prefill_tree(graphdef, params, None, prompts, prompt_mask, s), policy_copies)
+    logits_mix, cache_mix = (_prefill_tree(graphdef, mix_params, None, prompts, prompt_mask, s)
                              if mix_params is not None else (None, None))
     return Prefilled(logits_pol, cache_pol, logits_mix, cache_mix, prompts.shape[1])
 
@@ -296,7 +339,7 @@ def decode(graphdef, params, state: Prefilled, rng, *, max_new_tokens: int, eos_
     `rows` (default: the policy's rows Rp) is the number R of sampled rows: the policy covers rows [0, Rp), the
     second tree the last Rm; `rng` is one key or a tuple of keys, one per equal block of rows."""
     cfg = nnx.merge(graphdef, params).cfg
-    mixing, fused = mix_params is not None, mix_params is ADAPTERS_OFF
+    mixing, fused = mix_params is not None, same_base(mix_params)
     if (mixing and not fused) != (state.cache_mix is not None) or fused != (state.mu_rows > 0):
         raise ValueError("mix_params: must be given to both prefill and decode, or to neither")
     rp = state.logits_pol.shape[0] - state.mu_rows
@@ -328,7 +371,7 @@ def decode(graphdef, params, state: Prefilled, rng, *, max_new_tokens: int, eos_
         return parts[0] if len(parts) == 1 else jnp.concatenate(parts)
 
     zeros_f = jnp.zeros((r, n), jnp.float32)
-    row_scale = jnp.concatenate([jnp.ones((rp,), jnp.float32), jnp.zeros((rm,), jnp.float32)]) if fused else None
+    params, row_scale = _one_pass(params, mix_params, rp, rm) if fused else (params, None)
     st = dict(
         i=jnp.zeros((), jnp.int32),
         done=jnp.zeros((r,), bool),
@@ -377,7 +420,7 @@ def decode(graphdef, params, state: Prefilled, rng, *, max_new_tokens: int, eos_
         out["lp_samp"] = st["lp_samp"].at[:, i].set(jnp.where(live, lp_samp_tok, 0.0))
         out["done"] = st["done"] | (tok == eos_id) if eos_id is not None else st["done"]
         step_mask = live.astype(jnp.int32)[:, None]
-        if fused:  # the policy's rows and μ's in one pass over the base weights, the adapters off on μ's
+        if fused:  # the policy's rows and the second model's in one pass over the base weights
             logits, out["cache_pol"] = model_fn(params, cat(tok[:rp], tok[lo:])[:, None],
                                                 cat(step_mask[:rp], step_mask[lo:]), st["cache_pol"], tp + i,
                                                 lora_scale=row_scale)
@@ -412,6 +455,8 @@ def decode_layout(graphdef, rules=parallel.DEFAULT_DECODE_RULES):
     def to_decode(params):
         if params is None or params is ADAPTERS_OFF or rules is None:
             return params
+        if isinstance(params, Adapters):  # small: cast to the policy's adapters' dtype when concatenated with them
+            return Adapters(parallel.relayout(params.tree, rules))
         return parallel.relayout(params, rules, nnx.merge(graphdef, params).cfg.compute_dtype)
 
     with parallel.using_rules(rules):

@@ -105,7 +105,7 @@ def test_adapter_gradient_is_the_chain_rule_projection_of_the_full_gradient():
     _check_chain_rule(g_w, adapters, g_adapters, s)
 
 
-def _check_chain_rule(g_w, adapters, g_adapters, s, tol=1e-5):
+def _check_chain_rule(g_w, adapters, g_adapters, s, tol=1e-4):
     """dL/dA = s dL/dW' B^T and dL/dB = s A^T dL/dW' for every target of every layer of a decoder's trees."""
     g = CFG.group_size
     for i in range(CFG.n_layers):
@@ -122,6 +122,7 @@ def _check_chain_rule(g_w, adapters, g_adapters, s, tol=1e-5):
             want_a = s * jnp.tensordot(d, B, axes=(out_axes, tuple(range(1, B.ndim))))  # s dW B^T
             want_b = s * jnp.tensordot(A, d, axes=(tuple(range(n_in)), tuple(range(n_in))))  # s A^T dW
             for name, want in (("a", want_a), ("b", want_b)):  # float32 sums: tolerance relative to the tensor
+                # (1e-5 of it was exceeded by one element in 48 on one CPU; a wrong projection is off by O(1))
                 np.testing.assert_allclose(np.asarray(ga[m][f"lora_{t}"][name][...]), np.asarray(want), rtol=0,
                                            atol=tol * float(np.abs(want).max()), err_msg=f"layer {i} {t} {name}")
 
@@ -276,3 +277,56 @@ def test_mixture_sample_with_adapters_and_growing_cache():
         sampling.GROW = old
     np.testing.assert_array_equal(np.asarray(got.tokens), np.asarray(want.tokens))
     np.testing.assert_allclose(np.asarray(got.logp_ref), np.asarray(want.logp_ref), atol=1e-4)
+
+
+@pytest.mark.parametrize("scan,beta", [(False, 1.0), (True, 1.0), (False, 0.5)])
+def test_second_adapter_set_on_the_base_draws_the_tokens_of_two_merged_trees(scan, beta):
+    """`mix_params=Adapters(other)` (Nash-EMA-PG's EMA of a LoRA stage's adapters, beta = 1): pi's rows and the
+    second set's rows in one pass (the sets concatenated along the rank, a [rows, 2r] scale) against two separate
+    merged trees, base + adapters and base + other (merged with plain jnp for unstacked layers)."""
+    g_base, base, g_ad, params, merged = _adapted_and_merged(scan)
+    other = _randomised(lora.split(params)[0], seed=9, std=0.5)
+    merged_other = (_merged_here(base, other, LC.scale) if not scan else
+                    lora.merge(ModelConfig(**{**CFG.to_dict(), "scan_layers": True}), LC, lora.join(other, base)))
+    prompts, mask = _tokens(b=4, t=5, seed=3)
+    for seed in range(3):
+        keys = tuple(jax.random.split(jax.random.key(seed)))
+        y, y2 = PAIR(g_ad, params, prompts, mask, keys, mix_params=sampling.Adapters(other), beta=beta, **SAMPLE_KW)
+        w, w2 = PAIR(g_base, merged, prompts, mask, keys, mix_params=merged_other, beta=beta, **SAMPLE_KW)
+        for a, b in ((y, w), (y2, w2)):
+            np.testing.assert_array_equal(np.asarray(a.tokens), np.asarray(b.tokens))
+            for f in ("logp_policy", "logp_ref", "logp_sample"):
+                np.testing.assert_allclose(np.asarray(getattr(a, f)), np.asarray(getattr(b, f)), atol=1e-4)
+    # the second set matters: its samples differ from pi's with the same key
+    pi2, _ = PAIR(g_base, merged, prompts, mask, (keys[1], keys[0]), **SAMPLE_KW)
+    assert (np.asarray(pi2.tokens) != np.asarray(y2.tokens)).any()
+
+
+def test_nash_ema_lora_rollout_samples_pi_and_the_ema_as_two_merged_trees():
+    """The compiled Nash-EMA-PG rollout of a LoRA stage (y ~ pi, y' ~ the EMA of the adapters, in pi's pass)
+    draws the tokens of `sample_pair` on two trees merged here, base + pi's adapters and base + the EMA's, with
+    the keys the rollout documents (its rng split in three: next, y, y')."""
+    from nash_lm.train import config as cfg_lib
+    from nash_lm.train import state as state_lib
+    from nash_lm.train import step as step_lib
+
+    g_base, base, g_ad, params, merged = _adapted_and_merged()
+    pol, _ = lora.split(params)
+    ema = _randomised(pol, seed=11, std=0.5)
+    hp = step_lib.PolicyHParams(algorithm="nash_ema_pg", tau=0.1, max_new_tokens=6, steps=10, eos_id=None, pad_id=0)
+    tx = state_lib.make_optimizer(cfg_lib.stage("nash_ema_pg", lr=1e-2, batch_size=4, steps=10))
+    mut = state_lib.init_state(pol, tx, 5, ema=True).replace(ema=ema)
+    ref = lora.join(jax.tree.map(jnp.zeros_like, pol), base)
+    prompts, mask = _tokens(b=4, t=5, seed=3)
+    mesh = parallel.make_mesh({"data": 1}, devices=jax.devices()[:1])
+    with parallel.activate(mesh, None):
+        _, samples = jax.jit(lambda m: step_lib.rollout(hp, g_ad, m, (ref, None),
+                                                        {"prompt": prompts, "prompt_mask": mask}))(mut)
+    _, k_y, k_y2 = jax.random.split(mut.rng, 3)
+    y, y2 = PAIR(g_base, merged, prompts, mask, (k_y, k_y2), mix_params=_merged_here(base, ema, LC.scale),
+                 beta=1.0, **SAMPLE_KW)
+    np.testing.assert_array_equal(np.asarray(samples["y"]), np.asarray(y.tokens))
+    np.testing.assert_array_equal(np.asarray(samples["y2"]), np.asarray(y2.tokens))
+    # y' is the EMA's: pi with y''s key draws other tokens
+    pi2, _ = PAIR(g_base, merged, prompts, mask, (k_y2, k_y), **SAMPLE_KW)
+    assert (np.asarray(pi2.tokens) != np.asarray(samples["y2"])).any()

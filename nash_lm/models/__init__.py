@@ -138,7 +138,7 @@ def lm_logits(graphdef, params, tokens, mask, outputs: slice = slice(None)):
 def forward_cached(graphdef, params, tokens, mask, cache: KVCache, index, outputs: slice = slice(None),
                    lora_scale=None):
     """Runs T tokens into cache slots [index, index + T); returns (logits f32 at `outputs`, new cache).
-    `lora_scale` [B]: the adapters' per-row scale of an adapted model (None: 1)."""
+    `lora_scale` [B] or [B, r]: the adapters' per-row scale of an adapted model (None: 1)."""
     model = nnx.merge(graphdef, params)
     return model(tokens, mask, cache=cache, index=index, outputs=outputs, lora_scale=lora_scale)
 

@@ -5,9 +5,11 @@ An adapted projection computes W x + s · B(A x), s = alpha / rank, with A [in, 
 `in` and B [r, out] zero, so that the adapted model equals its base exactly at step 0 (the low-rank term is an
 exact 0 added to the base output). The adapters are `nnx.LoRAParam`s (a subclass of `nnx.Param`) carrying
 logical axes like every other parameter: the projection's own axes on its side, 'lora' (replicated by default,
-see `nash_lm.parallel`) on the rank side, and 'layers' for stacked blocks. A per-row `lora_scale` [B] given to the
-decoder multiplies the low-rank term row by row: 0 on a row runs the base alone there (the token-level mixture
-decode runs π = base + adapters and μ = base in one pass over the base weights, `nash_lm.sampling`).
+see `nash_lm.parallel`) on the rank side, and 'layers' for stacked blocks. A per-row `lora_scale` given to the
+decoder multiplies the low-rank term row by row: [B] scales a row's whole term (0 runs the base alone there),
+[B, r] each of its rank components (a row keeps its half of two adapter sets concatenated along the rank). The
+token-level mixture decode runs π = base + adapters and μ = base (or base + other adapters) in one pass over
+the base weights that way (`nash_lm.sampling`).
 
 Targets (`TARGETS`): the attention's query, key, value and output projections 'q', 'k', 'v', 'o' (q/k/v are slots
 of the fused kernel, so an adapter on 'q' adds its low-rank term to the query slots only) and the MLP's 'gate',
@@ -97,8 +99,9 @@ class Adapter(nnx.Module):
     def __call__(self, x, row_scale=None):
         n_in = self.a.ndim - 1
         h = jnp.tensordot(x, self.a[...].astype(self.dtype), axes=n_in) * jnp.asarray(self.scale, self.dtype)
-        if row_scale is not None:
-            h = h * row_scale.astype(self.dtype)[:, None, None]
+        if row_scale is not None:  # [B]: the row's term; [B, r]: each rank component of the row
+            rs = row_scale.astype(self.dtype)
+            h = h * (rs[:, None, None] if rs.ndim == 1 else rs[:, None, :])
         return jnp.tensordot(h, self.b[...].astype(self.dtype), axes=1)
 
 

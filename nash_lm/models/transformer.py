@@ -163,7 +163,7 @@ class Attention(nnx.Module):
 
         With a cache, `cache_kv` is this layer's keys/values (k, v), each [B, K, S, hd]: the new keys/values are
         written in place at [:, :, index] (a small dynamic-update-slice on the loop-carried buffer) and the whole
-        buffer is attended over. `lora_scale` [B] scales the adapters' low-rank terms per row (None: 1).
+        buffer is attended over. `lora_scale` [B] (or [B, r]) scales the adapters' low-rank terms per row (None: 1).
         """
         cfg = self.cfg
         dt = cfg.compute_dtype
@@ -319,7 +319,8 @@ class Transformer(nnx.Module):
         `outputs` (a static slice of the T positions; default all) selects the positions that get the final norm
         and the LM head: `slice(-1, None)` for the sampler's prefill, the response positions for teacher-forced
         log-probs (the head's FLOPs and the [B, T, V] logits are not spent on the prompt). `lora_scale` [B]
-        multiplies the adapters' low-rank terms row by row (0: that row runs the base alone; None: 1).
+        multiplies the adapters' low-rank terms row by row (0: that row runs the base alone; None: 1), [B, r]
+        each rank component of a row (`nash_lm.models.lora`).
         """
         cfg = self.cfg
         mask = mask.astype(jnp.int32)

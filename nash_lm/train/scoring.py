@@ -94,8 +94,8 @@ def sample_pair(graphdef, params, batch, keys, hp, mix_params=None, beta=0.0, be
         y, y2 = sampling.sample_pair(graphdef, params, prompt, pmask, keys, mix_params=mix_params, beta=beta, **kw)
     else:  # both rows are mixture samples: one loop over the prompts twice, one key per copy
         b = prompt.shape[0]
-        # one model alone (a scheduled beta is traced; with LoRA, mu at beta 1 is the policy's own base)
-        alone = beta_y == 0.0 or (beta_y == 1.0 and mix_params is not sampling.ADAPTERS_OFF)
+        # one model alone (a scheduled beta is traced; with LoRA, mu at beta 1 runs in the policy's pass)
+        alone = beta_y == 0.0 or (beta_y == 1.0 and not sampling.same_base(mix_params))
         if isinstance(beta_y, float) and alone:
             params, mix_params = (params if beta_y == 0.0 else mix_params), None
         out = sampling.sample(graphdef, params, jnp.concatenate([prompt, prompt]), jnp.concatenate([pmask, pmask]),

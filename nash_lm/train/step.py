@@ -24,7 +24,8 @@ loss, an EMA, extragradient rounds) is read from the algorithm's registry record
 LoRA stages (`nash_lm.models.lora`): the state's policy (and EMA) holds the adapters only, so the gradient, Adam
 and the EMA cover the adapters alone; `frozen`'s reference is the base in the adapted structure with zero
 adapters (mu = the base, exactly), and pi_theta is that base joined with the trained adapters (`_policy`). The
-decode samples the mixture with `sampling.ADAPTERS_OFF`: pi's and mu's rows in one pass over the base weights.
+decode samples the mixture with `sampling.ADAPTERS_OFF` (pi's and mu's rows in one pass over the base weights) and
+Nash-EMA-PG's alternative with `sampling.Adapters(ema)` (pi's rows and the EMA's in one pass).
 
 The mutable part of the state (step, rng, policy, opt_state, ema) is donated; the reference and the judge's
 parameters are a separate, non-donated argument `frozen`. A `host_oracle` judge (any Python callable) cannot be
@@ -218,8 +219,9 @@ def rollout(hp: PolicyHParams, graphdef, mut: TrainState, frozen, batch):
     ref, _ = frozen
     rng, k_y, k_y2 = jax.random.split(mut.rng, 3)
     policy, ema = _policy(mut.policy, ref), _policy(mut.ema, ref)
-    if lora.is_adapters(mut.policy):  # LoRA: mu is pi's own base, sampled in the same pass (adapters off on its rows)
+    if lora.is_adapters(mut.policy):  # LoRA: mu (adapters off) and the EMA (its adapters) run in pi's pass
         ref = sampling.ADAPTERS_OFF
+        ema = None if mut.ema is None else sampling.Adapters(mut.ema)
     with scope("sample_y_y2"), sampling.decode_layout(graphdef, hp.decode_rules) as to_decode:
         policy, ref, ema = to_decode(policy), to_decode(ref), to_decode(ema)  # once, before the decode
         samples = algorithms.get(hp.algorithm).sample(hp, graphdef, policy, ref, ema, batch, (k_y, k_y2))
