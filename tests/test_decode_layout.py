@@ -2,7 +2,8 @@
 training layout gathers each layer's weights at every generated token (the HLO inventory of `nash_lm.hlo`
 finds weight-shaped all-gathers inside the 'decode/while' loop); with the decode rules (`PolicyHParams.
 decode_rules`, default `parallel.DEFAULT_DECODE_RULES`) it has none, on the 8 fake CPU devices and on a
-deviceless TPU v5e:2x2 topology (skipped when libtpu is not installed). The tensor-parallel decode layout,
+deviceless TPU v5e:2x2 topology (skipped when libtpu is not installed), and none in a LoRA stage's Nash-MD-PG or
+Nash-EMA-PG step either (the training layout gathers there too). The tensor-parallel decode layout,
 chosen by the model's KV-head count, keeps the KV cache local (no KV-cache-sized all-gather in the decode loop,
 where the former fixed rules gathered it at every token). The re-layout changes no sampled
 token: the rollout with the decode rules on 8 devices gives the tokens of the unmodified path
@@ -20,6 +21,7 @@ from flax import nnx
 
 from nash_lm import hlo, models, parallel
 from nash_lm.data import synthetic
+from nash_lm.train import algorithms
 from nash_lm.train import config as cfg_lib
 from nash_lm.train import state as state_lib
 from nash_lm.train import step as step_lib
@@ -57,24 +59,26 @@ def _min_matrix_bytes(params, itemsize):
     return min(sizes)
 
 
-def _compiled_step(mesh, decode_rules):
-    """The Nash-MD-PG step (preference judge) lowered from abstract arguments and compiled for `mesh`."""
+def _compiled_step(mesh, decode_rules, algorithm="nash_md_pg", lora_cfg=None):
+    """(the policy step compiled for `mesh` from abstract arguments, preference judge; the decoder's parameter
+    tree). With `lora_cfg` the step of a LoRA stage: the state holds the adapters, the reference is the base."""
     rules = parallel.validate_rules(None, mesh)
-    graphdef, policy = models.abstract_init(CFG, "lm")
+    graphdef, policy = models.abstract_init(CFG, "lm", lora_cfg)
+    ref, trained = policy, (models.lora.split(policy)[0] if lora_cfg else policy)
     pref_graphdef, pref = models.abstract_init(CFG, "preference")
-    param_sh = parallel.param_shardings(policy, mesh, rules)
-    tx = state_lib.make_optimizer(cfg_lib.stage("nash_md_pg", lr=1e-2, batch_size=B, steps=10, grad_clip=0.0))
-    abstract = jax.eval_shape(lambda p: state_lib.init_state(p, tx, 0), policy)
-    mut_sh = state_lib.state_shardings(abstract, param_sh, tx, mesh)
-    frozen_sh = (param_sh, parallel.param_shardings(pref, mesh, rules))
+    tx = state_lib.make_optimizer(cfg_lib.stage(algorithm, lr=1e-2, batch_size=B, steps=10, grad_clip=0.0))
+    ema = algorithms.get(algorithm).ema
+    abstract = jax.eval_shape(lambda p: state_lib.init_state(p, tx, 0, ema=ema), trained)
+    mut_sh = state_lib.state_shardings(abstract, parallel.param_shardings(trained, mesh, rules), tx, mesh)
+    frozen_sh = (parallel.param_shardings(ref, mesh, rules), parallel.param_shardings(pref, mesh, rules))
     batch = {k: jax.ShapeDtypeStruct((B, DATA.prompt_len), jnp.int32) for k in ("prompt", "prompt_mask")}
     batch_sh = {k: parallel.batch_sharding(mesh, rules, 2, B) for k in batch}
-    hp = step_lib.PolicyHParams(algorithm="nash_md_pg", tau=0.1, beta=0.5, max_new_tokens=N_NEW,
+    hp = step_lib.PolicyHParams(algorithm=algorithm, tau=0.1, beta=0.5, max_new_tokens=N_NEW,
                                 decode_rules=decode_rules)
     fn = functools.partial(step_lib.policy_step, hp, graphdef, step_lib.Judge("preference", pref_graphdef), tx)
     with parallel.activate(mesh, rules):
         compiled = jax.jit(fn, in_shardings=(mut_sh, frozen_sh, batch_sh), donate_argnums=0).lower(
-            abstract, (policy, pref), batch).compile()
+            abstract, (ref, pref), batch).compile()
     return compiled, policy
 
 
@@ -108,6 +112,18 @@ def _check_before_after(devices, mesh_shape, itemsize):
 @pytest.mark.parametrize("mesh_shape", [{"fsdp": 8}, {"data": 2, "fsdp": 4}], ids=["fsdp8", "data2_fsdp4"])
 def test_no_weight_gathers_in_decode_loop_cpu(mesh_shape):
     _check_before_after(jax.devices()[:8], mesh_shape, itemsize=4)
+
+
+@pytest.mark.parametrize("algorithm", ["nash_md_pg", "nash_ema_pg"])
+def test_no_weight_gathers_in_the_lora_decode_loop(algorithm):
+    """A LoRA stage's decode (mu = the base with adapters off; Nash-EMA-PG's EMA = a second adapter set on the
+    base, both in pi's pass) under FSDP over 8 devices: no weight- or adapter-shaped all-gather in the loop."""
+    mesh = parallel.make_mesh({"fsdp": 8}, devices=jax.devices()[:8])
+    compiled, policy = _compiled_step(mesh, parallel.DEFAULT_DECODE_RULES, algorithm,
+                                      models.LoRAConfig(rank=4, alpha=8.0))
+    shaped, big = _decode_gathers(compiled, policy, itemsize=4)
+    assert shaped == [] and big == [], [(c.shape, c.op_name) for c in shaped + big]
+    assert any(c.inside(DECODE_LOOP) for c in hlo.inventory(compiled))
 
 
 def _tpu_devices():
