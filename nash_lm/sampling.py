@@ -110,11 +110,6 @@ def same_base(mix_params) -> bool:
     return mix_params is ADAPTERS_OFF or isinstance(mix_params, Adapters)
 
 
-def _rank(adapters) -> int:
-    v = jax.tree.leaves(adapters, is_leaf=lambda x: isinstance(x, nnx.Variable))[0]
-    return v.shape[v.get_metadata()["out_sharding"].index("lora")]
-
-
 def _one_pass(params, mix_params, rp: int, rm: int):
     """(parameters, lora_scale) of one model pass over rp policy rows then rm rows of the second model on the
     same base (`same_base(mix_params)`): ADAPTERS_OFF scales the adapters by 1 on the policy's rows and 0 on the
@@ -123,17 +118,17 @@ def _one_pass(params, mix_params, rp: int, rm: int):
     if mix_params is ADAPTERS_OFF:
         return params, jnp.concatenate([jnp.ones((rp,), jnp.float32), jnp.zeros((rm,), jnp.float32)])
     pol, base = lora.split(params)
-    other = mix_params.tree
+    ranks = []
 
     def cat(a, b):
         axis = a.get_metadata()["out_sharding"].index("lora")
+        ranks.append((a.shape[axis], b.shape[axis]))
         return a.replace(jnp.concatenate([a.get_value(), b.get_value().astype(a.dtype)], axis=axis))
 
-    both = jax.tree.map(cat, pol, other, is_leaf=lambda x: isinstance(x, nnx.Variable))
-    r, r2 = _rank(pol), _rank(other)
-    own = lambda n, first: jnp.tile(jnp.concatenate([jnp.full((r,), float(first)), jnp.full((r2,), float(not first))]),
-                                    (n, 1))
-    return lora.join(both, base), jnp.concatenate([own(rp, True), own(rm, False)])
+    both = jax.tree.map(cat, pol, mix_params.tree, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    r, r2 = ranks[0]
+    first = jnp.concatenate([jnp.ones((r,), jnp.float32), jnp.zeros((r2,), jnp.float32)])  # the policy's half
+    return lora.join(both, base), jnp.concatenate([jnp.tile(first, (rp, 1)), jnp.tile(1.0 - first, (rm, 1))])
 
 
 class Samples(NamedTuple):

@@ -218,10 +218,10 @@ def rollout(hp: PolicyHParams, graphdef, mut: TrainState, frozen, batch):
     hp = hp.at(mut.step)
     ref, _ = frozen
     rng, k_y, k_y2 = jax.random.split(mut.rng, 3)
-    policy, ema = _policy(mut.policy, ref), _policy(mut.ema, ref)
+    policy, ema = _policy(mut.policy, ref), mut.ema
     if lora.is_adapters(mut.policy):  # LoRA: mu (adapters off) and the EMA (its adapters) run in pi's pass
         ref = sampling.ADAPTERS_OFF
-        ema = None if mut.ema is None else sampling.Adapters(mut.ema)
+        ema = None if ema is None else sampling.Adapters(ema)
     with scope("sample_y_y2"), sampling.decode_layout(graphdef, hp.decode_rules) as to_decode:
         policy, ref, ema = to_decode(policy), to_decode(ref), to_decode(ema)  # once, before the decode
         samples = algorithms.get(hp.algorithm).sample(hp, graphdef, policy, ref, ema, batch, (k_y, k_y2))
