@@ -184,6 +184,7 @@ def run(args):
         "collectives": {k: {kk: s[k][kk] for kk in ("count", "executions", "bytes_per_step", "exact", "by_kind")}
                         for k in ("inside", "outside", "total")},
         "bytes_per_step_by_phase": by_phase,
+        "stack": _stack(),
         "weight_allgathers_in_decode": {"count": len(weight_in_decode),
                                         "bytes_per_step": sum(x.total_bytes for x in weight_in_decode)},
         "bf16_bytes_policy_plus_mu": bf16_policy_mu,
@@ -197,6 +198,19 @@ def run(args):
         with open(args.out, "a") as f:
             f.write(line + "\n")
     return record
+
+
+def _stack() -> dict:
+    """The compiler's versions: the TPU program is libtpu's, the lowering jax's."""
+    from importlib import metadata
+
+    def version(dist):
+        try:
+            return metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            return None
+    return {"python": sys.version.split()[0], "jax": jax.__version__, "jaxlib": version("jaxlib"),
+            "libtpu": version("libtpu")}
 
 
 def main(argv=None):
