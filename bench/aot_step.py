@@ -13,7 +13,7 @@ The decode loops are chained (one per `nash_lm.sampling.GROW` tokens) and may st
 none of their trip counts; this script counts each at its maximum (no early stop): the loops' derived bounds
 (the limit of their condition, 128, 256, ...) in increasing order, each minus the previous one.
 
-    PYTHONPATH=.:/work/tpu_pkgs JAX_PLATFORMS=cpu python bench/aot_step.py --model=configs/model/llama_1b.py \
+    PYTHONPATH=.:DIR JAX_PLATFORMS=cpu python bench/aot_step.py --model=configs/model/llama_1b.py \
         --topology=v5e:4x4 --batch=64 --prompt_len=512 --new_tokens=256 --beta=0.125
 
 `--lora_rank=R` compiles the step of a LoRA stage instead (`nash_lm.models.lora`, rank R, alpha 2R, every

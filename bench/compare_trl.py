@@ -1,7 +1,7 @@
 """nash-lm vs TRL's NashMDTrainer (trl 1.13.0) on the identical workload, back to back in one session.
 
-    .venv/bin/python bench/compare_trl.py [--runs 5] [--trl-python /work/venv-trl/bin/python]
-        [--peer-dir /work/shared/peers/trl_nashmd] [--trl-defaults] [--steps 128]
+    .venv/bin/python bench/compare_trl.py [--runs 5] [--trl-python TRL_VENV/bin/python]
+        [--peer-dir PEER_DIR] [--trl-defaults] [--steps 128]
         [--out bench/results/compare_trl.jsonl]
 
 Alternates one peer run and one nash-lm run, `--runs` times, so both sides see the same machine. Each peer run

@@ -1,7 +1,7 @@
 """Step time against the number of new tokens: nash-lm and the TRL peer, N in {32, 64, 128, 256, 512}.
 
     .venv/bin/python bench/length_scaling.py [--lengths 32,64,128,256,512] [--steps 11] [--peer-steps 6]
-        [--no-peer] [--trl-python /work/venv-trl/bin/python] [--smoke] [--out bench/results/length_scaling.jsonl]
+        [--no-peer] [--trl-python TRL_VENV/bin/python] [--smoke] [--out bench/results/length_scaling.jsonl]
 
 The workload is the TRL workload (bench/trl_workload.py) with only the completion length N changed (for y and
 y'), and max_pos raised to 16 + max(N) = 528 for every N on both sides (RoPE models: max_pos changes no parameter

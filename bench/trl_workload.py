@@ -1,4 +1,4 @@
-"""nash-lm's Nash-MD-PG step on exactly the TRL peer's workload (../shared/peers/trl_nashmd/README.md).
+"""nash-lm's Nash-MD-PG step on exactly the TRL peer's workload (a TRL runner in a venv of its own; see BENCHMARKS.md).
 
     .venv/bin/python bench/trl_workload.py [--steps 128] [--new-tokens 32] [--max-pos 128] [--breakdown 5]
                                            [--judge reward|preference] [--out bench/results/trl_workload.jsonl]

@@ -5,10 +5,14 @@ Reads the `train` job's workdir (its `config.json` and the last policy stage's p
 
   OUT/params/        params-only orbax checkpoint {"policy": ...} in bfloat16 (`--params_dtype`), the layout
                      of `nash_lm.train.checkpoint.export_params`
-  OUT/hf/            model.safetensors + config.json for transformers' LlamaForCausalLM (float32 by default,
-                     `--hf_dtype=bfloat16` halves it) and the tokenizer.json: `--tokenizer`, by default a
-                     records run's own (its `data.tokenizer` or its hf: checkpoint's), whose EOS / padding
-                     ids are then the defaults of `--eos_id` / `--pad_id`
+  OUT/hf/            model.safetensors + config.json + generation_config.json for transformers'
+                     LlamaForCausalLM (float32 by default, `--hf_dtype=bfloat16` halves it) and the tokenizer:
+                     `--tokenizer` (a tokenizer.json), by default a records run's own (its `data.tokenizer` or its
+                     hf: checkpoint's), whose BOS / EOS / padding ids are then the defaults of `--eos_id` /
+                     `--pad_id`; the tokenizer files next to it (tokenizer_config.json with the special tokens and
+                     the chat template, chat_template.jinja, special_tokens_map.json) and its directory's
+                     generation_config.json (the EOS ids `generate` stops at) come along, so a chat model's
+                     export is prompted and stops as its base checkpoint did
   OUT/sampler/       sampler.jaxexport: the jitted sampler serialized with `jax.export` (StableHLO, for the
                      platforms in `--platforms`), and sampler.json (static shapes, sampling settings, the
                      flat parameter names it takes). Inputs: (params {name: array}, prompts int32 [B, Tp]
@@ -38,24 +42,28 @@ import numpy as np
 from absl import app, flags
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("workdir", None, "The train job's workdir.")
-flags.DEFINE_string("out", None, "Output directory (created; must not hold an earlier export unless --overwrite).")
-flags.DEFINE_string("stage", "", "Stage to export (default: the last policy stage of the pipeline).")
-flags.DEFINE_enum("which", "policy", ["policy", "ema"], "Which parameters of the stage's export.")
-flags.DEFINE_enum("params_dtype", "bfloat16", ["bfloat16", "float32"], "dtype of OUT/params.")
-flags.DEFINE_enum("hf_dtype", "float32", ["float32", "bfloat16"], "dtype of OUT/hf/model.safetensors.")
-flags.DEFINE_string("tokenizer", "", "tokenizer.json copied to OUT/hf ('': a records run's own, if any).")
-flags.DEFINE_integer("batch_size", 8, "Sampler batch size (static).")
-flags.DEFINE_integer("prompt_len", 0, "Sampler prompt length (static; 0 = the config's data.prompt_len).")
-flags.DEFINE_integer("max_new_tokens", 0, "Tokens to sample (0 = the config's data.response_len).")
-flags.DEFINE_float("temperature", 1.0, "Sampling temperature.")
-flags.DEFINE_integer("top_k", 0, "Top-k filter (0 = off).")
-flags.DEFINE_float("top_p", 1.0, "Nucleus filter (1 = off).")
-flags.DEFINE_integer("eos_id", None, "End-of-sequence id (-1 = never stop early; default: the tokenizer's, else 2).")
-flags.DEFINE_integer("pad_id", None, "Padding id (default: the tokenizer's, else 0).")
-flags.DEFINE_string("platforms", "cpu,cuda,tpu", "Comma-separated platforms to lower the sampler for.")
-flags.DEFINE_bool("overwrite", False, "Replace an existing OUT.")
-flags.DEFINE_bool("adapters_only", False, "Write a LoRA stage's adapters alone (OUT/adapters, OUT/adapters.json).")
+
+
+def define_flags() -> None:
+    """The CLI's flags (defined when run as a program, so that importing this module defines none)."""
+    flags.DEFINE_string("workdir", None, "The train job's workdir.")
+    flags.DEFINE_string("out", None, "Output directory (created; must not hold an earlier export unless --overwrite).")
+    flags.DEFINE_string("stage", "", "Stage to export (default: the last policy stage of the pipeline).")
+    flags.DEFINE_enum("which", "policy", ["policy", "ema"], "Which parameters of the stage's export.")
+    flags.DEFINE_enum("params_dtype", "bfloat16", ["bfloat16", "float32"], "dtype of OUT/params.")
+    flags.DEFINE_enum("hf_dtype", "float32", ["float32", "bfloat16"], "dtype of OUT/hf/model.safetensors.")
+    flags.DEFINE_string("tokenizer", "", "tokenizer.json copied to OUT/hf ('': a records run's own, if any).")
+    flags.DEFINE_integer("batch_size", 8, "Sampler batch size (static).")
+    flags.DEFINE_integer("prompt_len", 0, "Sampler prompt length (static; 0 = the config's data.prompt_len).")
+    flags.DEFINE_integer("max_new_tokens", 0, "Tokens to sample (0 = the config's data.response_len).")
+    flags.DEFINE_float("temperature", 1.0, "Sampling temperature.")
+    flags.DEFINE_integer("top_k", 0, "Top-k filter (0 = off).")
+    flags.DEFINE_float("top_p", 1.0, "Nucleus filter (1 = off).")
+    flags.DEFINE_integer("eos_id", None, "End-of-sequence id (-1 = never stop early; default: the tokenizer's, else 2).")
+    flags.DEFINE_integer("pad_id", None, "Padding id (default: the tokenizer's, else 0).")
+    flags.DEFINE_string("platforms", "cpu,cuda,tpu", "Comma-separated platforms to lower the sampler for.")
+    flags.DEFINE_bool("overwrite", False, "Replace an existing OUT.")
+    flags.DEFINE_bool("adapters_only", False, "Write a LoRA stage's adapters alone (OUT/adapters, OUT/adapters.json).")
 
 
 def _read_json(path):
@@ -127,7 +135,8 @@ def find_policy_stage(workdir: str, stage: str = ""):
     export_dir = os.path.join(workdir, "stages", stage, "export")
     if not os.path.isdir(export_dir):
         raise ValueError(f"stage {stage!r}: {export_dir} does not exist (the stage has not finished)")
-    return stage, ModelConfig.from_config(config["model"]), config
+    model = {k: v for k, v in config["model"].items() if k != "architecture"}  # read by export_llama's check
+    return stage, ModelConfig.from_config(model), config
 
 
 def load_stage_params(workdir: str, stage: str, cfg, which: str = "policy"):
@@ -223,6 +232,9 @@ def run(workdir: str, out: str, *, stage: str = "", which: str = "policy", param
         tok = tokenizer_lib.HFTokenizer(tokenizer)
         eos_id = tok.eos_id if eos_id is None else eos_id
         pad_id = tok.pad_id if pad_id is None else pad_id
+        bos_id = tok.bos_id
+    else:
+        bos_id = 1
     eos_id = 2 if eos_id is None else eos_id
     pad_id = 0 if pad_id is None else pad_id
     if tokenizer:
@@ -251,7 +263,7 @@ def run(workdir: str, out: str, *, stage: str = "", which: str = "policy", param
     ckpt_lib.export_params(os.path.join(out, "params"), {"policy": low})
 
     hf.export_llama(graphdef, params, os.path.join(out, "hf"), dtype=hf_dtype,
-                    bos_token_id=1, eos_token_id=eos_id if eos_id >= 0 else None, pad_token_id=pad_id,
+                    bos_token_id=bos_id, eos_token_id=eos_id if eos_id >= 0 else None, pad_token_id=pad_id,
                     tokenizer_json=tokenizer or None)
 
     settings = dict(batch_size=batch_size, prompt_len=prompt_len, max_new_tokens=max_new_tokens,
@@ -271,8 +283,8 @@ def run(workdir: str, out: str, *, stage: str = "", which: str = "policy", param
     manifest = {"workdir": workdir, "stage": stage, "which": which, "params_sha256": sha,
                 "model": cfg.to_dict(), "params_dtype": params_dtype, "hf_dtype": hf_dtype,
                 "sampler": settings, "platforms": list(exp.platforms), "tokenizer": tokenizer,
-                "files": ["params", "hf/model.safetensors", "hf/config.json", "sampler/sampler.jaxexport",
-                          "sampler/sampler.json"] + (["hf/tokenizer.json"] if tokenizer else [])}
+                "files": ["params"] + sorted(f"hf/{n}" for n in os.listdir(os.path.join(out, "hf")))
+                         + ["sampler/sampler.jaxexport", "sampler/sampler.json"]}
     with open(os.path.join(out, "export.json"), "w") as f:
         json.dump(manifest, f, indent=2, sort_keys=True)
     return manifest
@@ -297,4 +309,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

@@ -25,6 +25,7 @@ from nash_lm import distributed
 JOBS = {
     "games": "nash_lm.games.report:run",
     "train": "nash_lm.train.pipeline:run",
+    "own_data": "nash_lm.train.own_data:run",
     "ye_offline": "nash_lm.learning.experiments:run_offline",
     "ye_online": "nash_lm.learning.experiments:run_online",
     "token_game": "nash_lm.tasks.pipeline:run_token_game",

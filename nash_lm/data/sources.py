@@ -4,8 +4,9 @@ Reading validates every row against its schema (`nash_lm.data.records`). A bad r
 JSON, not an object, a missing field, a wrong type, an empty string, a label outside [0, 1]) is reported as
 `path:line: reason`, and then, as configured by `on_error`:
 
-    "skip"   the row is left out, logged as a warning, and counted in the returned `ReadReport`
-             (`report.skipped`, `report.bad` with every location and reason);
+    "skip"   the row is left out and counted in the returned `ReadReport` (`report.skipped`, `report.bad`
+             with every location and reason; the caller prints them, e.g. the trainer once per row and file,
+             `nash_lm.train.data.read_stage`);
     "raise"  `DataError("path:line: reason")` is raised at the first bad row.
 
 Nothing is dropped without being counted. Blank lines of a JSONL file are not rows (they are counted in
@@ -103,7 +104,6 @@ def _decode_row(raw: bytes, kind: str, check: Callable | None = None) -> dict:
 def _handle(bad: BadRow, report: ReadReport, on_error: str) -> None:
     if on_error == "raise":
         raise DataError(str(bad))
-    logging.warning("%s (skipped)", bad)
     report.bad.append(bad)
 
 
@@ -132,8 +132,6 @@ def read_jsonl(paths, kind: str, on_error: str = "skip", check: Callable | None 
             except records_lib.RecordError as e:
                 _handle(BadRow(path, number, str(e)), report, on_error)
     report.kept = len(out)
-    if report.skipped:
-        logging.warning("read %s: %s", ", ".join(_as_paths(paths)), report.summary())
     return out, report
 
 
@@ -173,8 +171,6 @@ def read_array_record(paths, kind: str, on_error: str = "skip", check: Callable 
             except records_lib.RecordError as e:
                 _handle(BadRow(path, i + 1, str(e)), report, on_error)
     report.kept = len(out)
-    if report.skipped:
-        logging.warning("read %s: %s", ", ".join(_as_paths(paths)), report.summary())
     return out, report
 
 

@@ -38,6 +38,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 from typing import Any, NamedTuple
 
 import jax
@@ -426,7 +427,10 @@ def hf_llama_config(cfg: ModelConfig, *, dtype: str = "float32", bos_token_id=No
 
 def export_llama(graphdef, params, out_dir: str, *, dtype: str = "float32", bos_token_id=None,
                  eos_token_id=None, pad_token_id=None, tokenizer_json: str | None = None) -> str:
-    """Writes model.safetensors + config.json (+ tokenizer.json) for transformers' LlamaForCausalLM."""
+    """Writes model.safetensors + config.json + generation_config.json for transformers' LlamaForCausalLM, and with
+    `tokenizer_json` the tokenizer files of its directory (`copy_tokenizer`). generation_config.json is the one next
+    to `tokenizer_json` (a checkpoint's: its EOS ids, where `generate` stops, and sampling defaults) when there is
+    one, over the given token ids, else those ids alone."""
     if dtype not in ("float32", "bfloat16"):
         raise ValueError(f"dtype={dtype!r}: must be 'float32' or 'bfloat16'")
     arch = variants.architecture_of(graphdef, params)
@@ -444,9 +448,37 @@ def export_llama(graphdef, params, out_dir: str, *, dtype: str = "float32", bos_
     with open(os.path.join(out_dir, "config.json"), "w") as f:
         json.dump(hf, f, indent=2, sort_keys=True)
     if tokenizer_json:
-        with open(tokenizer_json, "rb") as src, open(os.path.join(out_dir, "tokenizer.json"), "wb") as dst:
-            dst.write(src.read())
+        copy_tokenizer(tokenizer_json, out_dir)
+    generation = {k: hf[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if hf[k] is not None}
+    base = os.path.join(os.path.dirname(tokenizer_json), GENERATION_CONFIG) if tokenizer_json else ""
+    if base and os.path.isfile(base):
+        with open(base, encoding="utf-8") as f:
+            generation = {**generation, **json.load(f)}
+    with open(os.path.join(out_dir, GENERATION_CONFIG), "w") as f:
+        json.dump(generation, f, indent=2, sort_keys=True)
     return out_dir
+
+
+# What makes a directory's tokenizer a complete chat tokenizer for transformers, beside tokenizer.json: the
+# special tokens and the chat template (tokenizer_config.json; transformers >= 4.43 may put the template in
+# chat_template.jinja or chat_template.json instead).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "chat_template.jinja", "chat_template.json")
+GENERATION_CONFIG = "generation_config.json"
+
+
+def copy_tokenizer(tokenizer_json: str, out_dir: str) -> list[str]:
+    """Copies `tokenizer_json` to out_dir/tokenizer.json and the tokenizer files of `TOKENIZER_FILES` found next to
+    it (a checkpoint directory's), so that transformers' `AutoTokenizer.from_pretrained(out_dir)` gives the same
+    special tokens and chat template as the source directory. Returns the names written."""
+    written = []
+    src_dir = os.path.dirname(os.path.abspath(tokenizer_json))
+    for name in TOKENIZER_FILES:
+        src = tokenizer_json if name == "tokenizer.json" else os.path.join(src_dir, name)
+        if os.path.isfile(src):
+            shutil.copyfile(src, os.path.join(out_dir, name))
+            written.append(name)
+    return written
 
 
 def describe(p: Pretrained) -> str:

@@ -1,7 +1,7 @@
 """Preference datasets: labelled pairs (x, a1, a2, y) with y ~ Bernoulli(P*(x, a1, a2)).
 
-This module owns the data side of the statistical setting of Ye et al. (arXiv 2402.07314, Sec. 2.2 of
-../shared/docs/nlhf_math.md): a behaviour *pair distribution* D[x, a1, a2] (the product ρ(x) π_D(a1|x) π_D(a2|x) in the
+This module owns the data side of the statistical setting of Ye et al. (arXiv 2402.07314; docs/math.md,
+section 7): a behaviour *pair distribution* D[x, a1, a2] (the product ρ(x) π_D(a1|x) π_D(a2|x) in the
 paper; any joint distribution here, so that coverage can be removed pair by pair), sampling of n labelled
 tuples, concatenation of batches (online learning) and the pair counts every estimator is built from.
 """

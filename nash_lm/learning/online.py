@@ -4,7 +4,7 @@ For t = 1..T (batches of m labels):
 1. Main agent: P̂_t = MLE of the linear class (logistic; default: tabular one-hot features) on all labels so far,
    π1_t = games.nash_equilibrium(P̂_t) (exact; before any data P̂ = ½ and π1 = μ).
 2. Opponent π2_t, by `strategy`:
-   - "enhancer" [derived, ../shared/docs/nlhf_math.md Sec. 2.3]: the most informative opponent in the plausible set,
+   - "enhancer" [derived; docs/math.md, section 7]: the most informative opponent in the plausible set,
 
          π2_t = argmax_{π2 ∈ Π_t} Γ_t(π1_t, π2),   Γ_t(π1, π2) = ‖E_{x~ρ, a~π1, a'~π2} φ(x,a,a')‖_{Σ_t^{-1}},
          Π_t = { π2 : τ KL_ρ(π2‖π1_t) ≤ β Γ_t(π1_t, π2) },   Σ_t = λI + Σ_{labels so far} φ φᵀ.

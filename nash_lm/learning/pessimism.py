@@ -2,7 +2,7 @@
 
 (c) Greedy plug-in: π̂ = games.nash_equilibrium(P̂), the equilibrium of the MLE's game.
 
-(a) Version-space pessimism (Ye et al. Alg. 1, tabular class; [secondary] in ../shared/docs/nlhf_math.md Sec. 2.2):
+(a) Version-space pessimism (Ye et al. Alg. 1, tabular class; docs/math.md, section 7):
 
         P̃ = { P tabular : Σ_i (P − P̂)²(x_i, a1_i, a2_i) ≤ β²/2 },
         π̂ = argmax_π1 min_π2 min_{P∈P̃} J_P(π1, π2).

@@ -9,8 +9,8 @@ labelled 'pairs', or 'prompts'). They arrive as a `Source` per split, from one o
 - **records** (`RecordSource`, `config.data.kind = 'records'`): the stage names its files in `train_data` and
   `eval_data` (comma-separated JSONL or ArrayRecord paths of the records of `nash_lm.data.records`: 'sft' for an
   SFT stage, 'preference' for a judge, 'prompt' for a policy stage). `read_stage` reads and validates them when
-  the config is resolved, before anything is compiled or written: every bad row is reported as `path:line:
-  reason` and, by `config.data.on_error`, skipped and counted ('skip') or fatal ('raise'); a prompt longer than
+  the config is resolved, before anything is compiled or written: every bad row is printed once as `path:line:
+  reason` (also when two splits or stages read the same file; then a count per file) and, by `config.data.on_error`, skipped and counted ('skip') or fatal ('raise'); a prompt longer than
   `prompt_len` is such a row under `truncation = 'error'`. The text is tokenized by the run's tokenizer
   (`run_tokenizer`: `config.data.tokenizer`, or the tokenizer.json of the pipeline's `hf:` checkpoint) through
   its chat template when it has one and `config.data.chat_template` is on (`nash_lm.data.features`). The
@@ -39,7 +39,6 @@ import os
 
 import jax
 import numpy as np
-from absl import logging
 
 from nash_lm import distributed
 from nash_lm.data import features, sources
@@ -211,9 +210,14 @@ class RecordBatches:
 
 
 def read_stage(name: str, st, algorithm_data: str, data: RecordsConfig, fmt: TextFormat, seed: int,
-               where) -> dict:
-    """{split: RecordSource} of a stage's `train_data` / `eval_data` (read and checked now; one-line errors)."""
+               where, reported: set | None = None) -> dict:
+    """{split: RecordSource} of a stage's `train_data` / `eval_data` (read and checked now; one-line errors).
+
+    Each skipped row is printed once as `[data] path:line: reason (skipped)`; `reported` holds the rows already
+    printed (by the other split naming the same file, or another stage), so a file read twice reports a bad row
+    once. `report_bad_rows` prints the count per file after every stage is read."""
     kind = RECORD_KIND[algorithm_data]
+    reported = set() if reported is None else reported
     out = {}
     for split, field in SPLIT_FIELD.items():
         files = paths(st[field])
@@ -224,11 +228,9 @@ def read_stage(name: str, st, algorithm_data: str, data: RecordsConfig, fmt: Tex
             raise sources.DataError(f"{where(field)}: {e}") from None
         except (ValueError, OSError) as e:
             _fail(where(field), str(e).strip().splitlines()[0])
-        if report.skipped:
-            shown = "; ".join(str(b) for b in report.bad[:3])
-            logging.warning("stage %s %s data: %s (%s%s)", name, split, report.summary(), shown,
-                            "; ..." if report.skipped > 3 else "")
-            for bad in report.bad:
+        for bad in report.bad:
+            if (bad.path, bad.line) not in reported:
+                reported.add((bad.path, bad.line))
                 print(f"[data] {bad} (skipped)", flush=True)
         if not rows:
             _fail(where(field), f"no valid {kind!r} records in {', '.join(files)} ({report.summary()})")
@@ -237,6 +239,16 @@ def read_stage(name: str, st, algorithm_data: str, data: RecordsConfig, fmt: Tex
                                        f"{', '.join(files)}")
         out[split] = RecordSource(rows, report, kind, fmt, seed)
     return out
+
+
+def report_bad_rows(reported: set) -> None:
+    """One line per file with skipped rows: how many (each was printed once by `read_stage`)."""
+    counts: dict = {}
+    for path, _ in reported:
+        counts[path] = counts.get(path, 0) + 1
+    for path in sorted(counts):
+        n = counts[path]
+        print(f"[data] {path}: {n} malformed row{'s' if n != 1 else ''} skipped", flush=True)
 
 
 def as_source(data) -> ArraySource | RecordSource:
@@ -253,4 +265,4 @@ def report_json(source) -> dict | None:
 
 
 __all__ = ["ArraySource", "RecordSource", "RecordsConfig", "TextFormat", "as_source", "files_sha256", "paths",
-           "read_stage", "records_config", "report_json", "run_tokenizer"]
+           "read_stage", "records_config", "report_bad_rows", "report_json", "run_tokenizer"]

@@ -430,8 +430,10 @@ def _records(config, data, stages: dict, wheres) -> dict:
                                             f"{length} tokens exceed config.{key}.max_len {max_len}")
     chat = bool(data.chat_template and tok.chat_template)
     fmt = data_lib.TextFormat(tok, p, r, chat, data.truncation)
-    read = {}
+    read, reported = {}, set()
     for name, s in stages.items():
         if s.st.train_data:
-            read[name] = data_lib.read_stage(name, s.st, s.algorithm.data, data, fmt, s.seed, wheres(name)[0])
+            read[name] = data_lib.read_stage(name, s.st, s.algorithm.data, data, fmt, s.seed, wheres(name)[0],
+                                             reported)
+    data_lib.report_bad_rows(reported)
     return dict(sources=read, tokenizer=tok, pad_id=int(tok.pad_id), eos_id=int(tok.eos_id))
