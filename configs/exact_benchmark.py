@@ -4,8 +4,9 @@
 
 `small` (V = 4, L = 3: 64 sequences, 2 prompts): every preference structure, every algorithm of the tabular
 registry plus the language-model Nash-MD-PG with the token-level mixture, the beta curve, RLHF's sweep of c, the
-stationary points of both mixtures; tau in {0.1, 0.3}; 3 seeds. `large` (V = 8, L = 4: 4,096 sequences, 1 prompt):
-the persona and Bradley-Terry contrasts, tau = 0.1, 3 seeds. Seeds vary the game instance (mu, persona orders,
+stationary points of both mixtures; tau in {0.1, 0.3}; 3 seeds. `large` (V = 4, L = 5: 1,024 sequences, 1 prompt):
+the persona and Bradley-Terry contrasts, tau = 0.1, 3 seeds. V = 8, L = 4 (4,096 sequences:
+`--config.sizes.large.V=8 --config.sizes.large.L=4`) runs too, at ~8 minutes of a loaded 2-core CPU per cell. Seeds vary the game instance (mu, persona orders,
 scores, random P) and RLHF's sampled pairs; the exact algorithms are deterministic given the instance.
 Writes DIR/cells/*.json as it goes (rerun to resume), DIR/exact_benchmark.json, report.md, summary.json, figures,
 and a copy (JSON gzipped) under `results_dir`.
@@ -47,7 +48,7 @@ def get_config():
         structures=("persona_orders", "persona_bt", "bradley_terry", "rps", "dice", "random"),
         algorithms=(), betas=(), mixture_fixed_points=True))
     c.sizes.large = ml_collections.ConfigDict(dict(
-        V=8, L=4, contexts=1, steps=500, taus=(0.1,), seeds=(0, 1, 2),
+        V=4, L=5, contexts=1, steps=500, taus=(0.1,), seeds=(0, 1, 2),
         structures=("persona_orders", "bradley_terry"),
         algorithms=("nash_md", "extragradient", "nash_md_pg_token"), betas=(0.0, 0.125, 0.5),
         mixture_fixed_points=False))

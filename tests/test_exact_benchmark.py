@@ -223,3 +223,19 @@ def test_bad_config_names_the_field():
     c.hyper.omd = dict(eta=-1.0)
     with pytest.raises(ValueError, match=r"config.hyper.omd.eta"):
         eb.validate(c)
+
+
+def test_compiled_stationary_points_match_the_numpy_iteration_and_prop_5_2():
+    from nash_lm import games
+    from nash_lm.tasks import token_game as tg
+
+    game = tg.lift("rps", 2, 3, contexts=2, seed=2, mu_scale=1.0)
+    tau, beta = 0.5, 0.25
+    for mix in ("token", "sequence"):
+        ours = eb.stationary_point(game.P, game.mu_table, 2, 3, tau, beta, mix, damping=0.5)
+        ref = tg.mixture_fixed_point(game, tau, beta, mix, damping=0.5)
+        assert ours["residual"] < 1e-11
+        np.testing.assert_allclose(ours["pi"], ref["pi"], atol=1e-10)
+    # Calandriello et al. Prop. 5.2: the sequence mixture of the stationary point is pi*_{tau/(1-beta)}
+    target = games.nash_equilibrium(game.P, game.mu, tau / (1 - beta))
+    np.testing.assert_allclose(ours["opponent"], target, atol=1e-9)

@@ -27,7 +27,7 @@ and trains on it (all exact, float64):
   `rlhf.l2`, then the exact maximiser of the KL-regularised objective the policy gradient ascends,
   pi = mu exp(r/c)), for c = k tau over `rlhf.c_over_tau`;
 - (small sizes) the exact stationary points of Nash-MD-PG with the sequence- and with the token-level mixture
-  (`token_game.mixture_fixed_point`) at every beta: the equilibrium each mixture leads to.
+  (`stationary_point`) at every beta: the equilibrium each mixture leads to.
 
 Each cell reports, per policy, the exact duality gap of the tau-regularised game, the unregularised one, KL(pi*||pi)
 and KL(pi||mu), and the exact head-to-head P(pi > pi') between every two policies (pi* and mu included). Cells are
@@ -177,6 +177,57 @@ def train_token_pg(A, mu_table, V: int, L: int, tau: float, steps: int, beta: fl
     return np.exp(tg.sequence_logprobs(table, V, L)), table
 
 
+@functools.partial(jax.jit, static_argnames=("V", "L", "mixture", "max_iter"))
+def _stationary(P, log_mu_table, tau, beta, damping, tol, seqs, rows, V, L, mixture, max_iter):
+    X = P.shape[0]
+    log_mu = log_mu_table[:, rows, seqs].sum(-1)
+
+    def conditionals(logp):  # [X, N] -> per-prefix next-token log-probs [X, n_prefixes, V]
+        parts = []
+        for n in range(L):
+            joint = jax.nn.logsumexp(logp.reshape(X, V ** n, V, V ** (L - n - 1)), axis=-1)
+            parts.append(joint - jax.nn.logsumexp(joint, -1, keepdims=True))
+        return jnp.concatenate(parts, axis=1)
+
+    def opponent(logp):
+        if mixture == "sequence":
+            return jax.nn.log_softmax((1.0 - beta) * logp + beta * log_mu, -1)
+        mix = jax.nn.log_softmax((1.0 - beta) * conditionals(logp) + beta * log_mu_table, -1)
+        return mix[:, rows, seqs].sum(-1)
+
+    def residual(logp):
+        target = jax.nn.log_softmax(log_mu + jnp.einsum("xij,xj->xi", P, jnp.exp(opponent(logp))) / tau, -1)
+        diff = target - logp
+        return diff, jnp.max(jnp.abs(diff - diff.mean(-1, keepdims=True)))
+
+    def body(carry):
+        logp, _, it = carry
+        diff, _ = residual(logp)
+        logp = jax.nn.log_softmax(logp + damping * diff, -1)
+        return logp, residual(logp)[1], it + 1
+
+    res0 = residual(log_mu)[1]
+    logp, res, it = jax.lax.while_loop(lambda c: (c[1] >= tol) & (c[2] < max_iter), body, (log_mu, res0, 0))
+    return logp, jnp.exp(opponent(logp)), res, it
+
+
+def stationary_point(P, mu_table, V: int, L: int, tau: float, beta: float, mixture: str, *, damping: float = 0.5,
+                     tol: float = 1e-12, max_iter: int = 50_000) -> dict:
+    """The stationary point of exact Nash-MD-PG on the full autoregressive class with the given opponent mixture
+    (the same fixed point as `token_game.mixture_fixed_point`, iterated in one compiled loop): pi = BR_tau(pi')
+    with pi' the sequence- or token-level mixture of pi and mu. Returns {'pi', 'opponent', 'residual',
+    'iterations'}."""
+    if mixture not in ("token", "sequence"):
+        raise ValueError(f"mixture: must be 'token' or 'sequence', got {mixture!r}")
+    with jax.enable_x64(True):
+        f64 = lambda v: jnp.asarray(v, jnp.float64)
+        logp, opp, res, it = _stationary(f64(P), f64(mu_table), f64(tau), f64(beta), f64(damping), f64(tol),
+                                         jnp.asarray(tg.all_sequences(V, L)), jnp.asarray(tg.prefix_rows(V, L)),
+                                         V, L, mixture, int(max_iter))
+        return {"pi": np.exp(np.asarray(logp)), "opponent": np.asarray(opp), "residual": float(res),
+                "iterations": int(it)}
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Metrics
 
@@ -268,13 +319,11 @@ def run_cell(config, size: str, structure: str, seed: int, tau: float) -> dict:
     # the equilibrium each mixture leads to (exact stationary points of Nash-MD-PG), small sizes only
     mixture = {}
     if sz.mixture_fixed_points:
-        game = tg.TokenGame(P=P, mu=mu, rho=np.full(X, 1.0 / X), V=V, L=L, actions=np.zeros((X, N), np.int64),
-                            mu_table=mu_table)
         for beta in betas:
             row = {}
             for mix in ("token", "sequence"):
-                fp = tg.mixture_fixed_point(game, tau, beta, mix, damping=float(config.fixed_point.damping),
-                                            max_iter=int(config.fixed_point.max_iter))
+                fp = stationary_point(P, mu_table, V, L, tau, beta, mix, damping=float(config.fixed_point.damping),
+                                      max_iter=int(config.fixed_point.max_iter))
                 key = f"stationary_{mix}[beta={beta:g}]"
                 policies[key] = fp["pi"]
                 meta[key] = {"algorithm": f"stationary point, {mix}-level mixture", "hyper": {"beta": beta},
