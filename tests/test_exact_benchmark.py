@@ -111,7 +111,7 @@ def _config():
     finally:
         sys.path.pop(0)
     c = cfg_module.get_config()
-    c.results_dir = ""
+    c.results_dir = c.figures_dir = ""
     c.cycle_sample = 8
     c.rlhf.n_pairs = 300
     c.rlhf.c_over_tau = (1.0, 4.0)
@@ -212,6 +212,11 @@ def test_json_numbers_follow_from_the_stored_distributions_and_game(tmp_path):
         p.pop("train_s", None)
     assert before == after
     assert os.path.exists(os.path.join(wd, "report.md")) and os.path.exists(os.path.join(wd, "beta_curve.png"))
+    # a workdir written by another response space is refused, not mixed in
+    other = _config()
+    other.sizes.small.L = 2
+    with pytest.raises(ValueError, match="workdir: .* use a fresh --workdir"):
+        eb.run(other, wd)
 
 
 def test_bad_config_names_the_field():

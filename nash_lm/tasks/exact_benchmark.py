@@ -35,6 +35,8 @@ written to DIR/cells/<key>.json as they finish (a rerun skips finished cells: th
 DIR/exact_benchmark.json with the game's defining data (mu, tau, persona orders or scores, Bradley-Terry scores,
 the lift; P itself where `store_P_max` allows) and every policy's exact sequence distribution per prompt, so that
 every number can be recomputed from that file alone; DIR/report.md holds the tables and DIR/*.png the figures.
+`config.results_dir` (if set) receives exact_benchmark.json.gz, exact_report.md and exact_summary.json, and
+`config.figures_dir` (if set) the figures as exact_<name>.png.
 """
 from __future__ import annotations
 
@@ -441,7 +443,13 @@ def run(config, workdir: str) -> dict:
         path = os.path.join(workdir, "cells", _key(size, structure, seed, tau) + ".json")
         if os.path.exists(path):
             with open(path) as f:
-                cells.append(json.load(f))
+                cell = json.load(f)
+            sz = config.sizes[size]
+            if (cell["V"], cell["L"], cell["contexts"]) != (sz.V, sz.L, sz.contexts):
+                raise ValueError(f"workdir: {path} holds V, L, contexts = {cell['V']}, {cell['L']}, "
+                                 f"{cell['contexts']}, not this config's {sz.V}, {sz.L}, {sz.contexts}; "
+                                 "use a fresh --workdir")
+            cells.append(cell)
             continue
         cell = run_cell(config, size, structure, seed, tau)
         _write_atomic(path, json.dumps(cell))
@@ -459,12 +467,13 @@ def run(config, workdir: str) -> dict:
     if config.results_dir:
         os.makedirs(config.results_dir, exist_ok=True)
         with open(os.path.join(workdir, "exact_benchmark.json"), "rb") as f, \
-                gzip.open(os.path.join(config.results_dir, "exact_benchmark.json.gz"), "wb", mtime=0) as g:
+                gzip.GzipFile(os.path.join(config.results_dir, "exact_benchmark.json.gz"), "wb", mtime=0) as g:
             shutil.copyfileobj(f, g)
         for name in ("report.md", "summary.json"):
             shutil.copy(os.path.join(workdir, name), os.path.join(config.results_dir, "exact_" + name))
-        for name in os.listdir(workdir):
-            if name.endswith(".png"):
-                shutil.copy(os.path.join(workdir, name), os.path.join(config.results_dir, name))
+    if config.figures_dir:
+        os.makedirs(config.figures_dir, exist_ok=True)
+        for name in summary["figures"]:
+            shutil.copy(os.path.join(workdir, name), os.path.join(config.figures_dir, "exact_" + name))
     print(f"wrote {workdir}/exact_benchmark.json, report.md, summary.json ({summary['wall_s_cells']:.0f}s of cells)")
     return summary

@@ -11,7 +11,12 @@ from collections import defaultdict
 
 import numpy as np
 
-NASH_CONTRAST = "nash_md_pg_token[beta=0.125]"  # the language-model Nash-MD-PG at the paper's best beta
+# The Nash side of the contrast: exact Nash-MD on the full class (converges to pi*_tau), and the language-model
+# Nash-MD-PG (token-level mixture) at the paper's best beta after the configured number of gradient steps.
+NASH_CONTRASTS = ("nash_md", "nash_md_pg_token[beta=0.125]")
+
+
+FLOOR = 1e-9  # log-scale figures draw smaller gaps at this value
 
 
 def _agg(values) -> dict:
@@ -57,15 +62,17 @@ def summarise(result: dict) -> dict:
             best = [min(rl, key=lambda n: c["policies"][n]["duality_gap"]) for c in cells]
             mean_best = min(rl, key=lambda n: g["policies"][n]["duality_gap"]["mean"])
             g[f"{route}_best"] = {"by_mean": mean_best, "per_seed": best}
-        # the contrast: Nash-MD-PG (token-level, beta = 0.125) against RLHF at its best c
-        if NASH_CONTRAST in names:
-            contrast = {}
+        # the contrast: each Nash policy against RLHF at its best c (by mean duality gap), both routes
+        contrast = {}
+        for nash in (n for n in NASH_CONTRASTS if n in names):
             for route in ("rlhf_exact", "rlhf_pairs"):
                 rb = g[f"{route}_best"]["by_mean"]
-                contrast[route] = {"rlhf": rb, "gap_ratio": _agg(
-                    [c["policies"][rb]["duality_gap"] / max(c["policies"][NASH_CONTRAST]["duality_gap"], 1e-300)
-                     for c in cells]), "nash_vs_rlhf": _agg([_h2h(c, NASH_CONTRAST, rb) for c in cells])}
-            g["contrast"] = contrast
+                contrast[f"{nash} vs {route}"] = {
+                    "nash": nash, "rlhf": rb,
+                    "gap_ratio": _agg([c["policies"][rb]["duality_gap"] / max(c["policies"][nash]["duality_gap"],
+                                                                             1e-300) for c in cells]),
+                    "nash_vs_rlhf": _agg([_h2h(c, nash, rb) for c in cells])}
+        g["contrast"] = contrast
         # the beta curve: per algorithm, the gap at every beta and the winning beta per seed
         curves = {}
         for algo in ("nash_md_pg", "nash_md_pg_token", "stationary_token", "stationary_sequence"):
@@ -118,14 +125,15 @@ def markdown(summary: dict) -> str:
                                               if n in groups[k]["policies"] else "" for k in keys) + " |")
         L.append("| cycle rate | " + " | ".join(_fmt(groups[k]["cycle_rate"], ".3f") for k in keys) + " |")
         L.append("")
-    L += ["## Nash-MD-PG (language-model, token-level mixture, beta = 0.125) vs RLHF at its best c", "",
-          "| game | route | best c | gap(RLHF) / gap(Nash) | P(Nash > RLHF) | gap Nash | gap RLHF |",
-          "|---|---|---|---|---|---|---|"]
+    L += ["## Nash vs RLHF at its best c (by mean duality gap)", "",
+          "| game | Nash policy | RLHF | gap(RLHF) / gap(Nash) | P(Nash > RLHF) | gap Nash | gap RLHF | "
+          "P(RLHF > pi*) |", "|---|---|---|---|---|---|---|---|"]
     for k, g in groups.items():
-        for route, c in g.get("contrast", {}).items():
-            L.append(f"| {k} | {route} | {c['rlhf'].split('[')[1][:-1]} | {_fmt(c['gap_ratio'], '.3g')} | "
-                     f"{_fmt(c['nash_vs_rlhf'], '.4f')} | {_fmt(g['policies'][NASH_CONTRAST]['duality_gap'])} | "
-                     f"{_fmt(g['policies'][c['rlhf']]['duality_gap'])} |")
+        for c in g["contrast"].values():
+            L.append(f"| {k} | {c['nash']} | {c['rlhf']} | {_fmt(c['gap_ratio'], '.3g')} | "
+                     f"{_fmt(c['nash_vs_rlhf'], '.4f')} | {_fmt(g['policies'][c['nash']]['duality_gap'])} | "
+                     f"{_fmt(g['policies'][c['rlhf']]['duality_gap'])} | "
+                     f"{_fmt(g['policies'][c['rlhf']]['win_vs_pi_star'], '.4f')} |")
     L += ["", "## The beta curve (duality gap by beta; best beta per seed)", ""]
     for k, g in groups.items():
         for algo, cv in g["beta_curve"].items():
@@ -163,15 +171,17 @@ def figures(summary: dict, outdir: str) -> list:
                 m = np.array([a["mean"] for a in cv["gap"]])
                 lo = np.array([a["min"] for a in cv["gap"]])
                 hi = np.array([a["max"] for a in cv["gap"]])
-                ax.plot(cv["betas"], np.maximum(m, 1e-17), ls, color=colors[i], marker="o", ms=3,
+                ax.plot(cv["betas"], np.maximum(m, FLOOR), ls, color=colors[i], marker="o", ms=3,
                         label=k.split("/")[1] if ls == "-" else None)
                 if ls == "-":
-                    ax.fill_between(cv["betas"], np.maximum(lo, 1e-17), np.maximum(hi, 1e-17), color=colors[i],
+                    ax.fill_between(cv["betas"], np.maximum(lo, FLOOR), np.maximum(hi, FLOOR), color=colors[i],
                                     alpha=0.15)
         ax.set_yscale("log")
         ax.set_xlabel("beta")
         ax.set_ylabel("exact duality gap")
-        ax.set_title(f"Nash-MD-PG (token-level mixture), tau = {tau:g}\nsolid: trained, dotted: stationary point")
+        ax.set_title(f"Nash-MD-PG (token-level mixture), tau = {tau:g}\nsolid: trained (band: min-max over seeds), "
+                     f"dotted: stationary point\n(gaps below {FLOOR:g}, e.g. the exact 0 at beta = 0, drawn at {FLOOR:g})",
+                     fontsize=9)
         ax.legend(fontsize=7)
     fig.tight_layout()
     path = os.path.join(outdir, "beta_curve.png")
@@ -180,15 +190,17 @@ def figures(summary: dict, outdir: str) -> list:
     written.append(path)
     # mixture gap: KL between the equilibria each mixture leads to, by beta
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    for i, (k, g) in enumerate(small.items()):
+    structures = sorted({k.split("/")[1] for k in small})
+    for k, g in small.items():
         if "mixture" not in g:
             continue
+        i = structures.index(k.split("/")[1])
         bs = [float(b) for b in g["mixture"]]
         inner = [b for b in bs if 0 < b < 1]
         for ax, field in zip(axes, ("kl_token_fp_vs_sequence_fp", "kl_mixtures_at_token_fp")):
             v = [g["mixture"][f"{b:g}"][field]["mean"] for b in inner]
             ax.plot(inner, np.maximum(v, 1e-17), marker="o", ms=3, color=colors[i % 10],
-                    ls="-" if "tau=0.1" in k else "--", label=k.split("/", 1)[1])
+                    ls="-" if k.endswith(f"tau={taus[0]:g}") else "--", label=k.split("/", 1)[1])
     axes[0].set_title("KL(token-mixture stationary point || sequence-mixture one)")
     axes[1].set_title("KL(token-level mixture || sequence-level mixture) at the token stationary point")
     for ax in axes:
@@ -201,22 +213,25 @@ def figures(summary: dict, outdir: str) -> list:
     plt.close(fig)
     written.append(path)
     # Nash vs RLHF: duality gap of Nash-MD-PG and of RLHF at every c, per game
-    keys = [k for k, g in groups.items() if NASH_CONTRAST in g["policies"]]
+    keys = [k for k, g in groups.items() if all(n in g["policies"] for n in NASH_CONTRASTS)]
     fig, ax = plt.subplots(figsize=(max(8, 1.1 * len(keys)), 4.8))
-    series = [NASH_CONTRAST] + sorted({n for k in keys for n in groups[k]["policies"] if n.startswith("rlhf_")},
-                                      key=lambda n: (n.split("[")[0], float(n.split("c=")[1].split("tau")[0])))
+    series = [(n, {k: n for k in keys}) for n in NASH_CONTRASTS]
+    series += [(f"{route} at its best c", {k: groups[k][f"{route}_best"]["by_mean"] for k in keys})
+               for route in ("rlhf_exact", "rlhf_pairs")]
     width = 0.8 / len(series)
-    cmap = plt.get_cmap("tab20").colors
-    for j, n in enumerate(series):
-        m = np.array([groups[k]["policies"][n]["duality_gap"]["mean"] for k in keys])
-        lo = m - np.array([groups[k]["policies"][n]["duality_gap"]["min"] for k in keys])
-        hi = np.array([groups[k]["policies"][n]["duality_gap"]["max"] for k in keys]) - m
-        ax.bar(np.arange(len(keys)) + j * width, m, width, yerr=[lo, hi], color=cmap[j % 20], label=n)
+    cmap = plt.get_cmap("tab10").colors
+    for j, (label, pick) in enumerate(series):
+        a = [groups[k]["policies"][pick[k]]["duality_gap"] for k in keys]
+        m = np.array([x["mean"] for x in a])
+        err = [m - np.array([x["min"] for x in a]), np.array([x["max"] for x in a]) - m]
+        ax.bar(np.arange(len(keys)) + j * width, m, width, yerr=err, color=cmap[j], label=label)
     ax.set_yscale("log")
     ax.set_xticks(np.arange(len(keys)) + 0.4)
     ax.set_xticklabels([k.replace("/tau", "\ntau") for k in keys], fontsize=6, rotation=30)
     ax.set_ylabel("exact duality gap (mean, min-max over seeds)")
-    ax.legend(fontsize=6, ncol=3)
+    ax.legend(fontsize=7, ncol=2)
+    ax.set_title("Nash vs RLHF: exact duality gap of the tau-regularised game (RLHF's c chosen per game by mean gap)",
+                 fontsize=9)
     fig.tight_layout()
     path = os.path.join(outdir, "nash_vs_rlhf.png")
     fig.savefig(path, dpi=110)
