@@ -275,7 +275,7 @@ def run_cell(config, size: str, structure: str, seed: int, tau: float) -> dict:
     steps = int(sz.steps)
     algos = list(sz.algorithms) if sz.algorithms else registry_names(config)
     betas = [float(b) for b in (sz.betas or config.beta_curve.betas)]
-    policies, meta, tables = {}, {}, {}
+    policies, meta = {}, {}
 
     for name in algos:
         if name == TOKEN_PG:
@@ -298,7 +298,7 @@ def run_cell(config, size: str, structure: str, seed: int, tau: float) -> dict:
             t = time.time()
             pi, table = train_token_pg(A, mu_table, V, L, tau, steps, beta, lr)
             key = _beta_name(TOKEN_PG, beta)
-            policies[key], tables[key] = pi, table
+            policies[key] = pi
             meta[key] = {"algorithm": TOKEN_PG, "hyper": {"beta": beta, "lr": lr}, "steps": steps,
                          "train_s": time.time() - t}
             if 0 < beta < 1:
@@ -377,9 +377,11 @@ def validate(config) -> None:
     for key, sz in config.sizes.items():
         for f in ("V", "L", "contexts", "steps"):
             if not isinstance(sz[f], int) or sz[f] < (2 if f == "V" else 1):
-                raise ValueError(f"config.sizes.{key}.{f}: must be an integer >= {2 if f == 'V' else 1}, got {sz[f]!r}")
+                low = 2 if f == "V" else 1
+                raise ValueError(f"config.sizes.{key}.{f}: must be an integer >= {low}, got {sz[f]!r}")
         if sz.V ** sz.L > 10_000:
-            raise ValueError(f"config.sizes.{key}: V**L = {sz.V ** sz.L} sequences is beyond the exact benchmark (<= 10000)")
+            raise ValueError(f"config.sizes.{key}: V**L = {sz.V ** sz.L} sequences is beyond the exact benchmark "
+                             "(<= 10000)")
         for s in sz.structures:
             if s not in STRUCTURES:
                 raise ValueError(f"config.sizes.{key}.structures: unknown {s!r}; known: {list(STRUCTURES)}")

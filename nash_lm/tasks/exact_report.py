@@ -180,7 +180,8 @@ def figures(summary: dict, outdir: str) -> list:
         ax.set_xlabel("beta")
         ax.set_ylabel("exact duality gap")
         ax.set_title(f"Nash-MD-PG (token-level mixture), tau = {tau:g}\nsolid: trained (band: min-max over seeds), "
-                     f"dotted: stationary point\n(gaps below {FLOOR:g}, e.g. the exact 0 at beta = 0, drawn at {FLOOR:g})",
+                     f"dotted: stationary point\n(gaps below {FLOOR:g}, e.g. the exact 0 at beta = 0, "
+                     f"drawn at {FLOOR:g})",
                      fontsize=9)
         ax.legend(fontsize=7)
     fig.tight_layout()
