@@ -228,6 +228,11 @@ def test_bad_config_names_the_field():
     c.hyper.omd = dict(eta=-1.0)
     with pytest.raises(ValueError, match=r"config.hyper.omd.eta"):
         eb.validate(c)
+    c = _config()
+    c.sizes.small.algorithms = ("nash_md_const",)
+    c.sizes.small.taus = (0.3, 2.0)  # eta * tau = 2 > 1 for nash_md_const's eta = 1 at the second tau
+    with pytest.raises(ValueError, match=r"config.hyper.nash_md_const \(tau = 2.0\): eta"):
+        eb.validate(c)
 
 
 def test_compiled_stationary_points_match_the_numpy_iteration_and_prop_5_2():

@@ -394,6 +394,12 @@ def validate(config) -> None:
                 raise ValueError(f"config.sizes.{key}.taus: every tau must be > 0, got {t}")
         if not sz.seeds:
             raise ValueError(f"config.sizes.{key}.seeds: empty")
+        for name in (n for n in (list(sz.algorithms) or registry_names(config)) if n in galg.ALGORITHMS):
+            for tau in sz.taus:  # every registry algorithm accepts its hyper-parameters at every tau of the grid
+                try:
+                    galg.resolve(name, float(tau), dict(config.hyper.get(name, {})))
+                except ValueError as e:
+                    raise ValueError(f"config.hyper.{name} (tau = {tau}): {e}") from None
     for b in config.beta_curve.betas:
         if not 0.0 <= float(b) <= 1.0:
             raise ValueError(f"config.beta_curve.betas: must lie in [0, 1], got {b}")
