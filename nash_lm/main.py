@@ -24,6 +24,7 @@ from nash_lm import distributed
 # job name -> "module:function"; each function takes (config, workdir) and returns a summary dict.
 JOBS = {
     "games": "nash_lm.games.report:run",
+    "exact_benchmark": "nash_lm.tasks.exact_benchmark:run",
     "train": "nash_lm.train.pipeline:run",
     "own_data": "nash_lm.train.own_data:run",
     "ye_offline": "nash_lm.learning.experiments:run_offline",
