@@ -27,8 +27,11 @@ import sys
 import sysconfig
 
 SPLITS = ("train", "valid", "test")
+# Directories not harvested: installed packages, tests, tools and data; also every `config-<version>-<platform>`
+# directory (the interpreter's build files), whatever the Python version, by its prefix in `_stdlib_files`.
 SKIP_DIRS = {"site-packages", "dist-packages", "test", "tests", "idlelib", "lib2to3", "__pycache__", "turtledemo",
-             "ensurepip", "tkinter", "pydoc_data", "venv", "config-3.11-x86_64-linux-gnu"}
+             "ensurepip", "tkinter", "pydoc_data", "venv"}
+SKIP_PREFIXES = ("config-",)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,7 +64,7 @@ def stdlib_dir() -> str:
 def _stdlib_files(root: str) -> list[str]:
     out = []
     for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if d not in SKIP_DIRS and not d.startswith("config-"))
+        dirnames[:] = sorted(d for d in dirnames if d not in SKIP_DIRS and not d.startswith(SKIP_PREFIXES))
         out += [os.path.join(dirpath, f) for f in sorted(filenames) if f.endswith(".py")]
     return sorted(out)
 
