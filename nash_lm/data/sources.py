@@ -227,12 +227,6 @@ def shard_options(shard_index: int | None = None, shard_count: int | None = None
     return shard_index, shard_count
 
 
-def shard_indices(n: int, shard_index: int, shard_count: int, equal_shards: bool = False) -> range:
-    """The record indices of one shard (what `dataset` reads before shuffling)."""
-    end = n - n % shard_count if equal_shards else n
-    return range(shard_index, end, shard_count)
-
-
 def dataset(source, *, batch_size: int | None = None, transform: Callable | None = None,
             shuffle_seed: int | None = None, num_epochs: int | None = 1, shard_index: int | None = None,
             shard_count: int | None = None, equal_shards: bool = False,
