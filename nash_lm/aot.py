@@ -25,6 +25,7 @@ import time
 
 from absl import flags
 
+from nash_lm import distributed
 from nash_lm import main as main_lib  # its --config flag (and the one-line errors of a bad one) serve here too
 
 GIB = 2**30
@@ -147,8 +148,7 @@ def run(config, topology: str, out: str | None = None) -> list[dict]:
         line = json.dumps(record)
         print(line, flush=True)
         if out:
-            with open(out, "a") as f:
-                f.write(line + "\n")
+            distributed.append_line(out, line)
         records.append(record)
         if not record["fits"]:
             raise MemoryError(f"stage {spec.name}: needs {record['needed_per_chip'] / GIB:.2f} GiB per chip, "

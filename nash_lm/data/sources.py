@@ -32,6 +32,7 @@ import grain
 import numpy as np
 from absl import logging
 
+from nash_lm import distributed
 from nash_lm.data import records as records_lib
 
 ON_ERROR = ("skip", "raise")
@@ -138,12 +139,9 @@ def read_jsonl(paths, kind: str, on_error: str = "skip", check: Callable | None 
 
 
 def write_jsonl(path, rows: Iterable[dict]) -> None:
-    """Writes one JSON object per line (UTF-8, non-ASCII kept as is)."""
-    tmp = os.fspath(path) + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
+    """Writes one JSON object per line (UTF-8, non-ASCII kept as is), atomically, from process 0
+    (`nash_lm.distributed.write_jsonl`, no barrier)."""
+    distributed.write_jsonl(os.fspath(path), rows, sync=False)
 
 
 def write_array_record(path, rows: Iterable, *, encoded: bool = False) -> None:

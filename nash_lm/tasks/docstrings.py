@@ -26,6 +26,8 @@ import re
 import sys
 import sysconfig
 
+from nash_lm import distributed
+
 SPLITS = ("train", "valid", "test")
 # Directories not harvested: installed packages, tests, tools and data; also every `config-<version>-<platform>`
 # directory (the interpreter's build files), whatever the Python version, by its prefix in `_stdlib_files`.
@@ -177,13 +179,8 @@ def load(cache_dir: str | None = None, cfg: CorpusConfig = CorpusConfig()) -> li
         with open(path, encoding="utf-8") as f:
             return [json.loads(line) for line in f]
     examples = harvest(cfg)
-    if path:
-        os.makedirs(cache_dir, exist_ok=True)
-        tmp = f"{path}.{os.getpid()}.tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            for ex in examples:
-                f.write(json.dumps(ex, ensure_ascii=False) + "\n")
-        os.replace(tmp, path)
+    if path:  # process 0 writes the cache; every process has harvested the same examples
+        distributed.write_jsonl(path, examples, sync=False)
     return examples
 
 
