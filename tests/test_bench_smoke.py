@@ -14,6 +14,7 @@ import compare_trl  # noqa: E402
 import length_scaling  # noqa: E402
 import mfu  # noqa: E402
 import nashmd_bench as nb  # noqa: E402
+import trl_peer  # noqa: E402
 import trl_workload  # noqa: E402
 
 PEER_FIELDS = ("prompts_per_s", "gen_tokens_per_s_actual", "gen_tokens_per_s_nominal", "wall_s", "build_s",
@@ -122,6 +123,20 @@ def test_length_scaling_smoke():
     assert summary["lengths"] == [2, 4]
     assert summary["nash_lm"]["loglog_slope_fit"] == summary["nash_lm"]["loglog_slope_fit"]  # not NaN
     assert "peer" not in summary
+
+
+def test_trl_peer_runs_the_workload_of_the_nash_lm_side():
+    """bench/trl_peer.py (TRL's side; it runs in the TRL venv) holds the same numbers as nashmd_bench.Workload and
+    draws the same prompt ids as nashmd_bench.make_prompts, by its own code."""
+    import dataclasses
+
+    w = nb.Workload()
+    ours = dataclasses.asdict(w)
+    assert {k: ours[k] for k in trl_peer.WORKLOAD} == trl_peer.WORKLOAD
+    assert trl_peer.prompt_ids(trl_peer.WORKLOAD) == nb.make_prompts(w).tolist()
+    small = {**trl_peer.WORKLOAD, "seed": 3, "prompt_len": 5, "n_prompts": 7, "vocab": 40}
+    assert trl_peer.prompt_ids(small) == nb.make_prompts(
+        dataclasses.replace(w, seed=3, prompt_len=5, n_prompts=7, vocab=40)).tolist()
 
 
 def test_compare_helpers():
