@@ -8,8 +8,9 @@ libtpu 0.0.52; a TPU VM image's own python3 is 3.10): the worker's venv is made 
 checkout is installed with the `tpu` extra pinned to that tested set, and the setup ends by importing jax from
 the venv; where no Python >= 3.12 can be had (uv cannot be installed, uv finds and downloads none, the venv's
 interpreter is older), the setup stops with one line on stderr naming the cause. The GPU templates name extras
-and constraints files that exist. The real uv path (uv 0.13.9, a real Python 3.12.1) was run by hand once; see
-the report in the commit message.
+and constraints files that exist. What the stubs stand for was run for real once by hand (uv 0.13.9 on a
+Python 3.12.1 installed jax 0.12.1, jaxlib 0.12.1, flax 0.12.12 and libtpu 0.0.52 into the venv; the commit that
+added this file says so).
 """
 import ast
 import json
