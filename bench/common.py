@@ -1,9 +1,12 @@
-"""Shared benchmark helpers: a machine description and JSON-lines output (one record per measurement)."""
+"""Shared benchmark helpers: a machine description, JSON-lines output (one record per measurement), and the CPU
+accounting of a timed region (own CPU seconds against everybody else's) with the peak RSS, which both sides of
+the TRL comparison report. Nothing here imports jax at module level: bench/trl_peer.py runs in the TRL venv."""
 from __future__ import annotations
 
 import json
 import os
 import platform
+import resource
 import time
 
 
@@ -43,3 +46,34 @@ def write(path: str, record: dict) -> None:
     with open(path, "a") as f:
         f.write(json.dumps(record) + "\n")
     print(json.dumps(record))
+
+
+def proc_stat_s():
+    """Machine-wide CPU seconds (user + nice + system) from /proc/stat."""
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:]]
+    return (v[0] + v[1] + v[2]) / os.sysconf("SC_CLK_TCK")
+
+
+class CpuMeter:
+    """Own CPU seconds (os.times) vs everybody else's (machine-wide /proc/stat minus own) over a region."""
+
+    def __enter__(self):
+        self.load_before = os.getloadavg()[0]
+        self.stat0, self.own0 = proc_stat_s(), os.times()
+        return self
+
+    def __exit__(self, *exc):
+        stat1, own1 = proc_stat_s(), os.times()
+        self.own_cpu_s = (own1.user - self.own0.user) + (own1.system - self.own0.system)
+        self.foreign_cpu_s = max(0.0, (stat1 - self.stat0) - self.own_cpu_s)
+        self.load_after = os.getloadavg()[0]
+        return False
+
+    def record(self) -> dict:
+        return {"own_cpu_s": round(self.own_cpu_s, 2), "foreign_cpu_s_during_run": round(self.foreign_cpu_s, 2),
+                "loadavg_1m_before_after": [round(self.load_before, 2), round(self.load_after, 2)]}
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0

@@ -1,17 +1,16 @@
 """nash-lm vs TRL's NashMDTrainer (trl 1.13.0) on the identical workload, back to back in one session.
 
-    .venv/bin/python bench/compare_trl.py [--runs 5] [--trl-python TRL_VENV/bin/python]
-        [--peer-dir PEER_DIR] [--trl-defaults] [--steps 128]
-        [--out bench/results/compare_trl.jsonl]
+    .venv/bin/python bench/compare_trl.py [--runs 5] [--trl-python venv-trl/bin/python] [--trl-defaults]
+        [--steps 128] [--out bench/results/compare_trl.jsonl]
 
-Alternates one peer run and one nash-lm run, `--runs` times, so both sides see the same machine. Each peer run
-goes through the peer's own `bench.sh 1` (it waits until the machine is >= 90% idle over 3 s, runs
-`run_trl_nashmd.py`, and keeps the run only when the CPU time used by other processes during training is < 10%
-of the run's own; it retries otherwise). bench.sh writes next to itself and the peer directory is read-only, so
-the directory is copied to a scratch directory first (the files are not changed). Each nash-lm run
-(`bench/trl_workload.py`, a fresh process: imports, build and compilation excluded from wall_s as the peer
-excludes its build) passes the same gate: the same idle wait before it and the same 10% foreign-CPU rule after
-it, with retries. Both processes get the same environment.
+Alternates one TRL run (`bench/trl_peer.py` under the TRL venv's Python, `--trl-python` or $TRL_PYTHON; see that
+file for the venv) and one nash-lm run (`bench/trl_workload.py`), `--runs` times, so both sides see the same
+machine; both are fresh processes with the same environment and the same workload (nash-lm's
+`nashmd_bench.Workload`, passed to the peer as JSON), and both exclude building (and nash-lm its compilation)
+from wall_s. Every run passes one gate: before it, a wait (at most --wait-max s) until the machine is >= 90%
+idle over 3 s; after it, the run counts as clean when the CPU seconds other processes used during its training
+are under 10% of its own; an unclean run is retried, at most --max-attempts times (the last one is kept, marked
+unclean).
 
 Prints every run's headline and a summary: medians of the clean runs of each side and the ratio of nash-lm's
 median prompts/s to the peer's. Appends every run and the summary to --out.
@@ -19,22 +18,24 @@ median prompts/s to the peer's. Appends every run and the summary to --out.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import os
-import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import nashmd_bench as nb  # noqa: E402
+import trl_peer  # noqa: E402  (its WORKLOAD names the fields the peer takes; torch is imported only to run it)
+
+from nash_lm import distributed  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 RESULTS = os.path.join(HERE, "results", "compare_trl.jsonl")
-PEER_DIR = os.path.join(os.path.dirname(ROOT), "shared", "peers", "trl_nashmd")
-if not os.path.isdir(PEER_DIR):  # a checkout outside /work (e.g. a snapshot): the shared location
-    PEER_DIR = "/work/shared/peers/trl_nashmd"
 
 
 def idle_pct(window: float = 3.0) -> float:
@@ -69,31 +70,16 @@ def clean(rec: dict) -> bool:
     return rec["foreign_cpu_s_during_run"] < 0.10 * rec["own_cpu_s"]
 
 
-def run_peer(peer_dir: str, trl_python: str, args_extra: list[str], env: dict) -> dict:
-    """One clean peer run through bench.sh (it retries contended runs itself)."""
-    p = subprocess.run(["bash", "bench.sh", "1", *args_extra], cwd=peer_dir, env={**env, "TRL_PYTHON": trl_python},
-                       capture_output=True, text=True)
-    sys.stderr.write(p.stderr[-1000:])
-    try:
-        rec = last_json(p.stdout)
-        rec["clean"] = True
-    except ValueError:  # bench.sh printed no clean line: take its last attempt, marked unclean
-        with open(os.path.join(peer_dir, "results_all.jsonl")) as f:
-            rec = json.loads(f.read().strip().splitlines()[-1])
-        rec["clean"] = False
-    return rec
-
-
-def run_ours(steps: int, env: dict, wait_max: float, max_attempts: int, extra: list[str]) -> dict:
+def run_gated(side: str, command: list[str], env: dict, wait_max: float, max_attempts: int) -> dict:
+    """One run of `command` (its last stdout line is its JSON record) through the gate of the module docstring."""
     for attempt in range(1, max_attempts + 1):
         idle = wait_idle(wait_max)
-        p = subprocess.run([sys.executable, os.path.join(HERE, "trl_workload.py"), "--steps", str(steps),
-                            "--out", "", *extra], cwd=ROOT, env=env, capture_output=True, text=True)
+        p = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
         if p.returncode:
-            raise RuntimeError(p.stderr[-3000:])
+            raise RuntimeError(f"{side}: {' '.join(command)} exited {p.returncode}\n{p.stderr[-3000:]}")
         rec = last_json(p.stdout)
         rec["clean"] = clean(rec)
-        print(f"[compare] nash-lm attempt {attempt} (idle before {idle:.0f}%) clean={int(rec['clean'])}",
+        print(f"[compare] {side} attempt {attempt} (idle before {idle:.0f}%) clean={int(rec['clean'])}",
               file=sys.stderr)
         if rec["clean"]:
             break
@@ -111,8 +97,8 @@ def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--steps", type=int, default=128)
-    ap.add_argument("--trl-python", default="/work/venv-trl/bin/python")
-    ap.add_argument("--peer-dir", default=PEER_DIR)
+    ap.add_argument("--trl-python", default=os.environ.get("TRL_PYTHON", "venv-trl/bin/python"),
+                    help="the Python of the TRL venv (see bench/trl_peer.py)")
     ap.add_argument("--trl-defaults", action="store_true", help="peer with TRL's default gradient checkpointing")
     ap.add_argument("--wait-max", type=float, default=180.0)
     ap.add_argument("--max-attempts", type=int, default=6)
@@ -120,17 +106,15 @@ def main(argv=None):
     ap.add_argument("--out", default=RESULTS)
     args = ap.parse_args(argv)
 
-    scratch = tempfile.mkdtemp(prefix="trl_peer_")
-    peer_dir = os.path.join(scratch, "trl_nashmd")
-    shutil.copytree(args.peer_dir, peer_dir)
-    for root, dirs, files in os.walk(peer_dir):  # the source is read-only; bench.sh appends beside itself
-        os.chmod(root, 0o755)
-        for fn in files:
-            os.chmod(os.path.join(root, fn), 0o644)
+    args.trl_python = os.path.abspath(args.trl_python)
+    if not os.path.isfile(args.trl_python):
+        ap.error(f"--trl-python={args.trl_python}: no such interpreter (build the TRL venv: see bench/trl_peer.py)")
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS" or "device_count" not in v}
-    env.update(WAIT_MAX=str(int(args.wait_max)), MAX_ATTEMPTS=str(args.max_attempts))
-    peer_args = (["--trl-defaults"] if args.trl_defaults else []) + (
-        ["--steps", str(args.steps)] if args.steps != 128 else [])
+    workload = {k: v for k, v in dataclasses.asdict(nb.Workload(steps=args.steps)).items() if k in trl_peer.WORKLOAD}
+    peer_cmd = [args.trl_python, os.path.join(HERE, "trl_peer.py"), "--workload", json.dumps(workload)] + (
+        ["--trl-defaults"] if args.trl_defaults else [])
+    ours_cmd = [sys.executable, os.path.join(HERE, "trl_workload.py"), "--steps", str(args.steps), "--out", "",
+                *args.ours_args.split()]
     session = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     runs = {"peer": [], "nash_lm": []}
 
@@ -139,13 +123,11 @@ def main(argv=None):
         h = headline(rec)
         print(json.dumps({"side": side, **h}))
         if args.out:
-            os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-            with open(args.out, "a") as f:
-                f.write(json.dumps({"session": session, "side": side, "record": rec}) + "\n")
+            distributed.append_line(args.out, json.dumps({"session": session, "side": side, "record": rec}))
 
     for i in range(args.runs):
-        log("peer", run_peer(peer_dir, args.trl_python, peer_args, env))
-        log("nash_lm", run_ours(args.steps, env, args.wait_max, args.max_attempts, args.ours_args.split()))
+        log("peer", run_gated("peer", peer_cmd, env, args.wait_max, args.max_attempts))
+        log("nash_lm", run_gated("nash_lm", ours_cmd, env, args.wait_max, args.max_attempts))
 
     def med(side, key):
         vals = [r[key] for r in runs[side] if r["clean"]] or [r[key] for r in runs[side]]
@@ -171,9 +153,7 @@ def main(argv=None):
     summary["target_ratio_min"] = 10.0
     print(json.dumps(summary))
     if args.out:
-        with open(args.out, "a") as f:
-            f.write(json.dumps(summary) + "\n")
-    shutil.rmtree(scratch, ignore_errors=True)
+        distributed.append_line(args.out, json.dumps(summary))
     return summary
 
 

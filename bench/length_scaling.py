@@ -1,7 +1,7 @@
 """Step time against the number of new tokens: nash-lm and the TRL peer, N in {32, 64, 128, 256, 512}.
 
     .venv/bin/python bench/length_scaling.py [--lengths 32,64,128,256,512] [--steps 11] [--peer-steps 6]
-        [--no-peer] [--trl-python TRL_VENV/bin/python] [--smoke] [--out bench/results/length_scaling.jsonl]
+        [--no-peer] [--trl-python venv-trl/bin/python] [--smoke] [--out bench/results/length_scaling.jsonl]
 
 The workload is the TRL workload (bench/trl_workload.py) with only the completion length N changed (for y and
 y'), and max_pos raised to 16 + max(N) = 528 for every N on both sides (RoPE models: max_pos changes no parameter
@@ -11,11 +11,9 @@ nash-lm: one process, for each N a fresh build + AOT compile, then `--steps` tra
 the median of the steps after the first (>= 5). Phase medians (policy sample, mixture sample, update) come from
 the per-phase compiled functions (median of 5).
 
-Peer: the peer's script has `--steps` but no length flag; its length is the module constant NEW_TOKENS (and
-MAX_POS), which `main()` reads when it runs. So the peer is run unmodified as
-`python -c "import run_trl_nashmd as m; m.NEW_TOKENS = N; m.MAX_POS = 528; m.main()" --steps S` in its own
-directory: the same code path, with the two constants overridden before `main()`. Its step time is the median of
-its `step_times_s` after the first step. `--trl-defaults` runs the peer in TRL's default configuration (gradient
+Peer: bench/trl_peer.py (TRL's NashMDTrainer, in the TRL venv: `--trl-python` or $TRL_PYTHON) with
+`--workload '{"new_tokens": N, "max_pos": 528}' --steps S`. Its step time is the median of its `step_times_s`
+after the first step. `--trl-defaults` runs the peer in TRL's default configuration (gradient
 checkpointing on, no KV cache for either sample), the only one whose mixture samples are correct
 (bench/trl_mixture_cache_check.md). At N = 512 a peer step takes tens of seconds (quadratic: the mixture
 re-runs both models over the whole prefix at every token), so `--peer-steps` is small there and the median is
@@ -46,9 +44,6 @@ from common import machine  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "results", "length_scaling.jsonl")
-PEER_DIR = os.path.join(os.path.dirname(os.path.dirname(HERE)), "shared", "peers", "trl_nashmd")
-if not os.path.isdir(PEER_DIR):  # a checkout outside /work (e.g. a snapshot): the shared location
-    PEER_DIR = "/work/shared/peers/trl_nashmd"
 
 
 def ours(n: int, max_pos: int, steps: int, phase_repeats: int, base: nb.Workload) -> dict:
@@ -95,12 +90,12 @@ def ours_interleaved(lengths, max_pos: int, rounds: int, steps_per_round: int, b
             for n in lengths]
 
 
-def peer(n: int, max_pos: int, steps: int, trl_python: str, peer_dir: str, trl_defaults: bool = False) -> dict:
-    code = (f"import run_trl_nashmd as m; m.NEW_TOKENS = {n}; m.MAX_POS = {max_pos}; m.main()")
-    env = {**os.environ, "TRL_EXPERIMENTAL_SILENCE": "1"}
+def peer(n: int, max_pos: int, steps: int, trl_python: str, trl_defaults: bool = False) -> dict:
+    env = dict(os.environ)
     env.pop("XLA_FLAGS", None)
     extra = ["--trl-defaults"] if trl_defaults else []
-    p = subprocess.run([trl_python, "-c", code, "--steps", str(steps), *extra], cwd=peer_dir, env=env,
+    p = subprocess.run([trl_python, os.path.join(HERE, "trl_peer.py"), "--workload",
+                        json.dumps({"new_tokens": n, "max_pos": max_pos}), "--steps", str(steps), *extra], env=env,
                        capture_output=True, text=True)
     if p.returncode:
         raise RuntimeError(p.stderr[-3000:])
@@ -141,8 +136,8 @@ def main(argv=None):
     ap.add_argument("--peer-only", action="store_true")
     ap.add_argument("--trl-defaults", action="store_true",
                     help="run the peer in TRL's default configuration (no KV cache: its only correct mixture)")
-    ap.add_argument("--trl-python", default="/work/venv-trl/bin/python")
-    ap.add_argument("--peer-dir", default=PEER_DIR)
+    ap.add_argument("--trl-python", default=os.environ.get("TRL_PYTHON", "venv-trl/bin/python"),
+                    help="the Python of the TRL venv (see bench/trl_peer.py)")
     ap.add_argument("--smoke", action="store_true", help="tiny model, lengths 2 and 4, 3 steps, no peer (CI)")
     ap.add_argument("--out", default=RESULTS, help="JSONL file to append to ('' = none)")
     args = ap.parse_args(argv)
@@ -175,7 +170,7 @@ def main(argv=None):
         if not args.peer_only:
             emit(ours(n, max_pos, args.steps, args.phase_repeats, base))
         if not args.no_peer:
-            emit(peer(n, max_pos, peer_steps[i], args.trl_python, args.peer_dir, args.trl_defaults))
+            emit(peer(n, max_pos, peer_steps[i], args.trl_python, args.trl_defaults))
     summary = {"session": session, "summary": True, "lengths": lengths, "machine": machine(),
                "versions": nb.versions()}
     for side in ("nash_lm", "peer", "nash_lm_interleaved"):

@@ -16,7 +16,6 @@ import dataclasses
 import functools
 import os
 import random
-import resource
 import statistics
 import time
 from typing import Any
@@ -33,6 +32,8 @@ from nash_lm.train import config as cfg_lib
 from nash_lm.train import metrics as metrics_lib
 from nash_lm.train import state as state_lib
 from nash_lm.train import step as step_lib
+
+from common import CpuMeter, peak_rss_mib, proc_stat_s  # noqa: F401  (the benchmarks use nb.CpuMeter etc.)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -271,37 +272,6 @@ def matmul_peak(sizes=(512, 1024, 2048), repeats: int = 5, dtype=jnp.float32) ->
 
 # ---------------------------------------------------------------------------------------------------------------
 # Machine and process accounting (the same quantities as the peer's JSON)
-
-
-def proc_stat_s():
-    """Machine-wide CPU seconds (user + nice + system) from /proc/stat."""
-    with open("/proc/stat") as f:
-        v = [int(x) for x in f.readline().split()[1:]]
-    return (v[0] + v[1] + v[2]) / os.sysconf("SC_CLK_TCK")
-
-
-class CpuMeter:
-    """Own CPU seconds (os.times) vs everybody else's (machine-wide /proc/stat minus own) over a region."""
-
-    def __enter__(self):
-        self.load_before = os.getloadavg()[0]
-        self.stat0, self.own0 = proc_stat_s(), os.times()
-        return self
-
-    def __exit__(self, *exc):
-        stat1, own1 = proc_stat_s(), os.times()
-        self.own_cpu_s = (own1.user - self.own0.user) + (own1.system - self.own0.system)
-        self.foreign_cpu_s = max(0.0, (stat1 - self.stat0) - self.own_cpu_s)
-        self.load_after = os.getloadavg()[0]
-        return False
-
-    def record(self) -> dict:
-        return {"own_cpu_s": round(self.own_cpu_s, 2), "foreign_cpu_s_during_run": round(self.foreign_cpu_s, 2),
-                "loadavg_1m_before_after": [round(self.load_before, 2), round(self.load_after, 2)]}
-
-
-def peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
 def commit() -> str:

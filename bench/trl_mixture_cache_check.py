@@ -9,7 +9,7 @@ same keys `OnlineDPOTrainer.__init__` uses. For each generated step we compare t
 wrapper returned (generate's `output_logits`) with an independent no-cache computation on the full
 prefix: log_softmax(c * ref_logits + (1 - c) * policy_logits) at the last position.
 
-Run: TRL_VENV/bin/python bench/trl_mixture_cache_check.py (a venv with torch, transformers and trl 1.13.0)
+Run: venv-trl/bin/python bench/trl_mixture_cache_check.py (the TRL venv of bench/trl_peer.py)
 Prints one JSON line.
 """
 

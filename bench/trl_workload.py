@@ -1,9 +1,9 @@
-"""nash-lm's Nash-MD-PG step on exactly the TRL peer's workload (a TRL runner in a venv of its own; see BENCHMARKS.md).
+"""nash-lm's Nash-MD-PG step on exactly the TRL peer's workload (bench/trl_peer.py runs TRL on it).
 
     .venv/bin/python bench/trl_workload.py [--steps 128] [--new-tokens 32] [--max-pos 128] [--breakdown 5]
                                            [--judge reward|preference] [--out bench/results/trl_workload.jsonl]
 
-Workload (identical numbers to the peer's `run_trl_nashmd.py`): Llama-style decoder, vocab 512, d_model 128,
+Workload (the numbers bench/trl_peer.py gives TRL): Llama-style decoder, vocab 512, d_model 128,
 2 layers, 4 heads (head_dim 32, no GQA), SwiGLU d_ff 512, RMSNorm, RoPE, max_pos 128, untied LM head, f32
 (656,000 parameters); reference = copy of the initial policy; judge = a reward model with the same trunk (different
 seed) and P(y > y') = sigmoid(r(y) - r(y')), read at the last real token (nash-lm's 'reward' judge, the same

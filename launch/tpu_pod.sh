@@ -13,7 +13,10 @@
 #   launch/tpu_pod.sh delete
 #
 # Options by environment: SPOT=1 (spot capacity), REPO_DIR (remote checkout, default ~/nash-lm),
-# LOG (remote log file, default ~/nash-lm.log), MOUNT (default /mnt/nash-lm), EXTRA_PIP (extra pip specs for setup, e.g. "jax[tpu]==0.10.2").
+# LOG (remote log file, default ~/nash-lm.log), MOUNT (default /mnt/nash-lm), and for setup: EXTRAS (extras of
+# setup.py to install, default tpu: jax 0.12.1 with libtpu), EXTRA_PIP (more pip specs), PYTHON_VERSION (default
+# 3.12). setup runs launch/setup_venv.sh on every worker: the runtime images' python3 is 3.10, so it builds the
+# venv with uv on Python 3.12 (the machine's, or uv's own build) and installs the tested set, constraints/py312.txt.
 set -euo pipefail
 
 : "${TPU_NAME:?set TPU_NAME}"
@@ -24,7 +27,9 @@ REPO_DIR="${REPO_DIR:-~/nash-lm}"
 LOG="${LOG:-~/nash-lm.log}"
 PID_FILE="${PID_FILE:-~/nash-lm.pid}"
 MOUNT="${MOUNT:-/mnt/nash-lm}"
-EXTRA_PIP="${EXTRA_PIP:-jax[tpu]==0.10.2}"
+EXTRAS="${EXTRAS-tpu}"
+EXTRA_PIP="${EXTRA_PIP:-}"
+PYTHON_VERSION="${PYTHON_VERSION:-3.12}"
 PROJECT_FLAG=()
 [[ -n "${PROJECT:-}" ]] && PROJECT_FLAG=(--project="$PROJECT")
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -43,16 +48,16 @@ case "$cmd" in
       --accelerator-type="$ACCELERATOR" --version="$RUNTIME" "${spot[@]}"
     ;;
   setup)
-    # Ship this checkout (tracked files only) to every worker, then create a venv and install there.
+    # Ship this checkout (tracked files of HEAD) to every worker; launch/setup_venv.sh builds .venv there.
     tarball="$(mktemp /tmp/nash-lm-XXXX.tar.gz)"
     git -C "$HERE" archive --format=tar.gz -o "$tarball" HEAD
-    gcloud compute tpus tpu-vm scp "$tarball" "$TPU_NAME":/tmp/nash-lm.tar.gz --zone="$ZONE" \
+    gcloud compute tpus tpu-vm scp "$tarball" "$TPU_NAME":nash-lm.tar.gz --zone="$ZONE" \
       "${PROJECT_FLAG[@]}" --worker=all
     rm -f "$tarball"
-    ssh_all "set -e; mkdir -p $REPO_DIR && tar -xzf /tmp/nash-lm.tar.gz -C $REPO_DIR && cd $REPO_DIR && \
-      python3 -m venv .venv && .venv/bin/pip install -q --upgrade pip && \
-      .venv/bin/pip install -q '$EXTRA_PIP' -e . && \
-      .venv/bin/python -c 'import jax; print(jax.process_index(), jax.local_device_count(), jax.device_count())'"
+    settings="$(printf 'EXTRAS=%q EXTRA_PIP=%q PYTHON_VERSION=%q' "$EXTRAS" "$EXTRA_PIP" "$PYTHON_VERSION")"
+    ssh_all "set -e; mkdir -p $REPO_DIR && tar -xzf ~/nash-lm.tar.gz -C $REPO_DIR && cd $REPO_DIR && \
+      $settings bash launch/setup_venv.sh && \
+      .venv/bin/python -c 'import jax; print(jax.process_index(), jax.local_device_count(), jax.device_count(), jax.default_backend())'"
     if [[ -n "${BUCKET:-}" ]]; then  # one workdir for all workers: orbax and process 0's files go there
       ssh_all "sudo mkdir -p $MOUNT && sudo chown \$(id -u) $MOUNT && (mountpoint -q $MOUNT || \
         gcsfuse --implicit-dirs $BUCKET $MOUNT)"
@@ -80,6 +85,6 @@ case "$cmd" in
     gcloud compute tpus tpu-vm delete "$TPU_NAME" --zone="$ZONE" "${PROJECT_FLAG[@]}" --quiet
     ;;
   help|*)
-    sed -n '2,17p' "$0"
+    awk 'NR > 1 && /^#/ { print; next } NR > 1 { exit }' "$0"
     ;;
 esac

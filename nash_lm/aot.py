@@ -5,8 +5,8 @@
 For each stage of the config's pipeline (a task job's `config.train`), the very program the trainer runs is
 built and compiled through the same code (`nash_lm.train.spec.resolve` -> `inputs.StageInputs` with abstract
 parameters -> `compile.StageProgram.lowered()`), for the devices of a TPU topology as libtpu names them (v4,
-v5e, v5p, v6e, e.g. `v5e:4x4`; `pip install --no-deps --target DIR libtpu==0.0.42.1`, then
-`PYTHONPATH=DIR JAX_PLATFORMS=cpu`) or, with `--topology=local`, for this machine's devices. One JSON line per
+v5e, v5p, v6e, e.g. `v5e:4x4`; libtpu 0.0.52 comes with `pip install -e '.[tpu]'`, then run with
+`JAX_PLATFORMS=cpu`) or, with `--topology=local`, for this machine's devices. One JSON line per
 stage: per-chip argument / output / alias / temporary bytes from `memory_analysis()` against the chip's HBM,
 the analytic FLOPs of a step (`nash_lm.train.algorithms.step_flops`), and every collective of the compiled
 pieces (`nash_lm.hlo`: kind, bytes per step, whether inside the sampler's decode loops with their trip counts;
@@ -25,6 +25,7 @@ import time
 
 from absl import flags
 
+from nash_lm import distributed
 from nash_lm import main as main_lib  # its --config flag (and the one-line errors of a bad one) serve here too
 
 GIB = 2**30
@@ -147,8 +148,7 @@ def run(config, topology: str, out: str | None = None) -> list[dict]:
         line = json.dumps(record)
         print(line, flush=True)
         if out:
-            with open(out, "a") as f:
-                f.write(line + "\n")
+            distributed.append_line(out, line)
         records.append(record)
         if not record["fits"]:
             raise MemoryError(f"stage {spec.name}: needs {record['needed_per_chip'] / GIB:.2f} GiB per chip, "

@@ -12,10 +12,14 @@ Owns:
     compute the whole batch (the synthetic sources) and keeps only its rows.
   * `shard_info(sharding, global_batch_size)`: (shard index, shard count) for a data loader that reads only
     this process's share (e.g. grain's `ShardOptions`).
-  * `is_primary()`, `primary_only(fn)`, `write_json(path, obj)`, `write_text(path, text)`, `barrier(name)`:
-    files are written by process 0 only (atomically), then every process waits at a barrier, so no two
-    processes race on one path of a shared workdir. Orbax saves and restores are collective: call them on
-    every process (orbax itself lets process 0 finalise).
+  * `is_primary()`, `primary_only(fn)`, `barrier(name)`, and the one writer of every file a job writes
+    (reports, figures, caches, metrics, tables): `write_file(path, fill)` and its forms `write_bytes`,
+    `write_text`, `write_json`, `write_jsonl`, `write_npz`, `write_figure` write a whole file from process 0
+    only, atomically (a temporary name unique to the writer, flushed, then `os.replace`; on an error the old
+    file stays and the error propagates), then every process waits at a barrier (`sync=False` skips it where
+    not every process gets there); `append_line` grows a log line by line from process 0. So no two processes race on one path of a shared workdir, and no reader sees
+    half a file. Orbax saves and restores are collective: call them on every process (orbax itself lets
+    process 0 finalise).
 
 The entry point is `python -m nash_lm.main` on every host (it calls `initialize(config)` before anything touches
 a device); this module is a library and has none of its own.
@@ -25,6 +29,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import uuid
 from typing import Any, Callable
 
 import jax
@@ -195,22 +200,84 @@ def primary_only(fn: Callable) -> Callable:
     return wrapped
 
 
-def _atomic_write(path: str, data: bytes) -> None:
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
+def _atomic_write(path: str, fill: Callable[[Any], Any]) -> None:
+    """`fill(f)` writes the file's bytes to `f`; `path` gets them all or nothing: they go to a temporary name in
+    the same directory that no other process or host can pick (a random suffix, created exclusively), are
+    flushed to disk, then renamed over `path`. On any error the temporary file is removed and `path` keeps what
+    it held; the error (an `OSError` such as ENOSPC) propagates to the caller."""
+    directory, name = os.path.split(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    tmp = os.path.join(directory, f".{name}.{uuid.uuid4().hex}.tmp")
+    try:
+        with open(tmp, "xb") as f:
+            fill(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.remove(tmp)
+        except OSError:
+            pass
+        raise
 
 
-def write_text(path: str, text: str, *, sync: bool = True) -> None:
-    """Process 0 writes `path` atomically; with `sync`, everyone waits until it is there."""
+def write_file(path: str, fill: Callable[[Any], Any], *, sync: bool = True) -> None:
+    """The one writer of a job's files: process 0 writes `path` atomically, `fill(f)` streaming its bytes into
+    the binary file `f` (see `_atomic_write`); with `sync`, every process waits at a barrier until it is there
+    (so call it on every process, or pass sync=False where not every process gets here). The functions below
+    are this for bytes, text, JSON, JSON lines, NumPy arrays and figures."""
     if is_primary():
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        _atomic_write(path, text.encode())
+        _atomic_write(path, fill)
     if sync:
         barrier(f"write:{os.path.basename(path)}")
 
 
-def write_json(path: str, obj: Any, *, sync: bool = True) -> None:
-    write_text(path, json.dumps(obj, indent=2, sort_keys=True), sync=sync)
+def write_bytes(path: str, data: bytes, *, sync: bool = True) -> None:
+    write_file(path, lambda f: f.write(data), sync=sync)
 
+
+def write_text(path: str, text: str, *, sync: bool = True) -> None:
+    """`write_bytes` of UTF-8 text."""
+    write_bytes(path, text.encode("utf-8"), sync=sync)
+
+
+def write_json(path: str, obj: Any, *, sync: bool = True, indent: int | None = 2, sort_keys: bool = True,
+               ensure_ascii: bool = True) -> None:
+    """`write_text` of `json.dumps(obj)` (indent 2, sorted keys unless told otherwise)."""
+    write_text(path, json.dumps(obj, indent=indent, sort_keys=sort_keys, ensure_ascii=ensure_ascii), sync=sync)
+
+
+def write_jsonl(path: str, rows, *, sync: bool = True) -> None:
+    """`write_text` of one JSON object per line (non-ASCII kept as is)."""
+    write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), sync=sync)
+
+
+def write_npz(path: str, arrays: dict, *, sync: bool = True) -> None:
+    """`np.savez(**arrays)` (uncompressed) through `write_file`."""
+    write_file(path, lambda f: np.savez(f, **arrays), sync=sync)
+
+
+def write_figure(path: str, fig, *, sync: bool = True, **savefig_kwargs) -> None:
+    """A matplotlib figure through `write_file`, rendered on process 0 only in the format of `path`'s extension;
+    the figure is closed on every process."""
+    import matplotlib.pyplot as plt
+
+    fmt = os.path.splitext(path)[1].lstrip(".") or None
+    try:
+        write_file(path, lambda f: fig.savefig(f, format=fmt, **savefig_kwargs), sync=False)
+    finally:
+        plt.close(fig)
+    if sync:
+        barrier(f"write:{os.path.basename(path)}")
+
+
+def append_line(path: str, line: str) -> None:
+    """Process 0 appends one line (a newline is added) to a log that grows during a job, e.g. metrics.jsonl;
+    no barrier. A line is one `write` to a file opened for appending, so a reader sees whole lines, and a line
+    cut by a crash is what a reader of the log skips."""
+    if not is_primary():
+        return
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(line.rstrip("\n") + "\n")

@@ -45,8 +45,8 @@ def test_every_stage_compiles_on_the_local_devices():
     _check(_records(out), chips=8)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="libtpu not installed (pip install "
-                    "'jax[tpu]==0.10.2', or --target DIR libtpu==0.0.42.1 on PYTHONPATH)")
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="libtpu not installed (libtpu 0.0.52: "
+                    "pip install -c constraints/py312.txt -e '.[tpu]')")
 def test_every_stage_compiles_for_a_deviceless_tpu():
     out = _aot("v5e:2x2", env={**os.environ, "JAX_PLATFORMS": "cpu"})
     assert out.returncode == 0, out.stderr[-3000:]

@@ -1,4 +1,8 @@
-"""The seqio adapter on a small in-memory seqio Task (TensorFlow and seqio come with the `[seqio]` extra)."""
+"""The seqio adapter on a small in-memory seqio Task, and the tfds adapter on a tiny tensorflow-datasets dataset
+built here from rows in memory (`download_and_prepare` into a temporary data_dir; nothing is downloaded).
+TensorFlow, seqio and tensorflow-datasets come with the `[seqio]` extra."""
+import os
+
 import numpy as np
 import pytest
 
@@ -54,3 +58,63 @@ def test_missing_seqio_gives_install_hint(monkeypatch):
     monkeypatch.setitem(sys.modules, "seqio", None)
     with pytest.raises(ImportError, match=r"nash-lm\[seqio\]"):
         adapters.from_seqio("anything", "train", "prompt")
+
+
+TFDS_ROWS = [("first prompt", "one"), ("second prompt", "two"), ("third prompt", ""), ("fourth prompt", "four"),
+             ("fifth prompt", "five")]
+
+
+@pytest.fixture(scope="module")
+def tfds_dir(tmp_path_factory):
+    """A prepared tfds dataset `nash_lm_tiny_records` of TFDS_ROWS (features question, answer) in a temporary
+    data_dir."""
+    import tensorflow_datasets as tfds
+
+    class NashLmTinyRecords(tfds.core.GeneratorBasedBuilder):
+        VERSION = tfds.core.Version("1.0.0")
+
+        def _info(self):
+            return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict(
+                {"question": tfds.features.Text(), "answer": tfds.features.Text()}))
+
+        def _split_generators(self, dl_manager):
+            return {"train": self._generate_examples()}
+
+        def _generate_examples(self):
+            for i, (q, a) in enumerate(TFDS_ROWS):
+                yield i, {"question": q, "answer": a}
+
+    data_dir = str(tmp_path_factory.mktemp("tfds"))
+    NashLmTinyRecords(data_dir=data_dir).download_and_prepare()
+    return data_dir
+
+
+def test_tfds_dataset_records_with_a_bad_row_and_shards(tfds_dir):
+    import tensorflow_datasets as tfds
+
+    fields = {"prompt": "question", "response": "answer"}
+    rows, report = adapters.from_tfds("nash_lm_tiny_records", "train", "sft", fields=fields, data_dir=tfds_dir,
+                                      shard_index=0, shard_count=1)
+    good = [{"prompt": q, "response": a} for q, a in TFDS_ROWS if a]
+    assert sorted(rows, key=str) == sorted(good, key=str)
+    # the bad row is located by its position in the order tfds reads the split (tfds's own reader says which)
+    order = [ex["question"].decode() for ex in tfds.as_numpy(tfds.load("nash_lm_tiny_records", split="train",
+                                                                       data_dir=tfds_dir, download=False))]
+    assert [(b.path, b.line) for b in report.bad] == [("nash_lm_tiny_records/train",
+                                                       order.index("third prompt") + 1)]
+    assert "empty string" in report.bad[0].reason and report.kept == 4
+    with pytest.raises(sources.DataError, match="nash_lm_tiny_records/train:[0-9]+: field 'response'"):
+        adapters.from_tfds("nash_lm_tiny_records", "train", "sft", fields=fields, data_dir=tfds_dir,
+                           on_error="raise", shard_index=0, shard_count=1)
+    # two shards partition the split
+    shards = [adapters.from_tfds("nash_lm_tiny_records", "train", "prompt", fields={"prompt": "question"},
+                                 data_dir=tfds_dir, shard_index=i, shard_count=2)[0] for i in range(2)]
+    assert all(shards) and sorted(r["prompt"] for s in shards for r in s) == sorted(q for q, _ in TFDS_ROWS)
+
+
+def test_tfds_reads_only_a_prepared_dataset(tfds_dir, tmp_path):
+    """The builder is known but not prepared in this data_dir: an error, and nothing is built or downloaded."""
+    with pytest.raises(Exception, match="nash_lm_tiny_records"):
+        adapters.from_tfds("nash_lm_tiny_records", "train", "prompt", fields={"prompt": "question"},
+                           data_dir=str(tmp_path), shard_index=0, shard_count=1)
+    assert not [f for _, _, files in os.walk(tmp_path) for f in files]

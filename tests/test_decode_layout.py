@@ -128,7 +128,7 @@ def test_no_weight_gathers_in_the_lora_decode_loop(algorithm):
 
 def _tpu_devices():
     if importlib.util.find_spec("libtpu") is None:
-        pytest.skip("libtpu is not installed (pip install libtpu==0.0.42.1, the version jax[tpu]==0.10.2 pins)")
+        pytest.skip("libtpu is not installed (libtpu 0.0.52: pip install -c constraints/py312.txt -e '.[tpu]')")
     from jax.experimental import topologies
     try:
         return topologies.get_topology_desc(platform="tpu", topology_name="v5e:2x2").devices

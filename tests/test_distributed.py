@@ -102,9 +102,18 @@ def _worker(out: str) -> None:
     result["shard_info"] = list(distributed.shard_info(stage.batch_sh["tokens"] if "tokens" in stage.batch_sh
                                                        else next(iter(stage.batch_sh.values())),
                                                        stage.st.batch_size))
-    # every process reports its own view; process 0 alone writes the shared result
-    distributed.write_json(os.path.join(out, f"view_{jax.process_index()}.json"), result, sync=False)
+    # the job's cache through the one writer: a miss then a hit, the same branch on every process
+    from nash_lm.tasks import online_lm
+
+    made, cache = [], os.path.join(out, "cache.npz")
+    online_lm._cached(cache, "k", lambda: made.append("first") or {"x": np.arange(3)})
+    again = online_lm._cached(cache, "k", lambda: made.append("second") or {"x": np.zeros(3)})
+    result["cache"] = {"made": made, "x": again["x"].tolist()}
+    # every process reports its own view (a file of this test's own); process 0 alone writes the shared result
+    with open(os.path.join(out, f"view_{jax.process_index()}.json"), "w") as f:
+        json.dump(result, f)
     distributed.write_json(os.path.join(out, "result.json"), result)
+    distributed.write_json(os.path.join(out, f"written_by_{jax.process_index()}.json"), {}, sync=False)
 
 
 ENV = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS",)}
@@ -174,10 +183,12 @@ def test_two_processes_match_one_process_on_the_same_global_mesh(runs):
     assert two["restored_sha256"] == two["policy_params_sha256"] == one["restored_sha256"]
     assert two["restored_step"] == STEPS and two["data_state"] == one["data_state"]
     assert one["shard_info"] == [0, 1] and two["shard_info"] == [0, 2]
-    # process 0 wrote the shared files; process 1's view file was never written by anyone
-    assert os.path.exists(os.path.join(two_dir, "view_0.json"))
-    assert not os.path.exists(os.path.join(two_dir, "view_1.json"))
-    assert not [f for f in os.listdir(two_dir) if ".tmp." in f]
+    # process 0 alone wrote through the writer (process 1's call wrote nothing), and left no temporary file
+    assert os.path.exists(os.path.join(two_dir, "written_by_0.json"))
+    assert not os.path.exists(os.path.join(two_dir, "written_by_1.json"))
+    assert not [f for f in os.listdir(two_dir) if ".tmp" in f]
+    views = [_read(os.path.join(two_dir, f"view_{i}.json")) for i in range(2)]
+    assert [v["cache"] for v in views] == [{"made": ["first"], "x": [0, 1, 2]}] * 2 == [one["cache"]] * 2
 
 
 def _read(path):

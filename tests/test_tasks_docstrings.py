@@ -1,6 +1,7 @@
 """Docstring corpus and rater: a hand-written fake standard library with known expected examples, the real one's
 split properties, ROUGE-L against an LCS written here, majority votes and a Condorcet cycle built by hand, and the
 label-noise rate against scipy's binomial test."""
+import hashlib
 import os
 import textwrap
 
@@ -63,6 +64,8 @@ def test_harvest_fake_stdlib(tmp_path):
     (pkg / "__init__.py").write_text(FAKE_MODULE)
     (tmp_path / "tests").mkdir()
     (tmp_path / "tests" / "skipped.py").write_text(FAKE_MODULE)
+    (tmp_path / "config-3.12-x86_64-linux-gnu").mkdir()  # the interpreter's build files, any version: skipped
+    (tmp_path / "config-3.12-x86_64-linux-gnu" / "python-config.py").write_text(FAKE_MODULE)
     (tmp_path / "broken.py").write_text("def f(:\n")
     cfg = docstrings.CorpusConfig(min_summary_words=3, max_summary_words=10, min_body_words=8)
     ex = docstrings.harvest(cfg, root=str(tmp_path))
@@ -99,8 +102,11 @@ def test_real_stdlib_corpus_and_split(corpus):
     for e in corpus:
         assert 3 <= len(e["response"].split()) <= 12 and "\n" not in e["response"]
         assert len(e["prompt"]) <= 400 and e["prompt"].strip()
-    # the split of an example depends only on its id
-    assert docstrings.split_of("json:dumps") == docstrings.split_of("json:dumps")
+    # the split of an example is the documented function of its id alone: the first 8 bytes of
+    # SHA-256("split\0" + id) as a fraction u of 2**64; test if u < 0.05, valid if u < 0.10, else train
+    for e in corpus:
+        u = int.from_bytes(hashlib.sha256(b"split\0" + e["id"].encode()).digest()[:8], "big") / 2.0 ** 64
+        assert e["split"] == ("test" if u < 0.05 else "valid" if u < 0.10 else "train"), e["id"]
 
 
 def test_corpus_cache(corpus, tmp_path):

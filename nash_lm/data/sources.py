@@ -33,6 +33,7 @@ import grain
 import numpy as np
 from absl import logging
 
+from nash_lm import distributed
 from nash_lm.data import records as records_lib
 
 ON_ERROR = ("skip", "raise")
@@ -136,12 +137,9 @@ def read_jsonl(paths, kind: str, on_error: str = "skip", check: Callable | None 
 
 
 def write_jsonl(path, rows: Iterable[dict]) -> None:
-    """Writes one JSON object per line (UTF-8, non-ASCII kept as is)."""
-    tmp = os.fspath(path) + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
+    """Writes one JSON object per line (UTF-8, non-ASCII kept as is), atomically, from process 0
+    (`nash_lm.distributed.write_jsonl`, no barrier)."""
+    distributed.write_jsonl(os.fspath(path), rows, sync=False)
 
 
 def write_array_record(path, rows: Iterable, *, encoded: bool = False) -> None:
@@ -221,12 +219,6 @@ def shard_options(shard_index: int | None = None, shard_count: int | None = None
     if not isinstance(shard_index, int) or not 0 <= shard_index < shard_count:
         raise ValueError(f"shard_index: must be an int in [0, {shard_count}), got {shard_index!r}")
     return shard_index, shard_count
-
-
-def shard_indices(n: int, shard_index: int, shard_count: int, equal_shards: bool = False) -> range:
-    """The record indices of one shard (what `dataset` reads before shuffling)."""
-    end = n - n % shard_count if equal_shards else n
-    return range(shard_index, end, shard_count)
 
 
 def dataset(source, *, batch_size: int | None = None, transform: Callable | None = None,

@@ -28,6 +28,8 @@ import io
 import os
 from typing import Iterable, Protocol, Sequence
 
+from nash_lm import distributed
+
 SPM_SPECIAL = dict(pad_id=0, bos_id=1, eos_id=2, unk_id=3)
 
 
@@ -111,15 +113,11 @@ def train_sentencepiece(texts: Iterable[str], vocab_size: int, cache_dir: str | 
                                        **options)
     except RuntimeError as e:
         raise ValueError(f"train_sentencepiece: {str(e).strip().splitlines()[-1]}") from None
-    proto = buffer.getvalue()
-    if path is None:
-        return SentencePieceTokenizer(model_proto=proto)
-    os.makedirs(cache_dir, exist_ok=True)
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "wb") as f:
-        f.write(proto)
-    os.replace(tmp, path)
-    return SentencePieceTokenizer(path)
+    tok = SentencePieceTokenizer(model_proto=buffer.getvalue())
+    if path is not None:  # process 0 writes the cache; every process keeps the model it trained in memory
+        distributed.write_bytes(path, buffer.getvalue(), sync=False)
+        tok.path = path
+    return tok
 
 
 _HF_NAMES = {

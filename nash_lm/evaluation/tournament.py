@@ -20,13 +20,14 @@ played. `save` writes `tournament.json`, `tournament.md` (the table, cells "rate
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 from typing import Callable, Mapping, Sequence
 
 import numpy as np
 from scipy import stats
+
+from nash_lm import distributed
 
 CI_METHODS = ("clopper_pearson", "wilson")
 
@@ -193,8 +194,7 @@ def heatmap(result: TournamentResult, path: str, title: str = "P*(column beats r
     ax.set_title(title)
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    distributed.write_figure(path, fig, dpi=120)
 
 
 def samples_markdown(result: TournamentResult, n_prompts: int = 5, max_prompt_chars: int = 300) -> str:
@@ -211,18 +211,15 @@ def samples_markdown(result: TournamentResult, n_prompts: int = 5, max_prompt_ch
 
 
 def save(result: TournamentResult, outdir: str, n_sample_prompts: int = 5) -> dict:
-    """Writes tournament.json, tournament.md, heatmap.png and samples.md; returns their paths."""
-    os.makedirs(outdir, exist_ok=True)
+    """Writes tournament.json, tournament.md, heatmap.png and samples.md (process 0, through
+    `nash_lm.distributed`; call it on every process); returns their paths."""
     paths = {k: os.path.join(outdir, f) for k, f in (("json", "tournament.json"), ("markdown", "tournament.md"),
                                                       ("heatmap", "heatmap.png"), ("samples", "samples.md"))}
     payload = result.to_json()
     payload["samples"] = {name: s[: n_sample_prompts] for name, s in result.samples.items()}
     payload["sample_prompts"] = result.prompts[:n_sample_prompts]
-    with open(paths["json"], "w") as f:
-        json.dump(payload, f, indent=2)
-    with open(paths["markdown"], "w") as f:
-        f.write(markdown(result))
+    distributed.write_json(paths["json"], payload, sort_keys=False)
+    distributed.write_text(paths["markdown"], markdown(result))
     heatmap(result, paths["heatmap"])
-    with open(paths["samples"], "w") as f:
-        f.write(samples_markdown(result, n_sample_prompts))
+    distributed.write_text(paths["samples"], samples_markdown(result, n_sample_prompts))
     return paths

@@ -8,12 +8,12 @@ convergence plot per instance, `DIR/gap_<instance>.png` (log-scale duality gap a
 """
 from __future__ import annotations
 
-import json
 import os
 import time
 
 import numpy as np
 
+from nash_lm import distributed
 from nash_lm.games import algorithms, core, instances
 
 
@@ -81,8 +81,7 @@ def _plot(path: str, title: str, curves: dict) -> None:
     ax.set_title(title)
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    distributed.write_figure(path, fig, dpi=110)
 
 
 def run(config, workdir: str) -> dict:
@@ -94,33 +93,29 @@ def run(config, workdir: str) -> dict:
             core.check_game(g.P, g.mu, tau, g.rho)
         except ValueError as e:
             raise ValueError(f"config.instances.{key}: {e}") from None
-    os.makedirs(workdir, exist_ok=True)
     summary = {"tau": tau, "steps": steps, "runs": []}
     t0 = time.time()
-    with open(os.path.join(workdir, "metrics.jsonl"), "w") as f:
-        for key, g in games.items():
-            curves = {}
-            for algo_key, algo in config.algorithms.items():
-                name = algo.get("name", algo_key)
-                res = algorithms.run(name, g.P, g.mu, tau, steps, rho=g.rho, keep_iterates=False,
-                                     **_hyper(algo))
-                m = res.metrics
-                for t in range(config.log_every - 1, steps, config.log_every):
-                    f.write(json.dumps({"instance": key, "algorithm": algo_key, "step": t + 1,
-                                        **{k: float(v[t]) for k, v in m.items()}}) + "\n")
-                curves[algo_key] = (m["gap_last"], m["gap_avg"])
-                summary["runs"].append({
-                    "instance": key, "algorithm": algo_key, "hyper": {k: v for k, v in res.hyper.items()},
-                    "gap_last": float(m["gap_last"][-1]), "gap_avg": float(m["gap_avg"][-1]),
-                    "kl_to_nash": float(m["kl_to_nash"][-1]),
-                    "verdict": verdict(m["gap_last"], m["gap_avg"]),
-                })
-            _plot(os.path.join(workdir, f"gap_{key}.png"), f"{key}: tau = {tau}", curves)
+    rows = []
+    for key, g in games.items():
+        curves = {}
+        for algo_key, algo in config.algorithms.items():
+            name = algo.get("name", algo_key)
+            res = algorithms.run(name, g.P, g.mu, tau, steps, rho=g.rho, keep_iterates=False, **_hyper(algo))
+            m = res.metrics
+            rows += [{"instance": key, "algorithm": algo_key, "step": t + 1, **{k: float(v[t]) for k, v in m.items()}}
+                     for t in range(config.log_every - 1, steps, config.log_every)]
+            curves[algo_key] = (m["gap_last"], m["gap_avg"])
+            summary["runs"].append({
+                "instance": key, "algorithm": algo_key, "hyper": {k: v for k, v in res.hyper.items()},
+                "gap_last": float(m["gap_last"][-1]), "gap_avg": float(m["gap_avg"][-1]),
+                "kl_to_nash": float(m["kl_to_nash"][-1]),
+                "verdict": verdict(m["gap_last"], m["gap_avg"]),
+            })
+        _plot(os.path.join(workdir, f"gap_{key}.png"), f"{key}: tau = {tau}", curves)
+    distributed.write_jsonl(os.path.join(workdir, "metrics.jsonl"), rows)
     summary["wall_s"] = time.time() - t0
-    with open(os.path.join(workdir, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=1)
-    with open(os.path.join(workdir, "report.md"), "w") as f:
-        f.write(markdown_table(summary))
+    distributed.write_json(os.path.join(workdir, "summary.json"), summary, indent=1, sort_keys=False)
+    distributed.write_text(os.path.join(workdir, "report.md"), markdown_table(summary))
     print(markdown_table(summary))
     print(f"wrote {workdir}/metrics.jsonl, summary.json, report.md and gap_*.png in {summary['wall_s']:.1f}s")
     return summary

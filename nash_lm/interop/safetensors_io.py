@@ -20,6 +20,8 @@ import struct
 import ml_dtypes
 import numpy as np
 
+from nash_lm import distributed
+
 DTYPES = {
     "F64": np.dtype("<f8"), "F32": np.dtype("<f4"), "F16": np.dtype("<f2"),
     "BF16": np.dtype(ml_dtypes.bfloat16),
@@ -114,7 +116,8 @@ def load(path: str) -> dict[str, np.ndarray]:
 
 
 def save(path: str, tensors: dict[str, np.ndarray], metadata: dict[str, str] | None = None) -> None:
-    """Writes `tensors` (numpy or jax arrays) to one safetensors file, names in sorted order."""
+    """Writes `tensors` (numpy or jax arrays) to one safetensors file, names in sorted order (process 0, atomically:
+    `nash_lm.distributed.write_file`)."""
     header: dict = {}
     if metadata:
         header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
@@ -132,10 +135,11 @@ def save(path: str, tensors: dict[str, np.ndarray], metadata: dict[str, str] | N
         arrays.append(arr)
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)  # keep the data section 8-byte aligned
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
+
+    def fill(f):
         f.write(struct.pack("<Q", len(raw)))
         f.write(raw)
         for arr in arrays:
             f.write(arr.tobytes())
-    os.replace(tmp, path)
+
+    distributed.write_file(path, fill, sync=False)  # process 0, atomically

@@ -20,13 +20,12 @@ Instances: "random" (EGPO/B5 style: P_ij ~ U[0, 1] below the diagonal, μ = soft
 """
 from __future__ import annotations
 
-import json
 import os
 import time
 
 import numpy as np
 
-from nash_lm import games
+from nash_lm import distributed, games
 from nash_lm.learning.data import product_behaviour, sample_dataset
 from nash_lm.learning.online import STRATEGIES
 from nash_lm.learning.online import run_online as online_run
@@ -128,27 +127,26 @@ def run_offline(config, workdir: str) -> dict:
     out_path = os.path.join(workdir, "offline.jsonl")
     start = time.time()
     rows = []
-    with open(out_path, "w") as f:
-        for tau in taus:
-            pi_star = games.nash_equilibrium(P, mu, tau)
-            for coverage in config.coverages:
-                D = behaviour(coverage, pi_star, int(config.uncovered_top))
-                for n in ns:
-                    for s in range(int(config.num_seeds)):
-                        rng = np.random.default_rng([int(config.seed), s, n, int(1e6 * tau)])
-                        data = sample_dataset(P, D, n, rng)
-                        for method in config.methods:
-                            t0 = time.time()
-                            pi = offline_policy(method, data, mu, tau, delta=float(config.delta),
-                                                ridge=float(config.ridge),
-                                                design_lambda=float(config.design_lambda),
-                                                tol=float(config.solver_tol))[0]
-                            row = dict(tau=tau, coverage=coverage, n=n, seed=s, method=method,
-                                       half_gap=0.5 * games.duality_gap(P, mu, tau, pi),
-                                       kl_to_nash=games.kl_divergence(pi_star, pi),
-                                       seconds=time.time() - t0)
-                            rows.append(row)
-                            f.write(json.dumps(row) + "\n")
+    for tau in taus:
+        pi_star = games.nash_equilibrium(P, mu, tau)
+        for coverage in config.coverages:
+            D = behaviour(coverage, pi_star, int(config.uncovered_top))
+            for n in ns:
+                for s in range(int(config.num_seeds)):
+                    rng = np.random.default_rng([int(config.seed), s, n, int(1e6 * tau)])
+                    data = sample_dataset(P, D, n, rng)
+                    for method in config.methods:
+                        t0 = time.time()
+                        pi = offline_policy(method, data, mu, tau, delta=float(config.delta),
+                                            ridge=float(config.ridge),
+                                            design_lambda=float(config.design_lambda),
+                                            tol=float(config.solver_tol))[0]
+                        row = dict(tau=tau, coverage=coverage, n=n, seed=s, method=method,
+                                   half_gap=0.5 * games.duality_gap(P, mu, tau, pi),
+                                   kl_to_nash=games.kl_divergence(pi_star, pi),
+                                   seconds=time.time() - t0)
+                        rows.append(row)
+    distributed.write_jsonl(out_path, rows)
     summary = {"job": "ye_offline", "instance": config.instance, "n_actions": int(config.n_actions),
                "taus": taus, "n_values": ns, "num_seeds": int(config.num_seeds), "curves": [], "slopes": [],
                "seconds": time.time() - start}
@@ -166,8 +164,7 @@ def run_offline(config, workdir: str) -> dict:
                 summary["slopes"].append(dict(tau=tau, coverage=coverage, method=method,
                                               slope=_slope(ns, means),
                                               slope_upper_half=_slope(ns[len(ns) // 2:], means[len(ns) // 2:])))
-    with open(os.path.join(workdir, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=1)
+    distributed.write_json(os.path.join(workdir, "summary.json"), summary, indent=1, sort_keys=False)
     summary["plots"] = _plot_offline(summary, workdir)
     return summary
 
@@ -203,8 +200,7 @@ def _plot_offline(summary, workdir):
         axes[0].set_ylabel("½ duality gap of π̂ (mean ± 95% CI)")
         fig.tight_layout()
         path = os.path.join(workdir, f"ye_offline_tau{tau:g}.png")
-        fig.savefig(path)
-        plt.close(fig)
+        distributed.write_figure(path, fig)
         paths.append(path)
     return paths
 
@@ -235,43 +231,41 @@ def run_online(config, workdir: str) -> dict:
     summary = {"job": "ye_online", "tau": tau, "batch_size": batch_size, "batches": batches,
                "label_budget": budget, "budget_batches": splits, "num_seeds": int(config.num_seeds),
                "curves": [], "budget": [], "beta": float(config.beta)}
-    with open(os.path.join(workdir, "online.jsonl"), "w") as f:
-        for inst in config.instances:
-            P, mu = make_instance(inst, int(config.n_actions), int(config.game_seed),
-                                  float(config.winner_p), float(config.winner_mu))
-            for strategy in config.strategies:
-                per_seed = []
+    lines = []
+    for inst in config.instances:
+        P, mu = make_instance(inst, int(config.n_actions), int(config.game_seed),
+                              float(config.winner_p), float(config.winner_mu))
+        for strategy in config.strategies:
+            per_seed = []
+            for s in range(int(config.num_seeds)):
+                rec = online_run(P, mu, tau, strategy, batches=batches, batch_size=batch_size,
+                                 beta=float(config.beta), ridge=float(config.ridge),
+                                 design_lambda=float(config.design_lambda),
+                                 rng=np.random.default_rng([int(config.seed), s, 1]))
+                per_seed.append([r["half_gap"] for r in rec])
+                lines += [dict(r, experiment="curve", instance=inst, strategy=strategy, seed=s) for r in rec]
+            arr = np.array(per_seed)
+            labels = [batch_size * t for t in range(batches + 1)]
+            stats_ = [_ci(arr[:, t]) for t in range(arr.shape[1])]
+            summary["curves"].append(dict(instance=inst, strategy=strategy, labels=labels,
+                                          mean=[m for m, _ in stats_], ci95=[h for _, h in stats_]))
+            finals = []
+            for T in splits:
+                vals = []
                 for s in range(int(config.num_seeds)):
-                    rec = online_run(P, mu, tau, strategy, batches=batches, batch_size=batch_size,
+                    rec = online_run(P, mu, tau, strategy, batches=T, batch_size=budget // T,
                                      beta=float(config.beta), ridge=float(config.ridge),
                                      design_lambda=float(config.design_lambda),
-                                     rng=np.random.default_rng([int(config.seed), s, 1]))
-                    per_seed.append([r["half_gap"] for r in rec])
-                    for r in rec:
-                        f.write(json.dumps(dict(r, experiment="curve", instance=inst, strategy=strategy,
-                                                seed=s)) + "\n")
-                arr = np.array(per_seed)
-                labels = [batch_size * t for t in range(batches + 1)]
-                stats_ = [_ci(arr[:, t]) for t in range(arr.shape[1])]
-                summary["curves"].append(dict(instance=inst, strategy=strategy, labels=labels,
-                                              mean=[m for m, _ in stats_], ci95=[h for _, h in stats_]))
-                finals = []
-                for T in splits:
-                    vals = []
-                    for s in range(int(config.num_seeds)):
-                        rec = online_run(P, mu, tau, strategy, batches=T, batch_size=budget // T,
-                                         beta=float(config.beta), ridge=float(config.ridge),
-                                         design_lambda=float(config.design_lambda),
-                                         rng=np.random.default_rng([int(config.seed), s, 2, T]))
-                        vals.append(rec[-1]["half_gap"])
-                        f.write(json.dumps(dict(rec[-1], experiment="budget", instance=inst, strategy=strategy,
-                                                seed=s, split_batches=T)) + "\n")
-                    finals.append(_ci(vals))
-                summary["budget"].append(dict(instance=inst, strategy=strategy, batches=splits,
-                                              mean=[m for m, _ in finals], ci95=[h for _, h in finals]))
+                                     rng=np.random.default_rng([int(config.seed), s, 2, T]))
+                    vals.append(rec[-1]["half_gap"])
+                    lines.append(dict(rec[-1], experiment="budget", instance=inst, strategy=strategy, seed=s,
+                                      split_batches=T))
+                finals.append(_ci(vals))
+            summary["budget"].append(dict(instance=inst, strategy=strategy, batches=splits,
+                                          mean=[m for m, _ in finals], ci95=[h for _, h in finals]))
+    distributed.write_jsonl(os.path.join(workdir, "online.jsonl"), lines)
     summary["seconds"] = time.time() - start
-    with open(os.path.join(workdir, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=1)
+    distributed.write_json(os.path.join(workdir, "summary.json"), summary, indent=1, sort_keys=False)
     summary["plots"] = _plot_online(summary, config, workdir)
     return summary
 
@@ -310,6 +304,5 @@ def _plot_online(summary, config, workdir):
         ax.legend(fontsize=7)
     fig.tight_layout()
     path = os.path.join(workdir, "ye_online.png")
-    fig.savefig(path)
-    plt.close(fig)
+    distributed.write_figure(path, fig)
     return [path]

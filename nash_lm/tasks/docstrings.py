@@ -26,9 +26,14 @@ import re
 import sys
 import sysconfig
 
+from nash_lm import distributed
+
 SPLITS = ("train", "valid", "test")
+# Directories not harvested: installed packages, tests, tools and data; also every `config-<version>-<platform>`
+# directory (the interpreter's build files), whatever the Python version, by its prefix in `_stdlib_files`.
 SKIP_DIRS = {"site-packages", "dist-packages", "test", "tests", "idlelib", "lib2to3", "__pycache__", "turtledemo",
-             "ensurepip", "tkinter", "pydoc_data", "venv", "config-3.11-x86_64-linux-gnu"}
+             "ensurepip", "tkinter", "pydoc_data", "venv"}
+SKIP_PREFIXES = ("config-",)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,7 +66,7 @@ def stdlib_dir() -> str:
 def _stdlib_files(root: str) -> list[str]:
     out = []
     for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if d not in SKIP_DIRS and not d.startswith("config-"))
+        dirnames[:] = sorted(d for d in dirnames if d not in SKIP_DIRS and not d.startswith(SKIP_PREFIXES))
         out += [os.path.join(dirpath, f) for f in sorted(filenames) if f.endswith(".py")]
     return sorted(out)
 
@@ -174,13 +179,8 @@ def load(cache_dir: str | None = None, cfg: CorpusConfig = CorpusConfig()) -> li
         with open(path, encoding="utf-8") as f:
             return [json.loads(line) for line in f]
     examples = harvest(cfg)
-    if path:
-        os.makedirs(cache_dir, exist_ok=True)
-        tmp = f"{path}.{os.getpid()}.tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            for ex in examples:
-                f.write(json.dumps(ex, ensure_ascii=False) + "\n")
-        os.replace(tmp, path)
+    if path:  # process 0 writes the cache; every process has harvested the same examples
+        distributed.write_jsonl(path, examples, sync=False)
     return examples
 
 

@@ -176,20 +176,20 @@ def round_pairs(arm: str, gd, params, judge, prompts: dict, k: int, key, rlen: i
     return pairs, {"candidates": c, "candidates_mask": cm, "scores": scores, "best": best}
 
 
-def _save_npz(path: str, arrays: dict) -> None:
-    tmp = path + ".tmp.npz"
-    np.savez(tmp, **arrays)
-    os.replace(tmp, path)
-
-
 def _cached(path: str, key: str, make) -> dict:
-    """The arrays in `path` when it was written under `key`, else make() (saved with the key)."""
+    """The arrays in `path` when it was written under `key`, else make() on every process (saved with the key
+    by process 0). Every process takes the same branch, as make() may hold collectives: all of them look at
+    the file before any can write it (a barrier), and the write ends at a barrier, so the next look finds it."""
+    hit = None
     if os.path.exists(path):
         with np.load(path) as f:
             if str(f["cache_key"]) == key:
-                return {k: f[k] for k in f.files if k != "cache_key"}
+                hit = {k: f[k] for k in f.files if k != "cache_key"}
+    distributed.barrier(f"cache:{os.path.basename(path)}")
+    if hit is not None:
+        return hit
     arrays = make()
-    _save_npz(path, {**arrays, "cache_key": np.asarray(key)})
+    distributed.write_npz(path, {**arrays, "cache_key": np.asarray(key)})
     return arrays
 
 
@@ -244,8 +244,7 @@ def _plot(report: dict, path: str) -> None:
         ax.legend()
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    distributed.write_figure(path, fig, dpi=120)
 
 
 def _markdown(report: dict) -> str:
@@ -396,8 +395,7 @@ def _run_rounds(config, pipe: Pipeline, arms, task_hash: str, t0: float) -> dict
               "n_test_prompts": len(test_prompts), "wall_time_s": time.time() - t0}
     distributed.write_json(os.path.join(workdir, "online_lm.json"), report)
     md = _markdown(report)
-    with open(os.path.join(workdir, "online_lm.md"), "w") as f:
-        f.write(md)
+    distributed.write_text(os.path.join(workdir, "online_lm.md"), md)
     _plot(report, os.path.join(workdir, "online_lm.png"))
     print(md, flush=True)
     summary = {"status": "complete", "wall_time_s": time.time() - t0, "labels": labels, "report": "online_lm.json",

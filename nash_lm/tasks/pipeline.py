@@ -402,8 +402,7 @@ def run_token_game(config, workdir: str) -> dict:
         mg = e.get("mixture_gap", {}).get("kl_token_vs_sequence")
         lines.append(f"| {name} | {e['duality_gap']:.3e} | {e['gap_reduction_vs_mu']:.1f}x | "
                      f"{e['kl_pi_star_vs_pi']:.3e} | {'' if mg is None else f'{mg:.2e}'} |")
-    with open(os.path.join(workdir, "token_game.md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
+    distributed.write_text(os.path.join(workdir, "token_game.md"), "\n".join(lines) + "\n")
     print("\n".join(lines), flush=True)
     logging.info("token game report: %s", os.path.join(workdir, "token_game.json"))
     return report

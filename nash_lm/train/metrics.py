@@ -104,12 +104,7 @@ class MetricsWriter:
             if rec.get("stage") == stage and "loss" in rec:
                 self._last[stage] = rec
             keep.append(line if line.endswith("\n") else line + "\n")
-        if not distributed.is_primary():
-            return
-        tmp = self.path + ".tmp"
-        with open(tmp, "w") as f:
-            f.writelines(keep)
-        os.replace(tmp, self.path)
+        distributed.write_text(self.path, "".join(keep), sync=False)
 
     def write(self, stage: str, step: int, metrics: dict) -> dict:
         record = {"stage": stage, "step": int(step), **{k: _jsonable(v) for k, v in metrics.items()}}
@@ -117,8 +112,7 @@ class MetricsWriter:
             self._last[stage] = json.loads(json.dumps(record))
         if not distributed.is_primary():
             return record
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        distributed.append_line(self.path, json.dumps(record))
         if self._tb is None:
             self._tb = TensorBoardWriter(self._tb_dir)
         self._tb.scalars(int(step), {f"{stage}/{k}": v for k, v in record.items()
