@@ -9,6 +9,10 @@ Multi-host: `jax.distributed` is started here from `config.distributed` or the e
 Bad input (a missing or unloadable config file, an unknown flag or config field, a value out of range) ends
 with one line on stderr and exit code 2, before anything is compiled or written. A job stopped by SIGTERM
 (`nash_lm.train.pipeline.Preempted`: the current step is checkpointed) exits 0; the same command resumes it.
+A failed write (a full disk while saving a checkpoint, an export, a report or a cache: any OSError, and
+`nash_lm.train.checkpoint.WriteError` for orbax's writes) ends with one line naming the path and the error and
+exit code 1; nothing committed before it is touched, so after freeing space the same command goes on.
+`--allow_stack_change` lets a run go on from a workdir written by another software stack (`nash_lm.stack`).
 """
 from __future__ import annotations
 
@@ -19,7 +23,7 @@ import sys
 from absl import flags
 from ml_collections import config_flags
 
-from nash_lm import distributed
+from nash_lm import distributed, stack
 
 # job name -> "module:function"; each function takes (config, workdir) and returns a summary dict.
 JOBS = {
@@ -34,6 +38,9 @@ JOBS = {
 
 CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a configs/*.py file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for metrics, checkpoints and reports.")
+_ALLOW_STACK_CHANGE = flags.DEFINE_bool(
+    "allow_stack_change", False, "Go on from a workdir written by another software stack (python, jax, flax, "
+    "optax, orbax, libtpu/cuda plugin versions); the result then differs from an uninterrupted run's.")
 
 
 def _fail(message: str) -> None:
@@ -77,6 +84,8 @@ def main(argv=None) -> dict:
         _fail("--config: get_config() must return an ml_collections.ConfigDict")
     if not workdir:
         _fail("--workdir is required")
+    if _ALLOW_STACK_CHANGE.value:
+        os.environ[stack.ENV_ALLOW] = "1"
     job = config.get("job")
     if job not in JOBS:
         _fail(f"config.job: unknown job {job!r}; known: {sorted(JOBS)}")
@@ -92,6 +101,11 @@ def main(argv=None) -> dict:
         return run(config, workdir)
     except ValueError as e:  # validation errors from the job: one line, exit 2
         _fail(_one_line(e))
+    except OSError as e:  # a write (checkpoint, export, report, cache) failed: one line, exit 1
+        from nash_lm.train.checkpoint import write_error_line
+
+        print(f"error: {write_error_line(e)}", file=sys.stderr)
+        sys.exit(1)
     except Preempted as e:
         print(f"preempted: {e}; rerun the same command to resume", file=sys.stderr)
         return {"status": "preempted", "message": str(e)}

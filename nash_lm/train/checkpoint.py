@@ -17,12 +17,16 @@ save leaves the previous checkpoint as the latest one.
 """
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
+import logging as logging_lib
 import os
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging
 
 from nash_lm import distributed
 
@@ -82,6 +86,79 @@ def params_sha256(tree) -> str:
     return h.hexdigest()
 
 
+class WriteError(OSError):
+    """A checkpoint or export that could not be written (out of space, a broken or read-only file system):
+    `path` and the one-line `reason`. Nothing committed before it is touched: orbax commits a step by renaming
+    its temporary directory, which a failed save never reaches."""
+
+    def __init__(self, path: str, reason: str):
+        super().__init__(f"cannot write {path}: {reason}")
+        self.path, self.reason = path, reason
+
+
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+NO_SPACE_TEXT = ("RESOURCE_EXHAUSTED", "No space left", "Disk quota", "File too large")
+
+
+def write_error_line(e: OSError) -> str:
+    """One line for a failed write (`WriteError` or any OSError): the path, the error and what to do. A full
+    disk: "free space and rerun the same command" (the run goes on from its last complete checkpoint)."""
+    if e.filename is not None:
+        text = f"cannot write {e.filename}: {e.strerror or _one_line(e)}"
+    else:
+        text = _one_line(e)
+    full = e.errno in NO_SPACE or any(s in text for s in NO_SPACE_TEXT)
+    return text + ("; free space and rerun the same command" if full else
+                   "; fix the file system (space, permissions) and rerun the same command")
+
+
+@contextlib.contextmanager
+def _write_errors(path: str):
+    """Any exception of an orbax write (tensorstore reports a full disk as RESOURCE_EXHAUSTED, not OSError)
+    becomes a `WriteError` naming `path`."""
+    _quiet_background_errors()
+    try:
+        yield
+    except WriteError:
+        raise
+    except Exception as e:  # noqa: BLE001
+        raise WriteError(path, _one_line(e)) from e
+
+
+class _BackgroundSaveErrors(logging_lib.Filter):
+    """Drops orbax's log record of a failed background save (a traceback from its thread): the same exception
+    is raised again in the main thread by the next save or wait, where it becomes one `WriteError` line."""
+
+    def filter(self, record) -> bool:
+        return not (record.levelno >= logging_lib.ERROR and "orbax" in record.pathname
+                    and "background" in str(record.msg))
+
+
+_FILTER = _BackgroundSaveErrors()
+
+
+def _quiet_background_errors() -> None:
+    logger = logging.get_absl_logger()
+    if _FILTER not in logger.filters:
+        logger.addFilter(_FILTER)
+
+
+def _one_line(e: BaseException, limit: int = 300) -> str:
+    text = str(e).strip()
+    line = text.splitlines()[0] if text else type(e).__name__
+    return line if len(line) <= limit else line[:limit] + " ..."
+
+
+def _agree_ok(ok: bool) -> bool:
+    """True on every process when `ok` is True on all of them (a checkpoint one process cannot read is not
+    used by any)."""
+    if jax.process_count() == 1:
+        return bool(ok)
+    from jax.experimental import multihost_utils
+
+    return bool(np.all(multihost_utils.process_allgather(np.asarray([bool(ok)]))))
+
+
 class Checkpointer:
     """Async keep-N checkpoints of (state, data-iterator state, meta) for one stage."""
 
@@ -90,6 +167,7 @@ class Checkpointer:
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep, create=True, enable_async_checkpointing=async_save)
         self._mngr = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "data", "meta"))
+        self._closed = False
 
     def latest_step(self):
         return self._mngr.latest_step()
@@ -98,17 +176,19 @@ class Checkpointer:
         return list(self._mngr.all_steps())
 
     def save(self, step: int, state, data_state: dict, meta: dict, *, force: bool = False) -> None:
-        """Starts an async save of `state` (blocks only until the arrays are ready and copied off device)."""
+        """Starts an async save of `state` (blocks only until the arrays are ready and copied off device). A
+        failure of this save or of the previous async one raises `WriteError`."""
         jax.block_until_ready(state)
-        self._mngr.save(
-            int(step),
-            args=ocp.args.Composite(
-                state=ocp.args.StandardSave(to_pure_dict(state)),
-                data=ocp.args.JsonSave(dict(data_state)),
-                meta=ocp.args.JsonSave(dict(meta)),
-            ),
-            force=force,
-        )
+        with _write_errors(os.path.join(self.directory, str(int(step)))):
+            self._mngr.save(
+                int(step),
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardSave(to_pure_dict(state)),
+                    data=ocp.args.JsonSave(dict(data_state)),
+                    meta=ocp.args.JsonSave(dict(meta)),
+                ),
+                force=force,
+            )
 
     def restore(self, step: int, abstract_state):
         """`(state, data_state, meta)` of `step`, the state placed as `abstract_state`'s shardings say."""
@@ -122,23 +202,89 @@ class Checkpointer:
         )
         return from_pure_dict(abstract_state, restored["state"]), dict(restored["data"]), dict(restored["meta"])
 
+    def restore_latest(self, abstract_state, where: str):
+        """`(step, state, data_state, meta)` of the newest checkpoint that can be restored, or None when there is
+        none. A newer one that cannot (any read or shape error, on any process) is named with the reason in one
+        warning line and moved aside (renamed `<step>.unreadable`, beside the others: kept, but no longer a step
+        orbax lists), once an older one has been restored; all processes restore the same step. When none can
+        be restored, nothing is moved and a ValueError names the directory. `where` prefixes the messages."""
+        steps = sorted(self.all_steps(), reverse=True)
+        failed = []  # (step, reason) of the newer checkpoints that could not be restored
+        for step in steps:
+            try:
+                out, reason = self.restore(step, abstract_state), ""
+            except Exception as e:  # noqa: BLE001 - a corrupt or truncated checkpoint raises from tensorstore
+                out, reason = None, _one_line(e)
+            if not _agree_ok(not reason):
+                failed.append((step, reason or "unreadable on another process"))
+                continue
+            for bad, why in failed:
+                if distributed.is_primary():
+                    aside = self._move_aside(bad)
+                    logging.warning("%s: checkpoint %d in %s cannot be restored (%s); moved aside to %s, restored "
+                                    "checkpoint %d instead", where, bad, self.directory, why, aside, step)
+            if failed:
+                distributed.barrier(f"{self.directory}:moved_aside")
+                self._mngr.reload()
+            return (step,) + tuple(out)
+        if failed:
+            raise ValueError(f"{where}: no checkpoint in {self.directory} can be restored ("
+                             + "; ".join(f"{s}: {why}" for s, why in failed)
+                             + "); nothing was moved: fix or delete that directory, then rerun the same command")
+        return None
+
+    def _move_aside(self, step: int) -> str:
+        """Renames checkpoint `step` to `<step>.unreadable` (`.unreadable.<k>` if taken); returns the new path."""
+        src = os.path.join(self.directory, str(step))
+        dst, k = src + ".unreadable", 1
+        while os.path.exists(dst):
+            dst, k = f"{src}.unreadable.{k}", k + 1
+        os.rename(src, dst)
+        return dst
+
     def read_meta(self, step: int) -> dict:
         return dict(self._mngr.restore(int(step), args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"])
 
     def wait(self) -> None:
-        self._mngr.wait_until_finished()
+        """Waits for the async save in flight; `WriteError` if it failed."""
+        with _write_errors(self.directory):
+            self._mngr.wait_until_finished()
 
     def close(self) -> None:
-        self._mngr.wait_until_finished()
-        self._mngr.close()
+        """Waits for the save in flight (`WriteError` if it failed) and stops orbax's threads, whatever happens."""
+        if self._closed:
+            return
+        try:
+            self.wait()
+        finally:
+            self._closed = True
+            try:
+                self._mngr.close()
+            except Exception:  # noqa: BLE001 - the failed save was reported by wait(); nothing else to stop
+                pass
+
+    def abandon(self) -> None:
+        """`close` on the way out of a failure: the save in flight is waited for, its own error dropped (the
+        failure being raised is the one to report), so no orbax thread outlives the run."""
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001
+            pass
 
 
 def export_params(directory: str, tree) -> None:
-    """Synchronous params-only export (nested pure dict) to `directory` (which must not exist yet)."""
+    """Synchronous params-only export (nested pure dict) to `directory` (which must not exist yet); a failed
+    write raises `WriteError` (what was written stays for the caller to remove)."""
     ckptr = ocp.StandardCheckpointer()
-    ckptr.save(os.path.abspath(directory), to_pure_dict(tree))
-    ckptr.wait_until_finished()
-    ckptr.close()
+    try:
+        with _write_errors(os.path.abspath(directory)):
+            ckptr.save(os.path.abspath(directory), to_pure_dict(tree))
+            ckptr.wait_until_finished()
+    finally:
+        try:
+            ckptr.close()
+        except Exception:  # noqa: BLE001 - reported above
+            pass
 
 
 def load_params(directory: str, abstract_tree: dict) -> dict:

@@ -34,7 +34,7 @@ import jax
 import numpy as np
 from absl import logging
 
-from nash_lm import distributed
+from nash_lm import distributed, stack
 from nash_lm.models import lora as lora_lib
 from nash_lm.train import algorithms
 from nash_lm.train import data as data_lib
@@ -101,10 +101,22 @@ class Stage:
         st = spec.st
         ckpt = ckpt_lib.Checkpointer(os.path.join(self.dir, "checkpoints"), keep=st.keep_checkpoints,
                                      async_save=bool(self.run_spec.config.async_checkpoints))
+        try:
+            mut = self._resume_and_train(ckpt, stop_flag)
+            ckpt.close()
+        except BaseException:
+            ckpt.abandon()  # no orbax thread outlives a failure (its own error is reported by this one)
+            raise
+        return self._finish(mut)
+
+    def _resume_and_train(self, ckpt, stop_flag):
+        spec, st = self.spec, self.spec.st
         iterator = self.train_data.batches(st.batch_size, spec.seed, self.program.batch_sh)
-        latest = ckpt.latest_step()
-        if latest is not None:
-            mut, data_state, meta = ckpt.restore(latest, self.program.abstract_mut)
+        restored = ckpt.restore_latest(self.program.abstract_mut, f"stage {spec.name}")
+        latest = None if restored is None else restored[0]
+        if restored is not None:
+            _, mut, data_state, meta = restored
+            stack.check(meta.get("stack"), f"stage {spec.name}: checkpoint {latest} in {ckpt.directory}")
             if meta.get("fingerprint") != spec.fingerprint_hash:
                 raise ValueError(f"stage {spec.name}: checkpoint {latest} has fingerprint {meta.get('fingerprint')}, "
                                  f"expected {spec.fingerprint_hash}")
@@ -117,13 +129,12 @@ class Stage:
             mut = self.program.init_state(self.inputs.init_policy())
         step = latest or 0
         self.writer.truncate(spec.name, step)
-        meta = {"fingerprint": spec.fingerprint_hash, "stage": spec.name}
+        meta = {"fingerprint": spec.fingerprint_hash, "stage": spec.name, "stack": stack.versions()}
         if self.inputs.base_sha256 is not None:
             meta["base_sha256"] = self.inputs.base_sha256
         if step < st.steps:
             mut = self._train(self.program.compile(), mut, iterator, ckpt, step, meta, stop_flag)
-        ckpt.close()
-        return self._finish(mut)
+        return mut
 
     def _train(self, train_step, mut, iterator, ckpt, step, meta, stop_flag):
         from tqdm import tqdm
@@ -213,6 +224,7 @@ class Stage:
             "final_metrics": self.writer.last(spec.name),
             "eval": {k: float(v) for k, v in evaluation.items()},
             "policy_params_sha256": ckpt_lib.params_sha256(tree["policy"]),
+            "stack": stack.versions(),
         }
         reports = {split: data_lib.report_json(src) for split, src in (("train", self.train_data),
                                                                        ("eval", self.eval_data))}
