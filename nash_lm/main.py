@@ -19,6 +19,7 @@ from __future__ import annotations
 import importlib
 import os
 import sys
+import threading
 
 from absl import flags
 from ml_collections import config_flags
@@ -68,6 +69,18 @@ def flag_error(e: BaseException, argv) -> str:
     return f"--config: {path} cannot be loaded: {type(e).__name__}: {_one_line(e)}"
 
 
+def _thread_write_error(args) -> None:
+    """A background thread's failed write (e.g. TensorBoard's event writer on a full disk): the same one line as
+    the main thread's, then exit 1 at once (the main thread may be waiting on that thread; nothing committed is
+    touched). Other exceptions go to the default hook."""
+    if not issubclass(args.exc_type, OSError):
+        return threading.__excepthook__(args)
+    from nash_lm.train.checkpoint import write_error_line
+
+    print(f"error: {write_error_line(args.exc_value)}", file=sys.stderr, flush=True)
+    os._exit(1)
+
+
 def main(argv=None) -> dict:
     argv = list(sys.argv if argv is None else argv)
     path = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
@@ -93,6 +106,7 @@ def main(argv=None) -> dict:
         distributed.initialize(config)
     except ValueError as e:
         _fail(_one_line(e))
+    threading.excepthook = _thread_write_error
     module_name, fn_name = JOBS[job].split(":")
     run = getattr(importlib.import_module(module_name), fn_name)
     from nash_lm.train.pipeline import Preempted

@@ -61,6 +61,15 @@ def _truncate_data(workdir, step):
             os.truncate(path, os.path.getsize(path) // 2)
 
 
+def _contents(workdir):
+    out = {}
+    for root, _, files in os.walk(workdir):
+        for name in files:
+            with open(os.path.join(root, name), "rb") as f:
+                out[os.path.relpath(os.path.join(root, name), workdir)] = f.read()
+    return out
+
+
 def _last_line(stderr):
     return stderr.strip().splitlines()[-1]
 
@@ -153,15 +162,14 @@ def test_resume_across_software_stacks_is_refused_unless_allowed(uninterrupted, 
     meta["stack"] = {**meta["stack"], "jax": "0.10.2", "jaxlib": "0.10.2"}
     with open(meta_path, "w") as f:
         json.dump(meta, f)
-    before = {p: os.stat(os.path.join(r, p)).st_mtime_ns for r, _, fs in os.walk(workdir) for p in fs}
+    before = _contents(workdir)
     proc = _main(workdir)
     assert proc.returncode == 2, proc.stderr[-3000:]
     lines = [x for x in proc.stderr.splitlines() if "software stack" in x]
     assert len(lines) == 1 and lines[0] == _last_line(proc.stderr), proc.stderr[-3000:]
     assert "checkpoint 4" in lines[0] and "jax 0.10.2 -> " in lines[0] and "--allow_stack_change" in lines[0]
     assert not os.path.exists(_stage(workdir, "done.json"))
-    after = {p: os.stat(os.path.join(r, p)).st_mtime_ns for r, _, fs in os.walk(workdir) for p in fs}
-    assert after == before  # nothing written
+    assert _contents(workdir) == before  # nothing changed
     proc = _main(workdir, "--allow_stack_change")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "going on as told" in proc.stderr
@@ -190,10 +198,11 @@ def test_kill9_during_a_stage_export_then_rerun(uninterrupted, tmp_path):
     workdir = _stopped_after_training(uninterrupted, str(tmp_path / "export_kill"))
     proc = _main(workdir, kill_at="orbax.checkpoint:StandardCheckpointer.save+")
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
-    assert os.path.exists(_stage(workdir, "export.partial")) and not os.path.exists(_stage(workdir, "export"))
+    left = sorted(os.listdir(_stage(workdir)))
+    assert "export" not in left and any(n.startswith("export.partial") for n in left), left
     proc = _main(workdir)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert not os.path.exists(_stage(workdir, "export.partial"))
+    assert [n for n in os.listdir(_stage(workdir)) if n.startswith("export")] == ["export"]
     got, want = _summary(workdir), _summary(uninterrupted)
     assert got["policy_params_sha256"] == want["policy_params_sha256"]
     assert got["stages"]["nash_md"]["eval"] == want["stages"]["nash_md"]["eval"]
@@ -207,17 +216,18 @@ def _export(workdir, out, kill_at=None):
 
 
 def _files(out):
-    """{relative path: bytes} of an export, the manifest without its absolute paths."""
-    got = {}
-    for root, _, files in os.walk(out):
-        for name in files:
-            path = os.path.join(root, name)
-            with open(path, "rb") as f:
-                got[os.path.relpath(path, out)] = f.read()
-    manifest = json.loads(got.pop("export.json"))
-    manifest.pop("workdir")
-    got["export.json"] = json.dumps(manifest, sort_keys=True).encode()
-    return got
+    """{relative path: bytes} of an export outside OUT/params (orbax names its data files at random and records
+    creation times), and {name: array} of OUT/params as orbax reads it back."""
+    import numpy as np
+    import orbax.checkpoint as ocp
+
+    from nash_lm.export import flatten
+
+    got = {p: b for p, b in _contents(out).items() if not p.startswith("params" + os.sep)}
+    ckptr = ocp.StandardCheckpointer()
+    params = {k: np.asarray(v) for k, v in flatten(ckptr.restore(os.path.join(out, "params"))).items()}
+    ckptr.close()
+    return got, params
 
 
 @pytest.mark.parametrize("kill_at", [
@@ -235,11 +245,12 @@ def test_kill9_during_nash_lm_export_then_rerun(uninterrupted, tmp_path, kill_at
     proc = _export(uninterrupted, out)  # the same command
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert not os.path.exists(out + ".partial")
-    want, got = _files(ref), _files(out)
-    assert sorted(got) == sorted(want)
-    # orbax's metadata files record their creation time; every other byte is the same
-    timed = {p for p in want if os.path.basename(p) in ("_CHECKPOINT_METADATA",)}
-    assert {p: got[p] for p in got if p not in timed} == {p: want[p] for p in want if p not in timed}
+    (want, want_params), (got, got_params) = _files(ref), _files(out)
+    assert sorted(got) == sorted(want) and "sampler/sampler.jaxexport" in got
+    assert got == want  # the Hugging Face files, the serialized sampler, the manifest: byte for byte
+    assert sorted(got_params) == sorted(want_params) and len(want_params) > 5
+    for name, value in want_params.items():
+        assert got_params[name].dtype == value.dtype and got_params[name].tobytes() == value.tobytes(), name
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -290,7 +301,7 @@ def test_full_disk_one_line_then_the_same_command_with_room(uninterrupted, tmp_p
                                   capture_output=True, text=True, timeout=400, preexec_fn=limit)
         assert proc.returncode == 1, proc.stderr[-3000:]
         last = _last_line(proc.stderr)
-        assert last.startswith("error: cannot write ") and _stage(workdir, "checkpoints") in last, last
+        assert last.startswith("error: cannot write ") and _stage(workdir, "checkpoints") in last, proc.stderr
         assert last.endswith("free space and rerun the same command"), last
         for noise in ("Traceback", "Event loop is closed", "Exception in thread", "ImportError"):
             assert noise not in proc.stderr, proc.stderr[-3000:]

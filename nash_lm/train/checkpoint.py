@@ -22,6 +22,7 @@ import errno
 import hashlib
 import logging as logging_lib
 import os
+import re
 
 import jax
 import numpy as np
@@ -91,9 +92,20 @@ class WriteError(OSError):
     `path` and the one-line `reason`. Nothing committed before it is touched: orbax commits a step by renaming
     its temporary directory, which a failed save never reaches."""
 
-    def __init__(self, path: str, reason: str):
+    def __init__(self, path: str, reason: str, code: int | None = None):
         super().__init__(f"cannot write {path}: {reason}")
-        self.path, self.reason = path, reason
+        self.path, self.reason, self.errno = path, reason, code
+
+    @classmethod
+    def of(cls, path: str, e: BaseException) -> "WriteError":
+        """From orbax's exception: tensorstore's message ends in the OS error (`[os_error_code='28']`), whose
+        text is the reason when present (else the first line of the original error)."""
+        cause = _root(e)
+        code = getattr(cause, "errno", None)
+        found = re.search(r"os_error_code='(\d+)'", str(cause))
+        if found:
+            code = int(found.group(1))
+        return cls(path, os.strerror(code) if code else _one_line(cause), code)
 
 
 NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
@@ -103,7 +115,9 @@ NO_SPACE_TEXT = ("RESOURCE_EXHAUSTED", "No space left", "Disk quota", "File too 
 def write_error_line(e: OSError) -> str:
     """One line for a failed write (`WriteError` or any OSError): the path, the error and what to do. A full
     disk: "free space and rerun the same command" (the run goes on from its last complete checkpoint)."""
-    if e.filename is not None:
+    if isinstance(e, WriteError):
+        text = str(e)
+    elif e.filename is not None:
         text = f"cannot write {e.filename}: {e.strerror or _one_line(e)}"
     else:
         text = _one_line(e)
@@ -122,16 +136,16 @@ def _write_errors(path: str):
     except WriteError:
         raise
     except Exception as e:  # noqa: BLE001
-        raise WriteError(path, _one_line(e)) from e
+        raise WriteError.of(path, e) from e
 
 
 class _BackgroundSaveErrors(logging_lib.Filter):
-    """Drops orbax's log record of a failed background save (a traceback from its thread): the same exception
-    is raised again in the main thread by the next save or wait, where it becomes one `WriteError` line."""
+    """Drops orbax's error records that carry a traceback (`logging.exception` in its save threads, and again
+    when the main thread waits for them): the same exception is raised in the main thread by the next save or
+    wait (or the restore), where it becomes one line."""
 
     def filter(self, record) -> bool:
-        return not (record.levelno >= logging_lib.ERROR and "orbax" in record.pathname
-                    and "background" in str(record.msg))
+        return not (record.levelno >= logging_lib.ERROR and record.exc_info and "orbax" in record.pathname)
 
 
 _FILTER = _BackgroundSaveErrors()
@@ -143,7 +157,19 @@ def _quiet_background_errors() -> None:
         logger.addFilter(_FILTER)
 
 
+def _root(e: BaseException) -> BaseException:
+    """The exception that started `e`'s chain (orbax wraps tensorstore's own message, e.g. 'OUT_OF_RANGE: Error
+    reading ...', in an exception that only points at it)."""
+    seen = {id(e)}
+    while (e.__cause__ or e.__context__) is not None and id(e.__cause__ or e.__context__) not in seen:
+        e = e.__cause__ or e.__context__
+        seen.add(id(e))
+    return e
+
+
 def _one_line(e: BaseException, limit: int = 300) -> str:
+    """The first line of the root of `e`'s chain, cut at `limit` characters."""
+    e = _root(e)
     text = str(e).strip()
     line = text.splitlines()[0] if text else type(e).__name__
     return line if len(line) <= limit else line[:limit] + " ..."
@@ -164,10 +190,13 @@ class Checkpointer:
 
     def __init__(self, directory: str, *, keep: int, async_save: bool = True):
         self.directory = os.path.abspath(directory)
+        # cleanup_tmp_directories: the temporary directories of saves cut short (kill -9, a full disk) are
+        # removed when the manager starts; they were never committed
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=keep, create=True, enable_async_checkpointing=async_save)
+            max_to_keep=keep, create=True, enable_async_checkpointing=async_save, cleanup_tmp_directories=True)
         self._mngr = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "data", "meta"))
-        self._closed = False
+        self._closed, self._in_flight = False, None
+        _quiet_background_errors()
 
     def latest_step(self):
         return self._mngr.latest_step()
@@ -179,7 +208,9 @@ class Checkpointer:
         """Starts an async save of `state` (blocks only until the arrays are ready and copied off device). A
         failure of this save or of the previous async one raises `WriteError`."""
         jax.block_until_ready(state)
-        with _write_errors(os.path.join(self.directory, str(int(step)))):
+        self.wait()  # the previous async save (orbax waits for it anyway): its failure is reported with its path
+        self._in_flight = os.path.join(self.directory, str(int(step)))
+        with _write_errors(self._in_flight):
             self._mngr.save(
                 int(step),
                 args=ocp.args.Composite(
@@ -247,8 +278,9 @@ class Checkpointer:
 
     def wait(self) -> None:
         """Waits for the async save in flight; `WriteError` if it failed."""
-        with _write_errors(self.directory):
+        with _write_errors(self._in_flight or self.directory):
             self._mngr.wait_until_finished()
+        self._in_flight = None
 
     def close(self) -> None:
         """Waits for the save in flight (`WriteError` if it failed) and stops orbax's threads, whatever happens."""

@@ -200,9 +200,11 @@ class Stage:
     def _finish(self, mut) -> dict:
         spec = self.spec
         export = os.path.join(self.dir, "export")
-        if distributed.is_primary():  # leftovers of an export cut short by a kill; the final checkpoint is complete
-            for path in (export, export + ".partial", self._adapters_dir(), self._adapters_dir() + ".partial"):
-                if os.path.exists(path):
+        if distributed.is_primary():  # leftovers of an export cut short by a kill (export.partial, orbax's
+            # temporary export.partial.orbax-checkpoint-tmp*, the same of adapters); the final checkpoint is complete
+            for name in os.listdir(self.dir):
+                path = os.path.join(self.dir, name)
+                if name.split(".")[0] in ("export", "adapters") and os.path.isdir(path):
                     shutil.rmtree(path)
         distributed.barrier(f"{spec.name}:export_clean")
         trained = {"policy": mut.policy, **({"ema": mut.ema} if mut.ema is not None else {})}
