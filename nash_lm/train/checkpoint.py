@@ -113,17 +113,16 @@ NO_SPACE_TEXT = ("RESOURCE_EXHAUSTED", "No space left", "Disk quota", "File too 
 
 
 def write_error_line(e: OSError) -> str:
-    """One line for a failed write (`WriteError` or any OSError): the path, the error and what to do. A full
+    """One line for a failed write (`WriteError`) or any other OSError: the path, the error and what to do. A full
     disk: "free space and rerun the same command" (the run goes on from its last complete checkpoint)."""
     if isinstance(e, WriteError):
         text = str(e)
     elif e.filename is not None:
-        text = f"cannot write {e.filename}: {e.strerror or _one_line(e)}"
+        text = f"{e.filename}: {e.strerror or _one_line(e)}"
     else:
         text = _one_line(e)
     full = e.errno in NO_SPACE or any(s in text for s in NO_SPACE_TEXT)
-    return text + ("; free space and rerun the same command" if full else
-                   "; fix the file system (space, permissions) and rerun the same command")
+    return text + ("; free space and rerun the same command" if full else "; fix that and rerun the same command")
 
 
 @contextlib.contextmanager

@@ -76,6 +76,7 @@ class Stage:
     def __init__(self, spec: StageSpec, run: RunSpec, data: dict, writer, host_oracle=None, peak_flops=1.0):
         self.spec, self.run_spec, self.writer, self.peak_flops = spec, run, writer, peak_flops
         self.host_oracle = host_oracle
+        self._bar = None  # the step loop's progress bar
         self.dir = stage_dir(run.workdir, spec.name)
         kind = spec.algorithm.data
         self.train_data, self.eval_data = (data_lib.as_source(data[(kind, split)]) for split in ("train", "eval"))
@@ -105,6 +106,8 @@ class Stage:
             mut = self._resume_and_train(ckpt, stop_flag)
             ckpt.close()
         except BaseException:
+            if self._bar is not None:  # cleared before the error's one line is printed
+                self._bar.close()
             ckpt.abandon()  # no orbax thread outlives a failure (its own error is reported by this one)
             raise
         return self._finish(mut)
@@ -144,8 +147,8 @@ class Stage:
         n_dev = self.run_spec.mesh.size
         tokens_per_step = st.batch_size * spec.algorithm.sequences * (
             self.run_spec.data.prompt_len + int(st.get("max_new_tokens", self.run_spec.data.response_len)))
-        bar = tqdm(total=st.steps, initial=step, desc=spec.name, unit="step", dynamic_ncols=True, leave=False,
-                   disable=not distributed.is_primary())
+        bar = self._bar = tqdm(total=st.steps, initial=step, desc=spec.name, unit="step", dynamic_ncols=True,
+                               leave=False, disable=not distributed.is_primary())
         t_last, steps_since = time.perf_counter(), 0
         while step < st.steps:
             batch = next(iterator)
