@@ -31,7 +31,7 @@ ENV = {
 }
 
 
-def _main(workdir, *extra, kill_at=None, timeout=400):
+def _main(workdir, *extra, kill_at=None, timeout=900):
     cmd = [sys.executable] + ([KILLPOINT] if kill_at else ["-m"]) + [
         "nash_lm.main", f"--config={CONFIG}", f"--workdir={workdir}", f"--config.pipeline={PIPELINE}", *extra]
     env = {**ENV, **({"KILL_AT": kill_at} if kill_at else {})}
@@ -131,7 +131,9 @@ def test_corrupt_newest_checkpoint_falls_back_to_the_previous_one(uninterrupted,
     lines = [x for x in proc.stderr.splitlines() if "cannot be restored" in x]
     assert len(lines) == 1, proc.stderr[-3000:]
     assert "checkpoint 4" in lines[0] and "restored checkpoint 2 instead" in lines[0], lines[0]
-    assert "4.unreadable" in lines[0] and "Traceback" not in proc.stderr
+    assert "4.unreadable" in lines[0]
+    for noise in ("Traceback", "Exception ignored", "Event loop is closed"):
+        assert noise not in proc.stderr, proc.stderr[-3000:]
     assert os.path.isdir(_stage(workdir, "checkpoints", "4.unreadable"))
     assert _steps(workdir) == [2, 4]  # 4 written again by the resumed run
     assert _summary(workdir)["policy_params_sha256"] == _summary(uninterrupted)["policy_params_sha256"]
@@ -212,7 +214,7 @@ def _export(workdir, out, kill_at=None):
     cmd = [sys.executable] + ([KILLPOINT] if kill_at else ["-m"]) + [
         "nash_lm.export", f"--workdir={workdir}", f"--out={out}", "--platforms=cpu", "--batch_size=2"]
     env = {**ENV, **({"KILL_AT": kill_at} if kill_at else {})}
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
 
 
 def _files(out):
@@ -298,7 +300,7 @@ def test_full_disk_one_line_then_the_same_command_with_room(uninterrupted, tmp_p
 
             proc = subprocess.run([sys.executable, "-m", "nash_lm.main", f"--config={CONFIG}",
                                    f"--workdir={workdir}", f"--config.pipeline={PIPELINE}"], cwd=ROOT, env=ENV,
-                                  capture_output=True, text=True, timeout=400, preexec_fn=limit)
+                                  capture_output=True, text=True, timeout=900, preexec_fn=limit)
         assert proc.returncode == 1, proc.stderr[-3000:]
         last = _last_line(proc.stderr)
         assert last.startswith("error: cannot write ") and _stage(workdir, "checkpoints") in last, proc.stderr

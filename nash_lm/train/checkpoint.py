@@ -19,10 +19,12 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import gc
 import hashlib
 import logging as logging_lib
 import os
 import re
+import sys
 
 import jax
 import numpy as np
@@ -156,6 +158,29 @@ def _quiet_background_errors() -> None:
         logger.addFilter(_FILTER)
 
 
+def _quiet_abandoned_reads() -> None:
+    """A failed restore leaves orbax's other reads of that checkpoint behind: coroutines never awaited, and
+    tensorstore callbacks into the event loop orbax has closed. Python prints each one as it is dropped
+    ("Exception ignored in: <coroutine ...>", "RuntimeError: Event loop is closed", with tracebacks). The
+    failure is reported in one line already, so these two kinds are dropped; any other unraisable error still
+    reaches the previous hook. Idempotent."""
+    previous = sys.unraisablehook
+    if getattr(previous, "_nash_lm_quiet", False):
+        return
+
+    def hook(unraisable):
+        code = getattr(unraisable.object, "cr_code", None)
+        if code is not None and "orbax" in code.co_filename:
+            return
+        if unraisable.object is None and isinstance(unraisable.exc_value, RuntimeError) and (
+                "Event loop is closed" in str(unraisable.exc_value)):
+            return
+        previous(unraisable)
+
+    hook._nash_lm_quiet = True
+    sys.unraisablehook = hook
+
+
 def _root(e: BaseException) -> BaseException:
     """The exception that started `e`'s chain (orbax wraps tensorstore's own message, e.g. 'OUT_OF_RANGE: Error
     reading ...', in an exception that only points at it)."""
@@ -238,6 +263,7 @@ class Checkpointer:
         warning line and moved aside (renamed `<step>.unreadable`, beside the others: kept, but no longer a step
         orbax lists), once an older one has been restored; all processes restore the same step. When none can
         be restored, nothing is moved and a ValueError names the directory. `where` prefixes the messages."""
+        _quiet_abandoned_reads()
         steps = sorted(self.all_steps(), reverse=True)
         failed = []  # (step, reason) of the newer checkpoints that could not be restored
         for step in steps:
@@ -245,6 +271,7 @@ class Checkpointer:
                 out, reason = self.restore(step, abstract_state), ""
             except Exception as e:  # noqa: BLE001 - a corrupt or truncated checkpoint raises from tensorstore
                 out, reason = None, _one_line(e)
+                gc.collect()  # the abandoned reads are dropped now, quietly
             if not _agree_ok(not reason):
                 failed.append((step, reason or "unreadable on another process"))
                 continue
