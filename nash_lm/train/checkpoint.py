@@ -13,7 +13,12 @@ layout does not depend on the Python classes that produced it. Restoring goes th
 shape wrote it. The frozen reference is not stored: it is re-read from the input stage's export.
 
 `orbax` writes each step into a temporary directory and renames it when complete, so a process killed during a
-save leaves the previous checkpoint as the latest one.
+save leaves the previous checkpoint as the latest one (the temporary directory is removed when the next run
+starts). A committed checkpoint that later cannot be read (a torn copy, a flaky file system) is the trainer's
+to handle: `Checkpointer.restore_latest` moves it aside (`<step>.unreadable`) with one warning line and restores
+the previous one, all processes agreeing on which. A save or export that cannot be written (a full disk) raises
+`WriteError`, one line naming the path (`write_error_line`), with orbax's background threads stopped and their
+tracebacks not printed; nothing committed is touched.
 """
 from __future__ import annotations
 

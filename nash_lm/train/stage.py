@@ -5,7 +5,9 @@
 1. `fingerprint.json`; the inputs (`nash_lm.train.inputs.StageInputs`) and the compiled program
    (`nash_lm.train.compile.StageProgram`);
 2. the latest checkpoint restored if there is one (exact resume: parameters, optimizer state, RNG and data
-   position; a checkpoint of another fingerprint is refused), otherwise the state at step 0;
+   position; a checkpoint of another fingerprint, or of another software stack (`nash_lm.stack`), is refused;
+   one that cannot be read is moved aside and the previous one restored, `Checkpointer.restore_latest`),
+   otherwise the state at step 0;
 3. the loop: metrics every `log_every` steps (tokens/s, TFLOP/s per device, MFU from the analytic FLOPs of the
    algorithm's record), evaluation every `eval_every`, checkpoints every `checkpoint_every` (async, keep-N);
    `stop_flag()` true on any process (SIGTERM) -> the current step is saved and `Preempted` raised;
