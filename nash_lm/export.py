@@ -27,7 +27,9 @@ OUT/export.json.
 
 `load_sampler(OUT)` deserializes the sampler and binds the parameters of OUT/params, giving
 `sample(prompts, prompt_mask, key_data) -> dict`; it needs nothing of nash-lm but jax and orbax.
-Every bad input (no such workdir or stage, a stage that is not a policy) is one line and exit code 2.
+Every bad input (no such workdir or stage, a stage that is not a policy) is one line and exit code 2; a failed
+write (a full disk) is one line naming the path, and exit code 1. Everything is written to OUT.partial and
+renamed to OUT when complete, so an export killed at any point leaves no OUT and the same command starts over.
 """
 from __future__ import annotations
 
@@ -242,9 +244,10 @@ def run(workdir: str, out: str, *, stage: str = "", which: str = "policy", param
     adapters_dir = os.path.join(workdir, "stages", stage, "adapters")
     if adapters_only and not os.path.isdir(adapters_dir):
         raise ValueError(f"--adapters_only: stage {stage!r} trained no adapters (lora_rank = 0)")
-    if os.path.exists(out):
-        if not overwrite:
-            raise ValueError(f"--out={out} exists; pass --overwrite to replace it")
+    if os.path.exists(out) and not overwrite:
+        raise ValueError(f"--out={out} exists; pass --overwrite to replace it")
+    final, out = out, out + ".partial"  # written there, renamed to OUT when complete
+    if os.path.exists(out):  # left by an export that was killed
         shutil.rmtree(out)
     if adapters_only:
         os.makedirs(out)
@@ -254,6 +257,7 @@ def run(workdir: str, out: str, *, stage: str = "", which: str = "policy", param
                     "model": cfg.to_dict(), "files": ["adapters", "adapters.json"]}
         with open(os.path.join(out, "export.json"), "w") as f:
             json.dump(manifest, f, indent=2, sort_keys=True)
+        _commit(out, final)
         return manifest
     graphdef, params = load_stage_params(workdir, stage, cfg, which)
     sha = ckpt_lib.params_sha256(params)
@@ -287,7 +291,15 @@ def run(workdir: str, out: str, *, stage: str = "", which: str = "policy", param
                          + ["sampler/sampler.jaxexport", "sampler/sampler.json"]}
     with open(os.path.join(out, "export.json"), "w") as f:
         json.dump(manifest, f, indent=2, sort_keys=True)
+    _commit(out, final)
     return manifest
+
+
+def _commit(partial: str, out: str) -> None:
+    """OUT.partial -> OUT (an earlier OUT, with --overwrite, is removed first)."""
+    if os.path.exists(out):
+        shutil.rmtree(out)
+    os.replace(partial, out)
 
 
 def main(argv):
@@ -305,6 +317,11 @@ def main(argv):
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
         sys.exit(2)
+    except OSError as e:  # a full disk or another write error: one line, exit 1
+        from nash_lm.train.checkpoint import write_error_line
+
+        print(f"error: {write_error_line(e)}", file=sys.stderr)
+        sys.exit(1)
     print(json.dumps({k: manifest[k] for k in ("stage", "params_sha256", "platforms", "adapters") if k in manifest}))
 
 

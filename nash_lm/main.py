@@ -9,17 +9,22 @@ Multi-host: `jax.distributed` is started here from `config.distributed` or the e
 Bad input (a missing or unloadable config file, an unknown flag or config field, a value out of range) ends
 with one line on stderr and exit code 2, before anything is compiled or written. A job stopped by SIGTERM
 (`nash_lm.train.pipeline.Preempted`: the current step is checkpointed) exits 0; the same command resumes it.
+A failed write (a full disk while saving a checkpoint, an export, a report or a cache: any OSError, and
+`nash_lm.train.checkpoint.WriteError` for orbax's writes) ends with one line naming the path and the error and
+exit code 1; nothing committed before it is touched, so after freeing space the same command goes on.
+`--allow_stack_change` lets a run go on from a workdir written by another software stack (`nash_lm.stack`).
 """
 from __future__ import annotations
 
 import importlib
 import os
 import sys
+import threading
 
 from absl import flags
 from ml_collections import config_flags
 
-from nash_lm import distributed
+from nash_lm import distributed, stack
 
 # job name -> "module:function"; each function takes (config, workdir) and returns a summary dict.
 JOBS = {
@@ -36,6 +41,9 @@ JOBS = {
 
 CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a configs/*.py file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for metrics, checkpoints and reports.")
+_ALLOW_STACK_CHANGE = flags.DEFINE_bool(
+    "allow_stack_change", False, "Go on from a workdir written by another software stack (python, jax, flax, "
+    "optax, orbax, libtpu/cuda plugin versions); the result then differs from an uninterrupted run's.")
 
 
 def _fail(message: str) -> None:
@@ -63,6 +71,18 @@ def flag_error(e: BaseException, argv) -> str:
     return f"--config: {path} cannot be loaded: {type(e).__name__}: {_one_line(e)}"
 
 
+def _thread_write_error(args) -> None:
+    """A background thread's failed write (e.g. TensorBoard's event writer on a full disk): the same one line as
+    the main thread's, then exit 1 at once (the main thread may be waiting on that thread; nothing committed is
+    touched). Other exceptions go to the default hook."""
+    if not issubclass(args.exc_type, OSError):
+        return threading.__excepthook__(args)
+    from nash_lm.train.checkpoint import write_error_line
+
+    print(f"error: {write_error_line(args.exc_value)}", file=sys.stderr, flush=True)
+    os._exit(1)
+
+
 def main(argv=None) -> dict:
     argv = list(sys.argv if argv is None else argv)
     path = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
@@ -79,6 +99,8 @@ def main(argv=None) -> dict:
         _fail("--config: get_config() must return an ml_collections.ConfigDict")
     if not workdir:
         _fail("--workdir is required")
+    if _ALLOW_STACK_CHANGE.value:
+        os.environ[stack.ENV_ALLOW] = "1"
     job = config.get("job")
     if job not in JOBS:
         _fail(f"config.job: unknown job {job!r}; known: {sorted(JOBS)}")
@@ -86,6 +108,7 @@ def main(argv=None) -> dict:
         distributed.initialize(config)
     except ValueError as e:
         _fail(_one_line(e))
+    threading.excepthook = _thread_write_error
     module_name, fn_name = JOBS[job].split(":")
     run = getattr(importlib.import_module(module_name), fn_name)
     from nash_lm.train.pipeline import Preempted
@@ -94,6 +117,11 @@ def main(argv=None) -> dict:
         return run(config, workdir)
     except ValueError as e:  # validation errors from the job: one line, exit 2
         _fail(_one_line(e))
+    except OSError as e:  # a write (checkpoint, export, report, cache) failed: one line, exit 1
+        from nash_lm.train.checkpoint import write_error_line
+
+        print(f"error: {write_error_line(e)}", file=sys.stderr)
+        sys.exit(1)
     except Preempted as e:
         print(f"preempted: {e}; rerun the same command to resume", file=sys.stderr)
         return {"status": "preempted", "message": str(e)}

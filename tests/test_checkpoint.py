@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from nash_lm.train import checkpoint as ck
@@ -108,3 +109,38 @@ def test_model_train_state_restores_onto_another_mesh_shape(tmp_path):
     assert any("fsdp" in s for s in specs) and any("tensor" in s for s in specs), specs
     for got, want in zip(jax.tree.leaves(restored.ema), jax.tree.leaves(param_sh_b)):
         assert got.sharding == want
+
+
+def test_restore_latest_falls_back_past_unreadable_checkpoints(tmp_path):
+    """Steps 1-3 saved; 3 truncated -> 2 is restored (bit for bit), 3 moved aside to '3.unreadable' and no longer
+    listed; every data file cut -> ValueError naming the directory, nothing moved."""
+    import os
+
+    mesh = _mesh((8,), ("data",))
+    state, sh, _ = _train_state(mesh, lambda x: P())
+    mngr = ck.Checkpointer(str(tmp_path / "ckpt"), keep=3)
+    saved = {}
+    for step in (1, 2, 3):
+        state = state.replace(step=state.step + 1)
+        saved[step] = ck.params_sha256(state)
+        mngr.save(step, state, {"batches": step}, {"step": step})
+    mngr.wait()
+
+    def cut(step):  # every data file of the state, the process's and the merged ones
+        for d in ("ocdbt.process_0/d", "d"):
+            for f in (tmp_path / "ckpt" / str(step) / "state" / d).iterdir():
+                os.truncate(f, f.stat().st_size // 2)
+
+    cut(3)
+    step, restored, data, meta = mngr.restore_latest(ck.abstract(state, sh), "test")
+    assert (step, data, meta) == (2, {"batches": 2}, {"step": 2})
+    assert ck.params_sha256(restored) == saved[2]
+    assert (tmp_path / "ckpt" / "3.unreadable").is_dir() and mngr.all_steps() == [1, 2]
+    cut(2)
+    cut(1)
+    with pytest.raises(ValueError, match=r"test: no checkpoint in .*ckpt can be restored \(2: .*; 1: .*\)"):
+        mngr.restore_latest(ck.abstract(state, sh), "test")
+    assert mngr.all_steps() == [1, 2] and not (tmp_path / "ckpt" / "2.unreadable").exists()
+    mngr.close()
+    assert ck.Checkpointer(str(tmp_path / "empty"), keep=1).restore_latest(ck.abstract(state, sh), "t") is None
+

@@ -280,3 +280,32 @@ def test_local_launcher_reports_a_failing_process(tmp_path):
 
 if __name__ == "__main__" and len(sys.argv) == 3 and sys.argv[1] == "worker":
     _worker(sys.argv[2])
+
+
+def test_two_processes_agree_on_the_checkpoint_restored_past_a_corrupt_one(jobs, tmp_path):
+    """The two-process workdir with the SFT stage as if killed after its final checkpoint (3), and a newer
+    checkpoint 5 that cannot be read (a copy of 3 with its data files cut): both processes give 5 up together,
+    process 0 moves it aside and says so in one line, both restore 3, and the job ends with the same hashes."""
+    import shutil
+
+    _, two, _ = jobs
+    workdir = str(tmp_path / "wd")
+    shutil.copytree(two, workdir)
+    sft = os.path.join(workdir, "stages", "sft")
+    os.remove(os.path.join(sft, "done.json"))
+    shutil.rmtree(os.path.join(sft, "export"))
+    shutil.copytree(os.path.join(sft, "checkpoints", "3"), os.path.join(sft, "checkpoints", "5"))
+    for d in ("ocdbt.process_0/d", "ocdbt.process_1/d", "d"):
+        d = os.path.join(sft, "checkpoints", "5", "state", d)
+        for name in os.listdir(d) if os.path.isdir(d) else []:
+            os.truncate(os.path.join(d, name), os.path.getsize(os.path.join(d, name)) // 2)
+    _launch_two(str(tmp_path), [sys.executable, *_job(workdir)], f"{tmp_path}/logs")
+    logs = [open(f"{tmp_path}/logs/process_{i}.log").read() for i in range(2)]
+    lines = [x for x in logs[0].splitlines() if "cannot be restored" in x]
+    assert len(lines) == 1 and "checkpoint 5" in lines[0] and "restored checkpoint 3 instead" in lines[0], logs[0]
+    assert "cannot be restored" not in logs[1]  # process 0 alone moves it aside and says so
+    assert sorted(d for d in os.listdir(os.path.join(sft, "checkpoints"))) == ["3", "5.unreadable"]
+    got, want = _read(f"{workdir}/summary.json")["stages"], _read(f"{two}/summary.json")["stages"]
+    for name in ("sft", "nash_md_oracle"):
+        assert got[name]["policy_params_sha256"] == want[name]["policy_params_sha256"], name
+        assert got[name]["eval"] == want[name]["eval"], name

@@ -162,3 +162,35 @@ def test_docstrings_job_sigterm_checkpoints_exits_0_and_resumes_to_the_same_tour
     assert got["names"] == want["names"] and got["win"] == want["win"] and got["n"] == want["n"]
     done = lambda w: json.load(open(w / "stages" / "md1" / "done.json"))["policy_params_sha256"]
     assert done(workdir) == done(docstrings_run)
+
+
+@pytest.mark.parametrize("kill_at", [
+    "nash_lm.tasks.pipeline:TextSampler.__call__@2",  # the tournament: sft's completions drawn, md1's not yet
+    "nash_lm.evaluation.tournament:heatmap",  # its files: tournament.json and .md written, the rest not
+])
+def test_docstrings_job_kill9_during_the_tournament_then_rerun(docstrings_run, tmp_path, kill_at):
+    """kill -9 (at a chosen call: tests/killpoint.py) during the tournament of a run whose stages are complete;
+    the same command then writes the uninterrupted run's tournament.json, bit for bit."""
+    import shutil
+
+    workdir = tmp_path / "kill"
+    shutil.copytree(docstrings_run, workdir)
+    shutil.rmtree(workdir / "tournament")
+    os.remove(workdir / "summary.json")
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    killed = subprocess.run([sys.executable, os.path.join(os.path.dirname(__file__), "killpoint.py"),
+                             "nash_lm.main", "--config=configs/docstrings.py", f"--workdir={workdir}",
+                             *DOCSTRING_OVERRIDES], env={**env, "KILL_AT": kill_at}, capture_output=True, text=True,
+                            timeout=600)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    assert not (workdir / "summary.json").exists()
+    again = _docstrings_job(workdir)
+    assert again.returncode == 0, again.stderr[-3000:]
+    got = json.load(open(workdir / "tournament" / "tournament.json"))
+    assert got == json.load(open(docstrings_run / "tournament" / "tournament.json"))
+    summary, want = json.load(open(workdir / "summary.json")), json.load(open(docstrings_run / "summary.json"))
+    for s in (summary, want):
+        s.pop("wall_time_s")
+        s.pop("files")  # absolute paths in the two workdirs
+        s["tokenizer"] = os.path.basename(s["tokenizer"])
+    assert summary == want

@@ -41,7 +41,7 @@ import zlib
 import jax
 import numpy as np
 
-from nash_lm import distributed, models
+from nash_lm import distributed, models, stack
 from nash_lm.evaluation import tournament
 from nash_lm.tasks import docstrings, pipeline, rater as rater_lib
 from nash_lm.train import algorithms
@@ -400,7 +400,7 @@ def _run_rounds(config, pipe: Pipeline, arms, task_hash: str, t0: float) -> dict
     print(md, flush=True)
     summary = {"status": "complete", "wall_time_s": time.time() - t0, "labels": labels, "report": "online_lm.json",
                "stages": {k: v.get("eval", {}) for k, v in results.items()},
-               "tokenizer": tok.path, "config_sha256": hashlib.sha256(
+               "tokenizer": tok.path, "stack": stack.versions(), "config_sha256": hashlib.sha256(
                    json.dumps(cfg_lib.to_jsonable(pipe.spec.config), sort_keys=True).encode()).hexdigest()}
     distributed.write_json(os.path.join(workdir, "summary.json"), summary)
     return summary

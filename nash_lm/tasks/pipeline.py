@@ -35,7 +35,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from nash_lm import distributed, models, sampling
+from nash_lm import distributed, models, sampling, stack
 from nash_lm.data import features
 from nash_lm.data import tokenizer as tokenizer_lib
 from nash_lm.data.synthetic import BOS_ID, EOS_ID, PAD_ID
@@ -277,7 +277,7 @@ def run_docstrings(config, workdir: str) -> dict:
     summary = {"status": "complete", "wall_time_s": time.time() - t0,
                "corpus": {s: len(v) for s, v in d.splits.items()}, "tokenizer": d.tokenizer.path,
                "tournament": result.to_json(), "files": paths,
-               "stages": {k: v.get("eval", {}) for k, v in results.items()}}
+               "stages": {k: v.get("eval", {}) for k, v in results.items()}, "stack": stack.versions()}
     distributed.write_json(os.path.join(pipe.workdir, "summary.json"), summary)
     return summary
 
@@ -395,6 +395,7 @@ def run_token_game(config, workdir: str) -> dict:
     report["mixture_fixed_points"] = fixed
     report["wall_time_s"] = time.time() - t0
     report["stages"] = {k: v.get("eval", {}) for k, v in results.items()}
+    report["stack"] = stack.versions()
     distributed.write_json(os.path.join(workdir, "token_game.json"), report)
     lines = ["| policy | duality gap | reduction vs mu | KL(pi*||pi) | token vs sequence mixture KL |",
              "|---|---|---|---|---|"]

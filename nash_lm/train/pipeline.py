@@ -36,7 +36,7 @@ from typing import Callable, Mapping
 
 from absl import logging
 
-from nash_lm import distributed, parallel
+from nash_lm import distributed, parallel, stack
 from nash_lm.data import synthetic
 from nash_lm.train import config as cfg_lib
 from nash_lm.train import data as data_lib
@@ -101,7 +101,7 @@ class Pipeline:
         if unknown:
             raise ValueError(f"config.pipeline: stage(s) {unknown} are not in the pipeline {order}")
         provider = _provider(data) or self._data
-        results = {}
+        results, checked = {}, False
         if distributed.is_primary():
             os.makedirs(self.workdir, exist_ok=True)
         with parallel.activate(self.spec.mesh, self.spec.rules):
@@ -113,6 +113,10 @@ class Pipeline:
                     logging.info("stage %s: complete, skipped", name)
                     results[name] = record
                     continue
+                if not checked:  # the stages to run would go on from outputs of another stack
+                    for done_name, done in results.items():
+                        stack.check(done.get("stack"), f"stage {name}: the complete stage {done_name} before it")
+                    checked = True
                 spec = self.spec.stages[name]
                 kind = spec.algorithm.data
                 if name in self.spec.sources:  # records files the stage names
@@ -164,6 +168,7 @@ def run(config, workdir: str) -> dict:
         "final_eval": results[order[-1]]["eval"],
         "policy_params_sha256": results[policy_stages[-1]]["policy_params_sha256"] if policy_stages else None,
         "peak_flops_per_device": peak,
+        "stack": stack.versions(),
     }
     distributed.write_json(os.path.join(pipe.workdir, "summary.json"), summary)
     return summary

@@ -5,7 +5,9 @@
 1. `fingerprint.json`; the inputs (`nash_lm.train.inputs.StageInputs`) and the compiled program
    (`nash_lm.train.compile.StageProgram`);
 2. the latest checkpoint restored if there is one (exact resume: parameters, optimizer state, RNG and data
-   position; a checkpoint of another fingerprint is refused), otherwise the state at step 0;
+   position; a checkpoint of another fingerprint, or of another software stack (`nash_lm.stack`), is refused;
+   one that cannot be read is moved aside and the previous one restored, `Checkpointer.restore_latest`),
+   otherwise the state at step 0;
 3. the loop: metrics every `log_every` steps (tokens/s, TFLOP/s per device, MFU from the analytic FLOPs of the
    algorithm's record), evaluation every `eval_every`, checkpoints every `checkpoint_every` (async, keep-N);
    `stop_flag()` true on any process (SIGTERM) -> the current step is saved and `Preempted` raised;
@@ -34,7 +36,7 @@ import jax
 import numpy as np
 from absl import logging
 
-from nash_lm import distributed
+from nash_lm import distributed, stack
 from nash_lm.models import lora as lora_lib
 from nash_lm.train import algorithms
 from nash_lm.train import data as data_lib
@@ -76,6 +78,7 @@ class Stage:
     def __init__(self, spec: StageSpec, run: RunSpec, data: dict, writer, host_oracle=None, peak_flops=1.0):
         self.spec, self.run_spec, self.writer, self.peak_flops = spec, run, writer, peak_flops
         self.host_oracle = host_oracle
+        self._bar = None  # the step loop's progress bar
         self.dir = stage_dir(run.workdir, spec.name)
         kind = spec.algorithm.data
         self.train_data, self.eval_data = (data_lib.as_source(data[(kind, split)]) for split in ("train", "eval"))
@@ -101,10 +104,24 @@ class Stage:
         st = spec.st
         ckpt = ckpt_lib.Checkpointer(os.path.join(self.dir, "checkpoints"), keep=st.keep_checkpoints,
                                      async_save=bool(self.run_spec.config.async_checkpoints))
+        try:
+            mut = self._resume_and_train(ckpt, stop_flag)
+            ckpt.close()
+        except BaseException:
+            if self._bar is not None:  # cleared before the error's one line is printed
+                self._bar.close()
+            ckpt.abandon()  # no orbax thread outlives a failure (its own error is reported by this one)
+            raise
+        return self._finish(mut)
+
+    def _resume_and_train(self, ckpt, stop_flag):
+        spec, st = self.spec, self.spec.st
         iterator = self.train_data.batches(st.batch_size, spec.seed, self.program.batch_sh)
-        latest = ckpt.latest_step()
-        if latest is not None:
-            mut, data_state, meta = ckpt.restore(latest, self.program.abstract_mut)
+        restored = ckpt.restore_latest(self.program.abstract_mut, f"stage {spec.name}")
+        latest = None if restored is None else restored[0]
+        if restored is not None:
+            _, mut, data_state, meta = restored
+            stack.check(meta.get("stack"), f"stage {spec.name}: checkpoint {latest} in {ckpt.directory}")
             if meta.get("fingerprint") != spec.fingerprint_hash:
                 raise ValueError(f"stage {spec.name}: checkpoint {latest} has fingerprint {meta.get('fingerprint')}, "
                                  f"expected {spec.fingerprint_hash}")
@@ -117,13 +134,12 @@ class Stage:
             mut = self.program.init_state(self.inputs.init_policy())
         step = latest or 0
         self.writer.truncate(spec.name, step)
-        meta = {"fingerprint": spec.fingerprint_hash, "stage": spec.name}
+        meta = {"fingerprint": spec.fingerprint_hash, "stage": spec.name, "stack": stack.versions()}
         if self.inputs.base_sha256 is not None:
             meta["base_sha256"] = self.inputs.base_sha256
         if step < st.steps:
             mut = self._train(self.program.compile(), mut, iterator, ckpt, step, meta, stop_flag)
-        ckpt.close()
-        return self._finish(mut)
+        return mut
 
     def _train(self, train_step, mut, iterator, ckpt, step, meta, stop_flag):
         from tqdm import tqdm
@@ -133,8 +149,8 @@ class Stage:
         n_dev = self.run_spec.mesh.size
         tokens_per_step = st.batch_size * spec.algorithm.sequences * (
             self.run_spec.data.prompt_len + int(st.get("max_new_tokens", self.run_spec.data.response_len)))
-        bar = tqdm(total=st.steps, initial=step, desc=spec.name, unit="step", dynamic_ncols=True, leave=False,
-                   disable=not distributed.is_primary())
+        bar = self._bar = tqdm(total=st.steps, initial=step, desc=spec.name, unit="step", dynamic_ncols=True,
+                               leave=False, disable=not distributed.is_primary())
         t_last, steps_since = time.perf_counter(), 0
         while step < st.steps:
             batch = next(iterator)
@@ -189,9 +205,11 @@ class Stage:
     def _finish(self, mut) -> dict:
         spec = self.spec
         export = os.path.join(self.dir, "export")
-        if distributed.is_primary():  # leftovers of an export cut short by a kill; the final checkpoint is complete
-            for path in (export, export + ".partial", self._adapters_dir(), self._adapters_dir() + ".partial"):
-                if os.path.exists(path):
+        if distributed.is_primary():  # leftovers of an export cut short by a kill (export.partial, orbax's
+            # temporary export.partial.orbax-checkpoint-tmp*, the same of adapters); the final checkpoint is complete
+            for name in os.listdir(self.dir):
+                path = os.path.join(self.dir, name)
+                if name.split(".")[0] in ("export", "adapters") and os.path.isdir(path):
                     shutil.rmtree(path)
         distributed.barrier(f"{spec.name}:export_clean")
         trained = {"policy": mut.policy, **({"ema": mut.ema} if mut.ema is not None else {})}
@@ -213,6 +231,7 @@ class Stage:
             "final_metrics": self.writer.last(spec.name),
             "eval": {k: float(v) for k, v in evaluation.items()},
             "policy_params_sha256": ckpt_lib.params_sha256(tree["policy"]),
+            "stack": stack.versions(),
         }
         reports = {split: data_lib.report_json(src) for split, src in (("train", self.train_data),
                                                                        ("eval", self.eval_data))}
