@@ -51,7 +51,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nash_lm import games
+from nash_lm import distributed, games
 from nash_lm.games import algorithms as galg
 from nash_lm.games import core, population
 from nash_lm.tasks import token_game as tg
@@ -435,10 +435,12 @@ def _key(size, structure, seed, tau) -> str:
 
 
 def _write_atomic(path: str, text: str) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    distributed.write_text(path, text)
+
+
+def _copy(src: str, dst: str) -> None:
+    with open(src, "rb") as f:
+        distributed.write_bytes(dst, f.read())
 
 
 def run(config, workdir: str) -> dict:
@@ -473,15 +475,16 @@ def run(config, workdir: str) -> dict:
     summary["wall_s_cells"] = sum(c["wall_s"] for c in cells)
     _write_atomic(os.path.join(workdir, "summary.json"), json.dumps(summary, indent=1))
     if config.results_dir:
-        os.makedirs(config.results_dir, exist_ok=True)
-        with open(os.path.join(workdir, "exact_benchmark.json"), "rb") as f, \
-                gzip.GzipFile(os.path.join(config.results_dir, "exact_benchmark.json.gz"), "wb", mtime=0) as g:
-            shutil.copyfileobj(f, g)
+        def gzipped(f):
+            with open(os.path.join(workdir, "exact_benchmark.json"), "rb") as src, \
+                    gzip.GzipFile(filename="exact_benchmark.json", fileobj=f, mode="wb", mtime=0) as g:
+                shutil.copyfileobj(src, g)
+
+        distributed.write_file(os.path.join(config.results_dir, "exact_benchmark.json.gz"), gzipped)
         for name in ("report.md", "summary.json"):
-            shutil.copy(os.path.join(workdir, name), os.path.join(config.results_dir, "exact_" + name))
+            _copy(os.path.join(workdir, name), os.path.join(config.results_dir, "exact_" + name))
     if config.figures_dir:
-        os.makedirs(config.figures_dir, exist_ok=True)
         for name in summary["figures"]:
-            shutil.copy(os.path.join(workdir, name), os.path.join(config.figures_dir, "exact_" + name))
+            _copy(os.path.join(workdir, name), os.path.join(config.figures_dir, "exact_" + name))
     print(f"wrote {workdir}/exact_benchmark.json, report.md, summary.json ({summary['wall_s_cells']:.0f}s of cells)")
     return summary

@@ -11,6 +11,8 @@ from collections import defaultdict
 
 import numpy as np
 
+from nash_lm import distributed
+
 # The Nash side of the contrast: exact Nash-MD on the full class (converges to pi*_tau), and the language-model
 # Nash-MD-PG (token-level mixture) at the paper's best beta after the configured number of gradient steps.
 NASH_CONTRASTS = ("nash_md", "nash_md_pg_token[beta=0.125]")
@@ -186,8 +188,7 @@ def figures(summary: dict, outdir: str) -> list:
         ax.legend(fontsize=7)
     fig.tight_layout()
     path = os.path.join(outdir, "beta_curve.png")
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    distributed.write_figure(path, fig, dpi=110)
     written.append(path)
     # mixture gap: KL between the equilibria each mixture leads to, by beta
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
@@ -210,8 +211,7 @@ def figures(summary: dict, outdir: str) -> list:
         ax.legend(fontsize=6, ncol=2)
     fig.tight_layout()
     path = os.path.join(outdir, "mixture_gap.png")
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    distributed.write_figure(path, fig, dpi=110)
     written.append(path)
     # Nash vs RLHF: duality gap of Nash-MD-PG and of RLHF at every c, per game
     keys = [k for k, g in groups.items() if all(n in g["policies"] for n in NASH_CONTRASTS)]
@@ -235,15 +235,13 @@ def figures(summary: dict, outdir: str) -> list:
                  fontsize=9)
     fig.tight_layout()
     path = os.path.join(outdir, "nash_vs_rlhf.png")
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    distributed.write_figure(path, fig, dpi=110)
     written.append(path)
     return written
 
 
 def write(result: dict, outdir: str) -> dict:
     summary = summarise(result)
-    with open(os.path.join(outdir, "report.md"), "w") as f:
-        f.write(markdown(summary))
+    distributed.write_text(os.path.join(outdir, "report.md"), markdown(summary))
     summary["figures"] = [os.path.basename(p) for p in figures(summary, outdir)]
     return summary

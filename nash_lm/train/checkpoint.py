@@ -304,9 +304,6 @@ class Checkpointer:
         os.rename(src, dst)
         return dst
 
-    def read_meta(self, step: int) -> dict:
-        return dict(self._mngr.restore(int(step), args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"])
-
     def wait(self) -> None:
         """Waits for the async save in flight; `WriteError` if it failed."""
         with _write_errors(self._in_flight or self.directory):
