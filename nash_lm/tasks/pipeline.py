@@ -42,6 +42,7 @@ from nash_lm.data.synthetic import BOS_ID, EOS_ID, PAD_ID
 from nash_lm.evaluation import tournament
 from nash_lm.tasks import docstrings, rater as rater_lib, token_game as tg
 from nash_lm.train import config as cfg_lib
+from nash_lm.train import scoring
 from nash_lm.train.pipeline import Pipeline
 
 # ----------------------------------------------------------------------------------------------------------
@@ -136,11 +137,10 @@ def label_pairs(oracle, pairs: dict, seed_parts, desc: str = "labels", chunk: in
     and a 0/1 draw from it ("hard_label", from a generator seeded by `seed_parts`)."""
     from tqdm import tqdm
 
-    keys = ("prompt", "prompt_mask", "y", "y_mask", "y2", "y2_mask")
     p = []
     for i in tqdm(range(0, len(pairs["prompt"]), chunk), desc=desc, unit="chunk", leave=False, dynamic_ncols=True):
-        p.append(np.asarray(oracle(*(pairs[k][i:i + chunk] for k in keys))))
-    p = np.concatenate(p).astype(np.float32)
+        p.append(scoring.call_host_oracle(oracle, {k: pairs[k][i:i + chunk] for k in scoring.ORACLE_ARGS}))
+    p = np.concatenate(p)
     draw = np.random.default_rng(list(seed_parts)).uniform(size=p.shape)
     return {**pairs, "label": p, "hard_label": (draw < p).astype(np.float32)}
 

@@ -15,6 +15,7 @@ import numpy as np
 
 from nash_lm import distributed
 from nash_lm.data import synthetic
+from nash_lm.train import scoring
 from nash_lm.train import step as step_lib
 from nash_lm.train.compile import policy_hparams
 
@@ -64,9 +65,8 @@ class Evaluator:
         def host_judged(params, batch, key):
             samples = rollout(params, ref, batch, key)
             host = distributed.fetch({**batch, **samples})
-            win = np.asarray(judge.fn(host["prompt"], host["prompt_mask"], host["y"], host["y_mask"],
-                                      host["y2"], host["y2_mask"]), np.float32)
-            win = distributed.global_batch_from_full(win, self.program.batch_sharding(1))
+            win = distributed.global_batch_from_full(scoring.call_host_oracle(judge.fn, host),
+                                                     self.program.batch_sharding(1))
             return metrics(params, ref, batch, samples, win)
 
         return host_judged

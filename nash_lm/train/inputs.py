@@ -33,6 +33,7 @@ from nash_lm.train import algorithms
 from nash_lm.train import checkpoint as ckpt_lib
 from nash_lm.train import config as cfg_lib
 from nash_lm.train.scoring import Judge
+from nash_lm.train.state import Frozen
 from nash_lm.train.spec import Input, RunSpec, StageSpec, stage_dir
 
 
@@ -118,7 +119,9 @@ class StageInputs:
                 lambda: jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), self.abstract_policy),
                 out_shardings=self.param_sh)()
             self.ref = lora_lib.join(zeros, base)
-        self.frozen = (self.ref, self.judge_params)
+        # the step's frozen inputs: mu and the judge (policy stages), or the LoRA base (SFT and judge stages)
+        self.frozen = (Frozen(ref=self.ref, judge=self.judge_params) if spec.role == "policy"
+                       else Frozen(base=self.ref))
 
     def full_params(self, trained):
         """The parameters the stage's model runs with: `trained` itself, or the base joined with its adapters."""
