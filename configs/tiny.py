@@ -56,5 +56,9 @@ def get_config():
     c.stages.pm_lora = stage("preference", **judge_lora, **lora)
     c.stages.rm_lora = stage("reward", **judge_lora, **lora)
     c.stages.nash_ema_lora = stage("nash_ema_pg", judge="pm_lora", tau=0.1, ema_decay=0.9, **policy, **lora)
+    # The algorithms of nash_lm/train/algorithms/ beyond the default pipeline (tests/test_train_algorithms.py):
+    #   --config.pipeline=sft,pm,inpo,inpo_lora
+    c.stages.inpo = stage("inpo", judge="pm", tau=0.1, eta_inv=1.0, anchor_every=3, **policy)
+    c.stages.inpo_lora = stage("inpo", judge="pm", tau=0.1, eta_inv=1.0, anchor_every=3, **policy, **lora)
     c.pipeline = "sft,pm,rm,nash_md,self_play,best_response,nash_ema,rlhf,ipo,ipo_md,nash_md_oracle"
     return c

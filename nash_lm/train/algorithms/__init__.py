@@ -8,16 +8,17 @@ loss, the extra state kept and its update rule, the decode passes for the FLOPs)
     nash_md_pg   nash_md_pg (self-play at beta 0, best response at beta 1), nash_ema_pg
     rlhf         rlhf
     ipo          online_ipo, ipo_md, egpo
+    inpo         inpo (online mirror descent learnt by a squared loss; rounds with an anchor pi_t)
 
 Nothing outside this package branches on an algorithm's name. `REGISTRY` maps names to records; `get(name)`;
 `step_flops` is the analytic FLOPs of one step of a stage, from its record.
 """
 from __future__ import annotations
 
-from nash_lm.train.algorithms import ipo, nash_md_pg, rlhf, supervised
+from nash_lm.train.algorithms import inpo, ipo, nash_md_pg, rlhf, supervised
 from nash_lm.train.algorithms.base import EXTRA_TREES, POLICY_FIELDS, Algorithm, Trees
 
-FAMILIES = (supervised, nash_md_pg, rlhf, ipo)
+FAMILIES = (supervised, nash_md_pg, rlhf, ipo, inpo)
 
 REGISTRY: dict[str, Algorithm] = {a.name: a for family in FAMILIES for a in family.ALGORITHMS}
 
