@@ -15,7 +15,7 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "configs", "tiny.py")
-STAGES = ["inpo", "inpo_lora"]
+STAGES = ["inpo", "inpo_lora", "dpo", "offline_ipo", "dpo_lora", "sppo", "mpo"]
 PIPELINE = ",".join(["sft", "pm"] + STAGES)
 ENV = {
     **os.environ,
@@ -50,13 +50,17 @@ def test_each_stage_trains_and_moves_the_policy(workdir, name):
     assert done["steps"] == 4
     assert done["policy_params_sha256"] != _done(workdir, "sft")["policy_params_sha256"]
     assert all(v == v for v in done["final_metrics"].values())  # finite, logged
-    assert 0.0 <= done["eval"]["win_rate_vs_ref"] <= 1.0
+    if "win_rate_vs_ref" in done["eval"]:  # sampled against mu and judged
+        assert 0.0 <= done["eval"]["win_rate_vs_ref"] <= 1.0
+    else:  # an offline stage: its loss on held-out labelled pairs, and how many its implicit reward orders
+        assert done["eval"]["loss"] > 0 and 0.0 <= done["eval"]["accuracy"] <= 1.0
 
 
-@pytest.mark.parametrize("name", ["inpo", "inpo_lora"])
+@pytest.mark.parametrize("name", ["inpo", "inpo_lora", "mpo"])
 def test_resume_restores_the_extra_trees(workdir, tmp_path, name):
-    """Cut after the step-2 checkpoint, while the anchor (refreshed at step 3) still differs from the policy: the
-    resumed stage ends on the uninterrupted parameters only if the anchor was restored."""
+    """Cut after the step-2 checkpoint, while the anchor (refreshed at step 3) and MPO's magnet (reset at step 3)
+    still differ from the policy: the resumed stage ends on the uninterrupted parameters only if they were
+    restored."""
     wd = str(tmp_path / "wd")
     shutil.copytree(workdir, wd)
     stage = os.path.join(wd, "stages", name)
@@ -75,10 +79,14 @@ def test_resume_restores_the_extra_trees(workdir, tmp_path, name):
     ("--config.stages.nash_md.anchor_every=2", "anchor_every"),
     ("--config.stages.inpo.eta_inv=0.01", "config.stages.inpo.eta_inv: must be >= tau"),
     ("--config.stages.inpo.anchor_every=0", "config.stages.inpo.anchor_every: must be >= 1"),
+    ("--config.stages.dpo.judge=pm", "config.stages.dpo.judge: 'pm': dpo learns from the labels of its pairs"),
+    ("--config.stages.dpo.anchor_every=2", "anchor_every"),
+    ("--config.stages.sppo.samples=1", "config.stages.sppo.samples: SPPO estimates win rates from K >= 2 samples"),
+    ("--config.stages.mpo.reset_every=0", "config.stages.mpo.reset_every: the magnet's reset period must be > 0"),
 ])
 def test_bad_settings_exit_2_with_one_line_and_write_nothing(tmp_path, override, needle):
     workdir = str(tmp_path / "bad")
-    proc = _run(workdir, override, pipeline="sft,pm,nash_md,inpo", timeout=300)
+    proc = _run(workdir, override, pipeline="sft,pm,nash_md,inpo,dpo,sppo,mpo", timeout=300)
     assert proc.returncode == 2, proc.stderr[-2000:]
     lines = [x for x in proc.stderr.strip().splitlines() if x.strip()]
     assert len(lines) == 1 and needle in lines[0], proc.stderr

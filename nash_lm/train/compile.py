@@ -34,16 +34,20 @@ from nash_lm.train.spec import RunSpec, StageSpec
 def policy_hparams(spec: StageSpec, run: RunSpec) -> step_lib.PolicyHParams:
     st = spec.st
     where = lambda field: f"config.stages.{spec.name}.{field}"  # already checked by spec.resolve
-    named = ("tau", "beta", "ema_decay", "temperature", "max_new_tokens", "microbatches", "missing_eos_penalty")
+    named = ("tau", "beta", "ema_decay", "temperature", "max_new_tokens", "microbatches", "missing_eos_penalty",
+             "ref", "judge", "beta_schedule", "tau_schedule")
     own = tuple((k, type(v)(st[k])) for k, v in sorted(spec.algorithm.fields.items())
-                if k not in named and isinstance(v, (int, float)) and not isinstance(v, bool))
+                if k not in named and isinstance(v, (int, float, str)) and not isinstance(v, bool))
     return step_lib.PolicyHParams(
-        algorithm=spec.algorithm, own=own, tau=float(st.tau), beta=float(st.get("beta", 0.0)),
-        ema_decay=float(st.get("ema_decay", 0.0)), temperature=float(st.temperature),
-        max_new_tokens=int(st.max_new_tokens), microbatches=int(st.microbatches), decode_rules=run.decode_rules,
+        algorithm=spec.algorithm, own=own, tau=float(st.get("tau", 0.0)), beta=float(st.get("beta", 0.0)),
+        ema_decay=float(st.get("ema_decay", 0.0)), temperature=float(st.get("temperature", 1.0)),
+        max_new_tokens=int(st.get("max_new_tokens", 8)), microbatches=int(st.microbatches),
+        decode_rules=run.decode_rules,
         beta_schedule=schedules.parse(st.get("beta_schedule", ""), where("beta_schedule"), 0.0, 1.0, spec.steps),
-        tau_schedule=schedules.parse(st.tau_schedule, where("tau_schedule"), 0.0, float("inf"), spec.steps),
-        steps=spec.steps, missing_eos_penalty=float(st.missing_eos_penalty), eos_id=run.eos_id, pad_id=run.pad_id)
+        tau_schedule=schedules.parse(st.get("tau_schedule", ""), where("tau_schedule"), 0.0, float("inf"),
+                                     spec.steps),
+        steps=spec.steps, missing_eos_penalty=float(st.get("missing_eos_penalty", 0.0)), eos_id=run.eos_id,
+        pad_id=run.pad_id)
 
 
 class StageProgram:
@@ -93,10 +97,11 @@ class StageProgram:
         out = [jax.jit(first, in_shardings=(self.mut_sh, self.frozen_sh, self.batch_sh)).lower(*args)]
         _, abstract_samples = jax.eval_shape(first, *args)
         samples_sh = {k: self.batch_sharding(v.ndim) for k, v in abstract_samples.items()}
-        vec_sh = self.batch_sharding(1)
+        judged_shape = self._judged_shape(hp)
+        vec_sh = self.batch_sharding(len(judged_shape))
         in_sh = (self.mut_sh, self.frozen_sh, self.batch_sh, samples_sh, vec_sh, self.replicated)
         between = (*args, ckpt_lib.abstract(abstract_samples, samples_sh),
-                   jax.ShapeDtypeStruct((self.spec.batch_size,), np.float32, sharding=vec_sh),
+                   jax.ShapeDtypeStruct(judged_shape, np.float32, sharding=vec_sh),
                    jax.ShapeDtypeStruct((2,), np.uint32, sharding=self.replicated))
         for i, fn in enumerate(rest):
             if i < len(rest) - 1:  # a lookahead round: (rng, samples) for the oracle
@@ -106,6 +111,11 @@ class StageProgram:
                                    donate_argnums=0).lower(*between))
         return out
 
+    def _judged_shape(self, hp) -> tuple:
+        """The host oracle's judgment per step: `[B]` for one pair per prompt, `[B, M]` for M."""
+        m = len(hp.algorithm.judged_pairs(hp))
+        return (self.spec.batch_size,) + ((m,) if m > 1 else ())
+
     def compile(self):
         """`step(mut, batch) -> (mut, metrics)`, compiled once (memory analysis logged)."""
         pieces = [lowered.compile() for lowered in self.lowered()]
@@ -114,11 +124,13 @@ class StageProgram:
         if len(pieces) == 1:
             (compiled,) = pieces
             return lambda mut, batch: compiled(mut, frozen, batch)
-        oracle, vec_sh = self.inputs.judge.fn, self.batch_sharding(1)
+        hp = policy_hparams(self.spec, self.run)
+        oracle, vec_sh = self.inputs.judge.fn, self.batch_sharding(len(self._judged_shape(hp)))
 
         def judged(frozen, batch, samples):
             host = distributed.fetch({**batch, **samples})  # every process judges the whole global batch
-            return distributed.global_batch_from_full(scoring.call_host_oracle(oracle, host), vec_sh)
+            pref = scoring.call_host_oracle(oracle, step_lib.judge_arrays(hp, host, host, np))
+            return distributed.global_batch_from_full(step_lib.unstack_judged(hp, pref, np), vec_sh)
 
         return lambda mut, batch: step_lib.run_phases(pieces, judged, mut, frozen, batch)
 

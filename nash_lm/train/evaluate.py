@@ -4,7 +4,8 @@
 (`PRNGKey(stage seed + batch index)`), so an evaluation never touches the training RNG. A policy stage's
 policy (and, for an algorithm with an EMA, the averaged policy, reported with the prefix `ema_`) samples y,
 mu samples y', and the stage's judge scores the pair: in the same compiled function for an in-jit judge,
-between a compiled rollout and compiled metrics for a host oracle.
+between a compiled rollout and compiled metrics for a host oracle. An algorithm on labelled pairs (DPO, offline
+IPO: no judge) reports its loss and metrics on held-out pairs instead (`step.eval_labelled`).
 """
 from __future__ import annotations
 
@@ -56,6 +57,9 @@ class Evaluator:
         if spec.role == "judge":
             return jax.jit(functools.partial(step_lib.eval_judge, spec.algorithm.produces, graphdef))
         hp, judge, ref = policy_hparams(spec, self.program.run), inputs.judge, inputs.ref
+        if spec.algorithm.judged == "label":  # labelled pairs: the loss and its metrics on held-out pairs
+            fn = jax.jit(functools.partial(step_lib.eval_labelled, hp, graphdef))
+            return lambda params, batch, key: fn(params, inputs.frozen, batch)
         if judge.in_jit:
             fn = jax.jit(functools.partial(step_lib.eval_policy, hp, graphdef, judge))
             return lambda params, batch, key: fn(params, ref, inputs.judge_params, batch, key)

@@ -106,7 +106,8 @@ class StageInputs:
         self.base_sha256 = None
         if spec.role == "policy":
             self.ref = self._load(spec.ref)
-            self.judge, self.judge_params = self._load_judge(spec.judge, host_oracle)
+            self.judge, self.judge_params = (None, None) if spec.judge is None else self._load_judge(spec.judge,
+                                                                                                     host_oracle)
             if run.frozen_dtype:  # config.frozen_dtype: the frozen trees' matrices stored in bf16 (shardings kept)
                 self.ref, self.judge_params = (None if p is None else models.cast_storage(p, run.frozen_dtype)
                                                for p in (self.ref, self.judge_params))

@@ -236,17 +236,39 @@ def rollout(hp: PolicyHParams, graphdef, mut: TrainState, frozen: Frozen, batch)
     return rng, samples
 
 
+def judge_arrays(hp: PolicyHParams, batch, samples, xp=jnp) -> dict:
+    """{prompt, prompt_mask, y, y_mask, y2, y2_mask} of the algorithm's judged pairs, the M pairs stacked along
+    the batch (M B rows; `xp` jnp inside a compiled step, numpy for a host oracle)."""
+    pairs = hp.algorithm.judged_pairs(hp)
+    rows = lambda x: xp.concatenate([x] * len(pairs)) if len(pairs) > 1 else x
+    cat = lambda key, i: (samples[f"{pairs[0][i]}{key}"] if len(pairs) == 1
+                          else xp.concatenate([samples[f"{p[i]}{key}"] for p in pairs]))
+    return {"prompt": rows(batch["prompt"]), "prompt_mask": rows(batch["prompt_mask"]), "y": cat("", 0),
+            "y_mask": cat("_mask", 0), "y2": cat("", 1), "y2_mask": cat("_mask", 1)}
+
+
+def unstack_judged(hp: PolicyHParams, judged, xp=jnp):
+    """The judgments of `judge_arrays`' M B rows as `[B]` (one pair) or `[B, M]`."""
+    m = len(hp.algorithm.judged_pairs(hp))
+    return judged if m == 1 else xp.transpose(judged.reshape((m, -1)))
+
+
 def score(hp: PolicyHParams, judge: Judge, frozen: Frozen, batch, samples):
-    """P(y > y') `[B]` (or the reward r(y) of an algorithm judged by reward), inside the compiled step."""
+    """The judgment inside the compiled step: P(y > y') of the algorithm's pairs (`[B]`, or `[B, M]`), the
+    reward r(y) of an algorithm judged by reward, or the labels of an algorithm on labelled pairs."""
+    alg = hp.algorithm
+    if alg.judged == "label":
+        return samples["label"]
     with scope("judge"):
-        if hp.algorithm.judged == "reward":
+        if alg.judged == "reward":
             return sequence_reward(judge.graphdef, frozen.judge, batch["prompt"], batch["prompt_mask"],
                                    samples["y"], samples["y_mask"])
-        return judge_pair(judge, frozen.judge, batch["prompt"], batch["prompt_mask"], samples["y"],
-                          samples["y_mask"], samples["y2"], samples["y2_mask"])
+        a = judge_arrays(hp, batch, samples)
+        return unstack_judged(hp, judge_pair(judge, frozen.judge, a["prompt"], a["prompt_mask"], a["y"],
+                                             a["y_mask"], a["y2"], a["y2_mask"]))
 
 
-def _loss_and_data(hp: PolicyHParams, graphdef, mut: TrainState, frozen: Frozen, batch, samples, judged):
+def _loss_and_data(hp: PolicyHParams, graphdef, extras: dict, frozen: Frozen, batch, samples, judged):
     """(loss_fn(params, data) -> (loss, metrics), data): `data` holds the per-example arrays the loss reads (the
     prompt, the scored responses with their log-probs under the algorithm's `against` trees, the judgment), so
     that `accumulate_gradients` can split them into microbatches."""
@@ -255,13 +277,13 @@ def _loss_and_data(hp: PolicyHParams, graphdef, mut: TrainState, frozen: Frozen,
         raise ValueError(f"microbatches={hp.microbatches}: the {alg.name} loss couples the examples of a batch "
                          f"(e.g. a leave-one-out baseline) and needs microbatches=1")
     ref = frozen.ref
-    against = {"ref": ref, **{k: _policy(v, ref) for k, v in mut.extras().items()}}
+    against = {"ref": ref, **{k: _policy(v, ref) for k, v in extras.items()}}
     judged = penalize_missing_eos(hp, jax.lax.stop_gradient(judged), samples)
     prompt, pmask = batch["prompt"], batch["prompt_mask"]
     t = hp.temperature
     data = {"prompt": prompt, "pmask": pmask, "judged": judged}
     with scope("ref_logprobs"):
-        for r in alg.scored:
+        for r in alg.responses(hp):
             data[r], data[f"{r}_mask"] = samples[r], samples[f"{r}_mask"]
             for tree in alg.against:
                 data[f"{tree}_{r}"] = response_logprobs(graphdef, against[tree], prompt, pmask, samples[r],
@@ -271,7 +293,7 @@ def _loss_and_data(hp: PolicyHParams, graphdef, mut: TrainState, frozen: Frozen,
     def loss_fn(params, d):
         params = _policy(params, ref)
         lp = {r: response_logprobs(graphdef, params, d["prompt"], d["pmask"], d[r], d[f"{r}_mask"], t)[0]
-              for r in alg.scored}
+              for r in alg.responses(hp)}
         return alg.loss(hp, lp, d)
 
     return loss_fn, data
@@ -283,7 +305,7 @@ def lookahead(hp: PolicyHParams, graphdef, tx, mut: TrainState, frozen: Frozen, 
     theta_t. The update that follows takes its gradient at theta_t on samples' (mirror prox)."""
     hp = hp.at(mut.step)
     with scope("lookahead_grad"):
-        loss_fn, data = _loss_and_data(hp, graphdef, mut, frozen, batch, samples, judged)
+        loss_fn, data = _loss_and_data(hp, graphdef, mut.extras(), frozen, batch, samples, judged)
         (_, _), grads = accumulate_gradients(loss_fn, mut.policy, data, hp.microbatches)
         updates, _ = tx.update(grads, mut.opt_state, mut.policy)
         provisional = optax.apply_updates(mut.policy, updates)
@@ -295,7 +317,7 @@ def update(hp: PolicyHParams, graphdef, tx, mut: TrainState, frozen: Frozen, bat
     `advance` of the extra trees."""
     scheduled = bool(hp.beta_schedule or hp.tau_schedule)
     hp = hp.at(mut.step)
-    loss_fn, data = _loss_and_data(hp, graphdef, mut, frozen, batch, samples, judged)
+    loss_fn, data = _loss_and_data(hp, graphdef, mut.extras(), frozen, batch, samples, judged)
     new, metrics = _apply_gradients(tx, mut, loss_fn, rng, data=data, microbatches=hp.microbatches)
     if hp.algorithm.advance is not None:
         new = hp.algorithm.advance(hp, mut, new)
@@ -344,6 +366,14 @@ def policy_step(hp: PolicyHParams, graphdef, judge: Judge, tx, mut: TrainState, 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Evaluations (no donation, fixed keys: they never touch the training trajectory)
+
+
+def eval_labelled(hp: PolicyHParams, graphdef, params, frozen: Frozen, batch):
+    """An algorithm on labelled pairs (DPO, offline IPO), evaluated by its loss and metrics on held-out pairs."""
+    samples = hp.algorithm.sample(hp, graphdef, None, batch, None)
+    loss_fn, data = _loss_and_data(hp, graphdef, {}, frozen, batch, samples, score(hp, None, frozen, batch, samples))
+    loss, metrics = loss_fn(params, data)
+    return {"loss": loss, **metrics}
 
 
 def eval_sft(graphdef, params, batch):

@@ -9,16 +9,19 @@ loss, the extra state kept and its update rule, the decode passes for the FLOPs)
     rlhf         rlhf
     ipo          online_ipo, ipo_md, egpo
     inpo         inpo (online mirror descent learnt by a squared loss; rounds with an anchor pi_t)
+    offline      dpo, offline_ipo (fixed labelled pairs, no judge)
+    sppo         sppo (multiplicative weights learnt by regression on K-sample win rates; rounds with an anchor)
+    mpo          mpo (magnetic mirror descent learnt by INPO's loss; an anchor and a periodically reset magnet)
 
 Nothing outside this package branches on an algorithm's name. `REGISTRY` maps names to records; `get(name)`;
 `step_flops` is the analytic FLOPs of one step of a stage, from its record.
 """
 from __future__ import annotations
 
-from nash_lm.train.algorithms import inpo, ipo, nash_md_pg, rlhf, supervised
+from nash_lm.train.algorithms import inpo, ipo, mpo, nash_md_pg, offline, rlhf, sppo, supervised
 from nash_lm.train.algorithms.base import EXTRA_TREES, POLICY_FIELDS, Algorithm, Trees
 
-FAMILIES = (supervised, nash_md_pg, rlhf, ipo, inpo)
+FAMILIES = (supervised, nash_md_pg, rlhf, ipo, inpo, offline, sppo, mpo)
 
 REGISTRY: dict[str, Algorithm] = {a.name: a for family in FAMILIES for a in family.ALGORITHMS}
 
@@ -56,9 +59,12 @@ def step_flops(alg: Algorithm, st, model_cfg, prompt_len: int, response_len: int
     sampling = prefills * full(p, 1) + decodes * metrics.lm_forward_flops(**shape, tokens=b * n, context=p + n / 2)
     if alg.judged == "reward":
         judge = full(p + n, 0)
-    else:
-        judge = {"preference": 2 * full(p + 2 * n, 0), "reward": 2 * full(p + n, 0)}.get(judge_kind, 0.0)
+    elif alg.judged == "label":
+        judge = 0.0
+    else:  # per judged pair
+        per_pair = {"preference": 2 * full(p + 2 * n, 0), "reward": 2 * full(p + n, 0)}.get(judge_kind, 0.0)
+        judge = len(alg.judged_pairs(st)) * per_pair
     # each round: sample, judge, the `against` trees' forwards + pi_theta's forward and backward over the
     # scored responses
     per_response = (len(alg.against) + 3) * full(p + n, n)
-    return (1 + alg.lookahead) * (sampling + judge + len(alg.scored) * per_response)
+    return (1 + alg.lookahead) * (sampling + judge + len(alg.responses(st)) * per_response)

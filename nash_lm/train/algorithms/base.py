@@ -11,8 +11,12 @@ An `Algorithm` says everything the rest of the code needs to know about an algor
   - `judges`: which judge stages it accepts, and `oracles`, whether oracles may judge;
   - `sample(hp, graphdef, trees, batch, keys) -> samples`: how y (and y') are drawn inside the compiled step
     from `trees` (a `Trees`: the policy, mu and the state's extra trees, already in the decode layout);
-  - `judged`: 'pair' (P(y > y' | x) of the samples) or 'reward' (r(x, y));
-  - `scored`: the responses teacher-forced in the loss; `against`: the frozen or extra trees whose log-probs of
+  - `judged`: 'pair' (P(y > y' | x) of the `pairs` of responses), 'reward' (r(x, y)) or 'label' (no judge: the
+    labels of the batch's own pairs, which `sample` returns as `label`);
+  - `pairs`: the pairs of responses judged, each (first, second) (default one, ('y', 'y2')); the judgment is
+    `[B]` for one pair, `[B, M]` for M pairs;
+  - `scored`: the responses teacher-forced in the loss (`pairs` and `scored` may be functions of the stage
+    config or hyper-parameters, for an algorithm whose number of responses is a field); `against`: the frozen or extra trees whose log-probs of
     those responses the loss reads as constants ('ref' = mu, 'anchor', 'magnet', ...), under `<tree>_<response>`;
   - `loss(hp, logp, data) -> (loss, metrics)`: `logp` {response: [B, N]} under pi_theta (differentiable), `data`
     the per-example arrays (the responses and masks, the judgment `judged`, the `against` log-probs);
@@ -68,8 +72,9 @@ class Algorithm:
     judges: tuple = ()  # stage kinds accepted as `judge`
     oracles: bool = True  # whether `oracle:` / `host_oracle:` judges are accepted
     sample: Callable | None = None  # (hp, graphdef, trees: Trees, batch, keys) -> samples
-    judged: str = "pair"  # 'pair': P(y > y' | x) of the samples; 'reward': r(x, y)
-    scored: tuple = ("y",)  # responses whose log-probs under pi_theta (and the `against` trees) enter the loss
+    judged: str = "pair"  # 'pair': P(y > y' | x) of the `pairs`; 'reward': r(x, y); 'label': the pairs' labels
+    pairs: tuple | Callable = (("y", "y2"),)  # the judged pairs of responses (or cfg -> pairs)
+    scored: tuple | Callable = ("y",)  # responses whose log-probs enter the loss (or cfg -> responses)
     against: tuple = ("ref",)  # trees whose log-probs of the scored responses the loss reads (constants)
     loss: Callable | None = None  # (hp, logp {resp: [B, N]}, data) -> (loss, metrics)
     keeps: tuple = ()  # extra trees of the train state (EXTRA_TREES)
@@ -82,6 +87,14 @@ class Algorithm:
     def sequences(self) -> int:
         """Sequences per example a step processes (for tokens/s): the response, or the pair."""
         return 1 if self.role == "sft" or self.judged == "reward" else 2
+
+    def responses(self, cfg) -> tuple:
+        """The scored responses for a stage config or hyper-parameters `cfg`."""
+        return self.scored(cfg) if callable(self.scored) else self.scored
+
+    def judged_pairs(self, cfg) -> tuple:
+        """The judged pairs of responses for a stage config or hyper-parameters `cfg`."""
+        return self.pairs(cfg) if callable(self.pairs) else self.pairs
 
     @property
     def ema(self) -> bool:
