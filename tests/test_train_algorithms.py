@@ -25,7 +25,7 @@ ENV = {
 }
 
 
-def _run(workdir, *overrides, pipeline=PIPELINE, timeout=900):
+def _run(workdir, *overrides, pipeline=PIPELINE, timeout=1800):
     cmd = [sys.executable, "-m", "nash_lm.main", f"--config={CONFIG}", f"--workdir={workdir}",
            f"--config.pipeline={pipeline}", *overrides]
     return subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=timeout)
