@@ -299,6 +299,19 @@ def _token_arrays(game: tg.TokenGame, n: int, seed: int, with_response: bool) ->
     return out
 
 
+def _token_pairs(game: tg.TokenGame, oracle, n: int, seed: int) -> dict:
+    """n pairs y, y' drawn independently from mu for one prompt each, labelled by the exact oracle (the offline
+    stages' data: DPO, offline IPO)."""
+    rng = np.random.default_rng(seed)
+    x = rng.integers(0, game.X, size=n)
+    seqs = tg.all_sequences(game.V, game.L)
+    draw = lambda: (3 + seqs[np.array([rng.choice(game.n, p=game.mu[xi]) for xi in x])]).astype(np.int32)
+    ones = np.ones((n, game.L), np.float32)
+    pairs = {"prompt": np.stack([np.full(n, BOS_ID), 3 + x], 1).astype(np.int32),
+             "prompt_mask": np.ones((n, 2), np.float32), "y": draw(), "y_mask": ones, "y2": draw(), "y2_mask": ones}
+    return label_pairs(oracle, pairs, (seed, 1), desc="token-game pairs")
+
+
 def token_game_oracle(game: tg.TokenGame):
     """Exact P(y > y2 | x) on token arrays; a response that is not L game tokens loses to a valid one."""
     V, L = game.V, game.L
@@ -349,9 +362,11 @@ def run_token_game(config, workdir: str) -> dict:
         raise ValueError(f"config.task.contexts: at most V = {task.V} prompts (one token each)")
     arrays = {("sft", "train"): _token_arrays(game, task.n_examples, task.seed, True),
               ("sft", "eval"): _token_arrays(game, task.n_examples, task.seed + 1, True)}
-    for split in ("train", "eval"):
+    oracle = token_game_oracle(game)
+    for i, split in enumerate(("train", "eval")):
         arrays[("prompts", split)] = {k: arrays[("sft", split)][k] for k in ("prompt", "prompt_mask")}
-    with Pipeline(cfg, workdir, data=arrays, host_oracle=token_game_oracle(game)) as pipe:
+        arrays[("pairs", split)] = _token_pairs(game, oracle, task.n_examples, task.seed + 2 + i)
+    with Pipeline(cfg, workdir, data=arrays, host_oracle=oracle) as pipe:
         results = pipe.run()
         stages = pipe.spec.order
         tables = {}  # (stage, key) -> per-prefix log-prob tables of the trained policies
