@@ -118,7 +118,8 @@ def run(args):
     tx = state_lib.make_optimizer(stage)
     abstract = jax.eval_shape(lambda p: state_lib.init_state(p, tx, 0), policy)
     mut_sh = state_lib.state_shardings(abstract, param_sh, tx, mesh)
-    frozen_sh = (parallel.param_shardings(ref, mesh, rules), parallel.param_shardings(pref, mesh, rules))
+    frozen_sh = step_lib.Frozen(ref=parallel.param_shardings(ref, mesh, rules),
+                                judge=parallel.param_shardings(pref, mesh, rules))
     batch = {k: jax.ShapeDtypeStruct((args.batch, args.prompt_len), jnp.int32) for k in ("prompt", "prompt_mask")}
     batch_sh = {k: parallel.batch_sharding(mesh, rules, 2, args.batch) for k in batch}
     rules_d = decode_rules(args.decode_rules, mesh, model_cfg, 2 * _bytes(policy, jnp.bfloat16), args.topology)
@@ -129,7 +130,7 @@ def run(args):
     t = time.time()
     with parallel.activate(mesh, rules):
         lowered = jax.jit(fn, in_shardings=(mut_sh, frozen_sh, batch_sh), out_shardings=(mut_sh, replicated),
-                          donate_argnums=0).lower(abstract, (ref, pref), batch)
+                          donate_argnums=0).lower(abstract, step_lib.Frozen(ref=ref, judge=pref), batch)
         t_lower = time.time() - t
         try:
             compiled = lowered.compile()

@@ -111,7 +111,7 @@ class Built:
     judge: step_lib.Judge
     tx: Any
     mut: state_lib.TrainState
-    frozen: tuple
+    frozen: step_lib.Frozen
     prompts: np.ndarray
     n_params: dict
 
@@ -125,7 +125,8 @@ def build(w: Workload) -> Built:
     tx = state_lib.make_optimizer(w.stage())
     mut = jax.jit(lambda p: state_lib.init_state(p, tx, w.seed))(policy)
     jax.block_until_ready((mut, ref, jparams))
-    return Built(w, g, step_lib.Judge(w.judge, graphdef=jg), tx, mut, (ref, jparams), make_prompts(w),
+    return Built(w, g, step_lib.Judge(w.judge, graphdef=jg), tx, mut, step_lib.Frozen(ref=ref, judge=jparams),
+                 make_prompts(w),
                  {"policy": models.num_params(policy), "ref": models.num_params(ref),
                   w.judge: models.num_params(jparams)})
 
@@ -170,7 +171,7 @@ def compile_phases(b: Built) -> dict:
     'sample_plain_ref' (a plain sample from the reference). Returns {name: (fn, compile_s)}; 'update' and 'judge'
     take the samples produced by 'sample_pair'."""
     hp, g, w = b.w.hparams(), b.graphdef, b.w
-    ref, _ = b.frozen
+    ref = b.frozen.ref
     key = jax.random.PRNGKey(1)
     kw = dict(max_new_tokens=hp.max_new_tokens, eos_id=EOS_ID, pad_id=PAD_ID, temperature=hp.temperature)
 

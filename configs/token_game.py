@@ -2,8 +2,9 @@
 sequences (KL to the sequence-level equilibrium, exact duality gap, token- vs sequence-level mixture).
 
     sft (fit mu to the reference distribution) -> nash_md (beta 0.125), self_play (beta 0), best_response
-    (beta 1), nash_ema, ipo (online IPO), egpo (extragradient online IPO) -- all against the exact preference
-    oracle on whole sequences (the job's host oracle)
+    (beta 1), nash_ema, ipo (online IPO), egpo (extragradient online IPO), inpo, sppo, mpo -- all against the
+    exact preference oracle on whole sequences (the job's host oracle) -- and the offline dpo and offline_ipo on
+    pairs from mu labelled by that oracle
 
 Run:  python -m nash_lm.main --config=configs/token_game.py --workdir=runs/token_game
 Writes WORKDIR/token_game.json and token_game.md (duality gap per policy, reduction vs mu, mixture gaps).
@@ -52,6 +53,13 @@ def get_config():
     t.stages.nash_ema = stage("nash_ema_pg", ema_decay=0.99, **policy)
     t.stages.ipo = stage("online_ipo", **policy)
     t.stages.egpo = stage("egpo", **policy)
-    t.pipeline = "sft,nash_md,self_play,best_response,nash_ema,ipo,egpo"
+    t.stages.inpo = stage("inpo", eta_inv=1.0, anchor_every=10, **policy)
+    no_tau = {k: v for k, v in policy.items() if k != "tau"}
+    t.stages.sppo = stage("sppo", eta=1.0, samples=4, anchor_every=10, **no_tau)
+    t.stages.mpo = stage("mpo", eta=1.0, alpha=0.2, anchor_every=10, reset_every=500, **no_tau)
+    offline = {k: v for k, v in policy.items() if k not in ("tau", "judge", "max_new_tokens")}
+    t.stages.dpo = stage("dpo", tau=0.2, **offline)
+    t.stages.offline_ipo = stage("offline_ipo", tau=0.2, **offline)
+    t.pipeline = "sft,nash_md,self_play,best_response,nash_ema,ipo,egpo,inpo,sppo,mpo,dpo,offline_ipo"
     c.train = t
     return c

@@ -25,9 +25,9 @@ def _train_state(mesh, param_spec):
     params = _params()
     tx = optax.adamw(1e-2)
     param_sh = jax.tree.map(lambda x: NamedSharding(mesh, param_spec(x)), params)
-    abstract = jax.eval_shape(lambda p: state_lib.init_state(p, tx, 3, ema=True), params)
+    abstract = jax.eval_shape(lambda p: state_lib.init_state(p, tx, 3, keeps=("ema",)), params)
     sh = state_lib.state_shardings(abstract, param_sh, tx, mesh)
-    state = jax.jit(lambda p: state_lib.init_state(p, tx, 3, ema=True), out_shardings=sh)(params)
+    state = jax.jit(lambda p: state_lib.init_state(p, tx, 3, keeps=("ema",)), out_shardings=sh)(params)
     # Take two optimizer steps so the moments and the count are non-trivial.
     for _ in range(2):
         grads = jax.tree.map(jnp.ones_like, state.policy)
@@ -53,7 +53,7 @@ def test_state_roundtrip_onto_another_mesh(tmp_path):
     mesh_b = _mesh((2, 4), ("fsdp", "tensor"))
     spec_b = lambda x: P("fsdp", "tensor") if x.ndim == 2 and x.shape[1] % 4 == 0 else P()
     param_sh_b = jax.tree.map(lambda x: NamedSharding(mesh_b, spec_b(x)), _params())
-    abstract_b = jax.eval_shape(lambda p: state_lib.init_state(p, tx, 3, ema=True), _params())
+    abstract_b = jax.eval_shape(lambda p: state_lib.init_state(p, tx, 3, keeps=("ema",)), _params())
     sh_b = state_lib.state_shardings(abstract_b, param_sh_b, tx, mesh_b)
     restored, data, meta = mngr.restore(3, ck.abstract(abstract_b, sh_b))
     mngr.close()
@@ -90,9 +90,9 @@ def test_model_train_state_restores_onto_another_mesh_shape(tmp_path):
         rules = parallel.validate_rules(None, mesh)
         _, abstract_policy, initialise = abstract_params(cfg, "lm", 0, mesh, rules)
         param_sh = jax.tree.map(lambda a: a.sharding, abstract_policy)
-        abstract = jax.eval_shape(lambda p: state_lib.init_state(p, tx, 0, ema=True), abstract_policy)
+        abstract = jax.eval_shape(lambda p: state_lib.init_state(p, tx, 0, keeps=("ema",)), abstract_policy)
         sh = state_lib.state_shardings(abstract, param_sh, tx, mesh)
-        make = jax.jit(lambda p: state_lib.init_state(p, tx, 0, ema=True), out_shardings=sh)
+        make = jax.jit(lambda p: state_lib.init_state(p, tx, 0, keeps=("ema",)), out_shardings=sh)
         return make, initialise, ck.abstract(abstract, sh), param_sh
 
     make_a, init_a, _, _ = build({"data": 8})

@@ -67,10 +67,11 @@ def _compiled_step(mesh, decode_rules, algorithm="nash_md_pg", lora_cfg=None):
     ref, trained = policy, (models.lora.split(policy)[0] if lora_cfg else policy)
     pref_graphdef, pref = models.abstract_init(CFG, "preference")
     tx = state_lib.make_optimizer(cfg_lib.stage(algorithm, lr=1e-2, batch_size=B, steps=10, grad_clip=0.0))
-    ema = algorithms.get(algorithm).ema
-    abstract = jax.eval_shape(lambda p: state_lib.init_state(p, tx, 0, ema=ema), trained)
+    keeps = algorithms.get(algorithm).keeps
+    abstract = jax.eval_shape(lambda p: state_lib.init_state(p, tx, 0, keeps=keeps), trained)
     mut_sh = state_lib.state_shardings(abstract, parallel.param_shardings(trained, mesh, rules), tx, mesh)
-    frozen_sh = (parallel.param_shardings(ref, mesh, rules), parallel.param_shardings(pref, mesh, rules))
+    frozen_sh = step_lib.Frozen(ref=parallel.param_shardings(ref, mesh, rules),
+                                judge=parallel.param_shardings(pref, mesh, rules))
     batch = {k: jax.ShapeDtypeStruct((B, DATA.prompt_len), jnp.int32) for k in ("prompt", "prompt_mask")}
     batch_sh = {k: parallel.batch_sharding(mesh, rules, 2, B) for k in batch}
     hp = step_lib.PolicyHParams(algorithm=algorithm, tau=0.1, beta=0.5, max_new_tokens=N_NEW,
@@ -78,7 +79,7 @@ def _compiled_step(mesh, decode_rules, algorithm="nash_md_pg", lora_cfg=None):
     fn = functools.partial(step_lib.policy_step, hp, graphdef, step_lib.Judge("preference", pref_graphdef), tx)
     with parallel.activate(mesh, rules):
         compiled = jax.jit(fn, in_shardings=(mut_sh, frozen_sh, batch_sh), donate_argnums=0).lower(
-            abstract, (ref, pref), batch).compile()
+            abstract, step_lib.Frozen(ref=ref, judge=pref), batch).compile()
     return compiled, policy
 
 
@@ -198,7 +199,7 @@ def _rollout_samples(n_devices, mesh_shape, decode_rules, dtype="float32"):
     mut_sh = state_lib.state_shardings(jax.eval_shape(lambda p: state_lib.init_state(p, tx, 3), policy), param_sh,
                                        tx, mesh)
     mut = jax.jit(lambda p: state_lib.init_state(p, tx, 3), out_shardings=mut_sh)(policy)
-    frozen = (jax.device_put(ref, param_sh), None)
+    frozen = step_lib.Frozen(ref=jax.device_put(ref, param_sh))
     data = synthetic.prompt_dataset(DATA, "train")
     batch = {k: jax.device_put(v[:B], parallel.batch_sharding(mesh, rules, ndim=v.ndim, batch_size=B))
              for k, v in data.items() if k in ("prompt", "prompt_mask")}

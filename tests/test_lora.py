@@ -315,12 +315,12 @@ def test_nash_ema_lora_rollout_samples_pi_and_the_ema_as_two_merged_trees():
     ema = _randomised(pol, seed=11, std=0.5)
     hp = step_lib.PolicyHParams(algorithm="nash_ema_pg", tau=0.1, max_new_tokens=6, steps=10, eos_id=None, pad_id=0)
     tx = state_lib.make_optimizer(cfg_lib.stage("nash_ema_pg", lr=1e-2, batch_size=4, steps=10))
-    mut = state_lib.init_state(pol, tx, 5, ema=True).replace(ema=ema)
+    mut = state_lib.init_state(pol, tx, 5, keeps=("ema",)).replace(ema=ema)
     ref = lora.join(jax.tree.map(jnp.zeros_like, pol), base)
     prompts, mask = _tokens(b=4, t=5, seed=3)
     mesh = parallel.make_mesh({"data": 1}, devices=jax.devices()[:1])
     with parallel.activate(mesh, None):
-        _, samples = jax.jit(lambda m: step_lib.rollout(hp, g_ad, m, (ref, None),
+        _, samples = jax.jit(lambda m: step_lib.rollout(hp, g_ad, m, step_lib.Frozen(ref=ref),
                                                         {"prompt": prompts, "prompt_mask": mask}))(mut)
     _, k_y, k_y2 = jax.random.split(mut.rng, 3)
     y, y2 = PAIR(g_base, merged, prompts, mask, (k_y, k_y2), mix_params=_merged_here(base, ema, LC.scale),

@@ -15,15 +15,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from nash_lm.train.losses import (
-    bradley_terry_loss,
-    ipo_loss,
-    nash_md_pg_loss,
-    preference_ce_loss,
-    reward_to_go,
-    rlhf_pg_loss,
-    sft_loss,
-)
+from nash_lm.train.algorithms.ipo import ipo_loss
+from nash_lm.train.algorithms.nash_md_pg import nash_md_pg_loss
+from nash_lm.train.algorithms.rlhf import rlhf_pg_loss
+from nash_lm.train.losses import bradley_terry_loss, preference_ce_loss, reward_to_go, sft_loss
 
 V, L, EOS = 3, 3, 2
 OFFSET = [0, 1, 4]  # prefix table offsets for prefixes of length 0, 1, 2

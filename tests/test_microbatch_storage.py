@@ -33,8 +33,8 @@ def _setup(algorithm, mesh_shape=None, frozen_dtype=None):
     mut_sh = state_lib.state_shardings(jax.eval_shape(lambda p: state_lib.init_state(p, tx, 0), policy), param_sh,
                                        tx, mesh)
     mut = jax.jit(lambda p: state_lib.init_state(p, tx, 0), out_shardings=mut_sh)(policy)
-    frozen = (jax.device_put(ref, parallel.param_shardings(ref, mesh, rules)),
-              jax.device_put(pref, parallel.param_shardings(pref, mesh, rules)))
+    frozen = step_lib.Frozen(ref=jax.device_put(ref, parallel.param_shardings(ref, mesh, rules)),
+                             judge=jax.device_put(pref, parallel.param_shardings(pref, mesh, rules)))
     data = synthetic.prompt_dataset(DATA, "train")
     batch = {k: jax.device_put(v[:B], parallel.batch_sharding(mesh, rules, ndim=v.ndim, batch_size=B))
              for k, v in data.items()}

@@ -101,7 +101,7 @@ def _step_setup(algorithm, judge_fn, adapters=False, **hp):
     def run(step):
         mut = state_lib.init_state(policy, tx, 0).replace(step=jnp.int32(step))
         with parallel.activate(mesh, None):
-            return fn(mut, (ref, None), batch)
+            return fn(mut, step_lib.Frozen(ref=ref), batch)
 
     return run
 

@@ -290,3 +290,27 @@ def test_cli_bad_row_exit_2_nothing_written(user, tmp_path):
     assert lines[-1].endswith(f"config.stages.sft.train_data: {user['sft']}:3: invalid JSON (Expecting value at "
                               f"column 32)") or f"{user['sft']}:3: invalid JSON" in lines[-1], lines[-1]
     assert not os.path.exists(workdir)
+
+
+@pytest.mark.parametrize("algorithm", ["dpo", "offline_ipo"])
+def test_offline_stages_read_preference_records_and_refuse_prompt_only_data(user, tmp_path, algorithm):
+    """A DPO / offline-IPO stage reads its pairs from preference records (chosen/rejected and a soft label, the
+    judges' format); pointed at prompt-only records it is one line naming the field and the file, before
+    anything is written."""
+    from nash_lm.train import config as cfg_lib
+
+    config = _load_config(_write_config(user, f"config_{algorithm}.py"))
+    config.stages.off = cfg_lib.stage(algorithm, ref="sft", train_data=user["prefs"], eval_data=user["prefs"],
+                                      steps=4, batch_size=4, lr=1e-3, eval_batches=1)
+    config.pipeline = "sft,off"
+    workdir = str(tmp_path / "w")
+    run = spec_lib.resolve(config, workdir, devices=jax.devices()[:1])
+    train = run.sources["off"]["train"]
+    assert train.kind == "preference" and len(train) == 24  # the 24 valid pairs (line 1's label is rejected)
+    config.stages.off.train_data = user["prompts"]
+    with pytest.raises(ValueError) as e:
+        spec_lib.resolve(config, workdir, devices=jax.devices()[:1])
+    msg = str(e.value)
+    assert msg.startswith("config.stages.off.train_data: no valid 'preference' records in ") and "\n" not in msg, msg
+    assert user["prompts"] in msg
+    assert not os.path.exists(workdir)

@@ -29,13 +29,13 @@ def _setup(algorithm, judge=None, tx=None, **hp):
     param_sh = parallel.param_shardings(policy, mesh, rules)
     stage = cfg_lib.stage(algorithm, lr=1e-2, batch_size=B, steps=10, grad_clip=0.0)
     tx = tx or state_lib.make_optimizer(stage)
-    use_ema = algorithms.get(algorithm).ema
-    abstract = jax.eval_shape(lambda p: state_lib.init_state(p, tx, 0, ema=use_ema), policy)
+    keeps = algorithms.get(algorithm).keeps
+    abstract = jax.eval_shape(lambda p: state_lib.init_state(p, tx, 0, keeps=keeps), policy)
     mut_sh = state_lib.state_shardings(abstract, param_sh, tx, mesh)
-    mut = jax.jit(lambda p: state_lib.init_state(p, tx, 0, ema=use_ema), out_shardings=mut_sh)(policy)
+    mut = jax.jit(lambda p: state_lib.init_state(p, tx, 0, keeps=keeps), out_shardings=mut_sh)(policy)
     ref = jax.device_put(ref, param_sh)
     pref = jax.device_put(pref, parallel.param_shardings(pref, mesh, rules))
-    frozen = (ref, pref)
+    frozen = step_lib.Frozen(ref=ref, judge=pref)
     frozen_sh = jax.tree.map(lambda x: x.sharding, frozen)
     data = synthetic.prompt_dataset(DATA, "train")
     batch = {k: jax.device_put(v[:B], parallel.batch_sharding(mesh, rules, ndim=v.ndim, batch_size=B))
@@ -78,7 +78,7 @@ def test_one_compiled_computation_per_step(nash_md):
             jax.block_until_ready(mut)
             compiles.clear()
             old_policy_leaf = jax.tree.leaves(mut.policy)[0]
-            ref_leaf = jax.tree.leaves(s["frozen"][0])[0]
+            ref_leaf = jax.tree.leaves(s["frozen"].ref)[0]
             with jax.transfer_guard("disallow"):  # no host round trip inside the step
                 mut2, metrics2 = s["jitted"](mut, s["frozen"], s["batch"])
                 jax.block_until_ready(mut2)
@@ -97,17 +97,17 @@ def test_one_compiled_computation_per_step(nash_md):
 
 def test_reference_stays_frozen_and_policy_moves(nash_md):
     s = nash_md
-    ref_before = [np.asarray(x).copy() for x in jax.tree.leaves(s["frozen"][0])]
+    ref_before = [np.asarray(x).copy() for x in jax.tree.leaves(s["frozen"].ref)]
     mut = s["mut"]
     with parallel.activate(s["mesh"], s["rules"]):
         for _ in range(3):
             mut, _ = s["jitted"](mut, s["frozen"], s["batch"])
-    for a, b in zip(ref_before, jax.tree.leaves(s["frozen"][0])):
+    for a, b in zip(ref_before, jax.tree.leaves(s["frozen"].ref)):
         np.testing.assert_array_equal(a, np.asarray(b))
     tokens = s["batch"]["prompt"]
     mask = s["batch"]["prompt_mask"]
     logits = jax.jit(functools.partial(models.lm_logits, s["graphdef"]))
-    pol, ref = logits(mut.policy, tokens, mask), logits(s["frozen"][0], tokens, mask)
+    pol, ref = logits(mut.policy, tokens, mask), logits(s["frozen"].ref, tokens, mask)
     assert float(jnp.max(jnp.abs(pol - ref))) > 1e-3
     s["mut"] = mut
 
@@ -157,7 +157,7 @@ def test_sft_prompt_loss_against_a_numpy_reference():
     batch["prompt"] = batch["prompt"].at[0, :3].set(synthetic.PAD_ID)
     graphdef, params = models.init(CFG, "lm", 3)
     step = jax.jit(functools.partial(step_lib.sft_step, graphdef, tx, w))
-    _, metrics = step(state_lib.init_state(params, tx, 0), None, batch)
+    _, metrics = step(state_lib.init_state(params, tx, 0), step_lib.Frozen(), batch)
 
     tokens = np.concatenate([batch["prompt"], batch["response"]], 1)
     mask = np.concatenate([batch["prompt_mask"], batch["response_mask"]], 1)
@@ -190,11 +190,11 @@ def test_egpo_step_is_the_extragradient_of_the_online_ipo_loss():
     from the sampler, the IPO loss and optax alone."""
     import optax
 
-    from nash_lm.train import losses
+    from nash_lm.train.algorithms.ipo import ipo_loss
 
     tx = optax.sgd(0.5)
     s = _setup("egpo", tx=tx, tau=1.0)
-    mut, (ref, pref), batch, gd = s["mut"], s["frozen"], s["batch"], s["graphdef"]
+    mut, ref, pref, batch, gd = s["mut"], s["frozen"].ref, s["frozen"].judge, s["batch"], s["graphdef"]
     policy0 = jax.tree.map(np.asarray, mut.policy)
     opt0, rng0 = jax.tree.map(np.asarray, mut.opt_state), np.asarray(mut.rng)
     with parallel.activate(s["mesh"], s["rules"]):
@@ -212,7 +212,7 @@ def test_egpo_step_is_the_extragradient_of_the_online_ipo_loss():
     def loss(params, sample):
         y, ym, y2, y2m, p = sample
         lp = lambda prm, r, m: step_lib.response_logprobs(gd, prm, prompt, pmask, r, m)[0]
-        return losses.ipo_loss(lp(params, y, ym), lp(ref, y, ym), ym, lp(params, y2, y2m), lp(ref, y2, y2m), y2m,
+        return ipo_loss(lp(params, y, ym), lp(ref, y, ym), ym, lp(params, y2, y2m), lp(ref, y2, y2m), y2m,
                                p, 1.0)[0]
 
     rng, first = pairs(policy0, rng0)

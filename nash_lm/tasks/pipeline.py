@@ -42,6 +42,7 @@ from nash_lm.data.synthetic import BOS_ID, EOS_ID, PAD_ID
 from nash_lm.evaluation import tournament
 from nash_lm.tasks import docstrings, rater as rater_lib, token_game as tg
 from nash_lm.train import config as cfg_lib
+from nash_lm.train import scoring
 from nash_lm.train.pipeline import Pipeline
 
 # ----------------------------------------------------------------------------------------------------------
@@ -136,11 +137,10 @@ def label_pairs(oracle, pairs: dict, seed_parts, desc: str = "labels", chunk: in
     and a 0/1 draw from it ("hard_label", from a generator seeded by `seed_parts`)."""
     from tqdm import tqdm
 
-    keys = ("prompt", "prompt_mask", "y", "y_mask", "y2", "y2_mask")
     p = []
     for i in tqdm(range(0, len(pairs["prompt"]), chunk), desc=desc, unit="chunk", leave=False, dynamic_ncols=True):
-        p.append(np.asarray(oracle(*(pairs[k][i:i + chunk] for k in keys))))
-    p = np.concatenate(p).astype(np.float32)
+        p.append(scoring.call_host_oracle(oracle, {k: pairs[k][i:i + chunk] for k in scoring.ORACLE_ARGS}))
+    p = np.concatenate(p)
     draw = np.random.default_rng(list(seed_parts)).uniform(size=p.shape)
     return {**pairs, "label": p, "hard_label": (draw < p).astype(np.float32)}
 
@@ -299,6 +299,19 @@ def _token_arrays(game: tg.TokenGame, n: int, seed: int, with_response: bool) ->
     return out
 
 
+def _token_pairs(game: tg.TokenGame, oracle, n: int, seed: int) -> dict:
+    """n pairs y, y' drawn independently from mu for one prompt each, labelled by the exact oracle (the offline
+    stages' data: DPO, offline IPO)."""
+    rng = np.random.default_rng(seed)
+    x = rng.integers(0, game.X, size=n)
+    seqs = tg.all_sequences(game.V, game.L)
+    draw = lambda: (3 + seqs[np.array([rng.choice(game.n, p=game.mu[xi]) for xi in x])]).astype(np.int32)
+    ones = np.ones((n, game.L), np.float32)
+    pairs = {"prompt": np.stack([np.full(n, BOS_ID), 3 + x], 1).astype(np.int32),
+             "prompt_mask": np.ones((n, 2), np.float32), "y": draw(), "y_mask": ones, "y2": draw(), "y2_mask": ones}
+    return label_pairs(oracle, pairs, (seed, 1), desc="token-game pairs")
+
+
 def token_game_oracle(game: tg.TokenGame):
     """Exact P(y > y2 | x) on token arrays; a response that is not L game tokens loses to a valid one."""
     V, L = game.V, game.L
@@ -349,9 +362,11 @@ def run_token_game(config, workdir: str) -> dict:
         raise ValueError(f"config.task.contexts: at most V = {task.V} prompts (one token each)")
     arrays = {("sft", "train"): _token_arrays(game, task.n_examples, task.seed, True),
               ("sft", "eval"): _token_arrays(game, task.n_examples, task.seed + 1, True)}
-    for split in ("train", "eval"):
+    oracle = token_game_oracle(game)
+    for i, split in enumerate(("train", "eval")):
         arrays[("prompts", split)] = {k: arrays[("sft", split)][k] for k in ("prompt", "prompt_mask")}
-    with Pipeline(cfg, workdir, data=arrays, host_oracle=token_game_oracle(game)) as pipe:
+        arrays[("pairs", split)] = _token_pairs(game, oracle, task.n_examples, task.seed + 2 + i)
+    with Pipeline(cfg, workdir, data=arrays, host_oracle=oracle) as pipe:
         results = pipe.run()
         stages = pipe.spec.order
         tables = {}  # (stage, key) -> per-prefix log-prob tables of the trained policies

@@ -4,7 +4,8 @@
 (`PRNGKey(stage seed + batch index)`), so an evaluation never touches the training RNG. A policy stage's
 policy (and, for an algorithm with an EMA, the averaged policy, reported with the prefix `ema_`) samples y,
 mu samples y', and the stage's judge scores the pair: in the same compiled function for an in-jit judge,
-between a compiled rollout and compiled metrics for a host oracle.
+between a compiled rollout and compiled metrics for a host oracle. An algorithm on labelled pairs (DPO, offline
+IPO: no judge) reports its loss and metrics on held-out pairs instead (`step.eval_labelled`).
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import numpy as np
 
 from nash_lm import distributed
 from nash_lm.data import synthetic
+from nash_lm.train import scoring
 from nash_lm.train import step as step_lib
 from nash_lm.train.compile import policy_hparams
 
@@ -55,6 +57,9 @@ class Evaluator:
         if spec.role == "judge":
             return jax.jit(functools.partial(step_lib.eval_judge, spec.algorithm.produces, graphdef))
         hp, judge, ref = policy_hparams(spec, self.program.run), inputs.judge, inputs.ref
+        if spec.algorithm.judged == "label":  # labelled pairs: the loss and its metrics on held-out pairs
+            fn = jax.jit(functools.partial(step_lib.eval_labelled, hp, graphdef))
+            return lambda params, batch, key: fn(params, inputs.frozen, batch)
         if judge.in_jit:
             fn = jax.jit(functools.partial(step_lib.eval_policy, hp, graphdef, judge))
             return lambda params, batch, key: fn(params, ref, inputs.judge_params, batch, key)
@@ -64,9 +69,8 @@ class Evaluator:
         def host_judged(params, batch, key):
             samples = rollout(params, ref, batch, key)
             host = distributed.fetch({**batch, **samples})
-            win = np.asarray(judge.fn(host["prompt"], host["prompt_mask"], host["y"], host["y_mask"],
-                                      host["y2"], host["y2_mask"]), np.float32)
-            win = distributed.global_batch_from_full(win, self.program.batch_sharding(1))
+            win = distributed.global_batch_from_full(scoring.call_host_oracle(judge.fn, host),
+                                                     self.program.batch_sharding(1))
             return metrics(params, ref, batch, samples, win)
 
         return host_judged

@@ -33,6 +33,7 @@ from nash_lm.train import algorithms
 from nash_lm.train import checkpoint as ckpt_lib
 from nash_lm.train import config as cfg_lib
 from nash_lm.train.scoring import Judge
+from nash_lm.train.state import Frozen
 from nash_lm.train.spec import Input, RunSpec, StageSpec, stage_dir
 
 
@@ -105,7 +106,8 @@ class StageInputs:
         self.base_sha256 = None
         if spec.role == "policy":
             self.ref = self._load(spec.ref)
-            self.judge, self.judge_params = self._load_judge(spec.judge, host_oracle)
+            self.judge, self.judge_params = (None, None) if spec.judge is None else self._load_judge(spec.judge,
+                                                                                                     host_oracle)
             if run.frozen_dtype:  # config.frozen_dtype: the frozen trees' matrices stored in bf16 (shardings kept)
                 self.ref, self.judge_params = (None if p is None else models.cast_storage(p, run.frozen_dtype)
                                                for p in (self.ref, self.judge_params))
@@ -118,7 +120,9 @@ class StageInputs:
                 lambda: jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), self.abstract_policy),
                 out_shardings=self.param_sh)()
             self.ref = lora_lib.join(zeros, base)
-        self.frozen = (self.ref, self.judge_params)
+        # the step's frozen inputs: mu and the judge (policy stages), or the LoRA base (SFT and judge stages)
+        self.frozen = (Frozen(ref=self.ref, judge=self.judge_params) if spec.role == "policy"
+                       else Frozen(base=self.ref))
 
     def full_params(self, trained):
         """The parameters the stage's model runs with: `trained` itself, or the base joined with its adapters."""

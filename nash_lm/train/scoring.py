@@ -5,7 +5,8 @@ Pure functions, shared by the compiled steps (`nash_lm.train.step`), the algorit
 
 - `response_logprobs`: log pi(y_n | x, y_<n) of a response under teacher forcing (`nash_lm.models.lm_logits`).
 - `sequence_reward` / `pair_rewards`: reward-model scores.
-- `Judge` and `judge_pair`: P(y > y' | x) from a preference model, a reward model (Bradley-Terry) or a JAX oracle.
+- `Judge` and `judge_pair`: P(y > y' | x) from a preference model, a reward model (Bradley-Terry) or a JAX oracle;
+  `call_host_oracle`: the one call convention of a host oracle (a Python callable on numpy arrays).
 - `sample` / `sample_pair`: y (and y') from `nash_lm.sampling`, as float masks.
 
 Prompts are left-padded (`nash_lm.data.synthetic`), so logits at prompt column P-1 predict response token 0.
@@ -17,6 +18,7 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from nash_lm import models, sampling
 
@@ -33,6 +35,15 @@ class Judge:
     @property
     def in_jit(self) -> bool:
         return self.kind != "host_oracle"
+
+
+ORACLE_ARGS = ("prompt", "prompt_mask", "y", "y_mask", "y2", "y2_mask")  # a host oracle's positional arguments
+
+
+def call_host_oracle(fn: Callable, arrays: dict) -> np.ndarray:
+    """P(y > y2 | x) `[B]` float32 from a host oracle `fn(prompt, prompt_mask, y, y_mask, y2, y2_mask)` on the
+    numpy arrays of `arrays` (the only place that spells the oracle's argument order)."""
+    return np.asarray(fn(*(np.asarray(arrays[k]) for k in ORACLE_ARGS)), np.float32)
 
 
 def response_logprobs(graphdef, params, prompt, prompt_mask, response, response_mask, temperature=1.0):

@@ -381,7 +381,11 @@ def resolve(config, workdir: str, *, origins: dict | None = None, host_oracle: b
             if not st.ref:
                 _fail(where("ref"), "a policy-optimisation stage needs a reference stage (e.g. the SFT stage)")
             ref = _stage_input(config, name, "ref", ("lm",), order, completed, where)
-            judge = _judge_input(config, name, alg, order, completed, where, host_oracle)
+            if alg.judged != "label":
+                judge = _judge_input(config, name, alg, order, completed, where, host_oracle)
+            elif st.judge:
+                _fail(where("judge"), f"{st.judge!r}: {alg.name} learns from the labels of its pairs and takes no "
+                                      f"judge; leave it empty")
         for field, inp in (("init", init), ("ref", ref)):
             if inp is not None and inp.kind == "hf":
                 cfg_lib.check_hf_input(config, name, field, where(field))

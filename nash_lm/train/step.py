@@ -1,40 +1,42 @@
 """The compiled training steps: one `jax.jit` function per stage, with explicit shardings and donation.
 
-A Nash-MD-PG step (`policy_step` with algorithm 'nash_md_pg'), top to bottom, all inside one compiled function:
+A policy step (`policy_step`) runs `phases(hp)` through `run_phases`, all inside one compiled function:
 
-  1. split the state's RNG;
-  2-3. `sample_y_y2`: the algorithm's `sample` (`nash_lm.train.algorithms`): for Nash-MD-PG y ~ pi_theta(.|x)
-     and y' ~ the token-level mixture pi_theta^(1-beta) mu^beta, both from one KV-cached decode loop
-     (`nash_lm.sampling.sample_pair`: the policy on the y and y' rows, mu on the y' rows); beta = 0 samples
-     pi_theta alone (self-play), beta = 1 samples mu alone (best response); no gradient flows through either.
-     The trees the decode runs are first re-laid once to `PolicyHParams.decode_rules` (`sampling.decode_layout`;
-     default `parallel.DEFAULT_DECODE_RULES`, None keeps the training layout), so that the decode loop moves no
-     weights per token;
-  4. `judge`: P(y > y'|x) from the preference head (`nash_lm.models.preference_prob`), or sigmoid(r(y) - r(y'))
-     from a reward model, or a JAX oracle (`nash_lm.train.scoring.judge_pair`);
-  5. `ref_logprobs`: log mu(y_n | x, y_<n) (`scoring.response_logprobs` of the frozen reference);
-  6. `policy_grad`: log pi_theta(y_n | .) and the algorithm's loss (`losses.nash_md_pg_loss`: the KL enters each
-     token as a reward-to-go), value_and_grad, accumulated over `PolicyHParams.microbatches`
-     (`accumulate_gradients`);
-  7. `optimizer_update` (optax AdamW) and `ema_update` (theta_bar <- d theta_bar + (1 - d) theta).
+  1. `rollout`: split the state's RNG; the algorithm's `sample` (its family module in
+     `nash_lm.train.algorithms`) draws y (and y') from the policy, mu and the state's extra trees (a `Trees`),
+     first re-laid once to `PolicyHParams.decode_rules` (`sampling.decode_layout`; default
+     `parallel.DEFAULT_DECODE_RULES`, None keeps the training layout) so that the decode loop moves no weights
+     per token; no gradient flows through the samples;
+  2. `score`: the judge, P(y > y'|x) from the preference head, sigmoid(r(y) - r(y')) from a reward model, a JAX
+     oracle (`nash_lm.train.scoring.judge_pair`), or r(x, y) for an algorithm judged by reward;
+  3. for an algorithm with `lookahead` rounds (EGPO), `lookahead`: a provisional step and new samples from it,
+     judged again;
+  4. `update`: the log-probs of the scored responses under the algorithm's `against` trees (mu, an anchor, ...)
+     as constants, log pi_theta and the algorithm's loss, value_and_grad accumulated over
+     `PolicyHParams.microbatches` (`accumulate_gradients`), the optimizer (optax AdamW), then the algorithm's
+     `advance` of the state's extra trees (the EMA, an anchor, a magnet).
 
-What differs between policy algorithms (how y and y' are drawn, what is judged, which responses are scored, the
-loss, an EMA, extragradient rounds) is read from the algorithm's registry record; this file has no special case.
+Reading one Nash-MD-PG step: this file (`policy_step` -> `run_phases` -> `rollout`, `score`, `update`) ->
+`nash_lm.train.algorithms.nash_md_pg` (y ~ pi_theta, y' ~ the token-level mixture pi_theta^(1-beta) mu^beta;
+the loss) -> `nash_lm.train.losses.common` (the reward-to-go surrogate); the sampler (`nash_lm.sampling`), the
+judge and the model (`nash_lm.train.scoring`, `nash_lm.models`) are called from these. What differs between
+policy algorithms is read from the algorithm's record (`PolicyHParams.algorithm`); this file has no special case.
 
-LoRA stages (`nash_lm.models.lora`): the state's policy (and EMA) holds the adapters only, so the gradient, Adam
-and the EMA cover the adapters alone; `frozen`'s reference is the base in the adapted structure with zero
+LoRA stages (`nash_lm.models.lora`): the state's policy (and its extra trees) hold the adapters only, so the
+gradient, Adam and the EMA cover the adapters alone; `Frozen.ref` is the base in the adapted structure with zero
 adapters (mu = the base, exactly), and pi_theta is that base joined with the trained adapters (`_policy`). The
-decode samples the mixture with `sampling.ADAPTERS_OFF` (pi's and mu's rows in one pass over the base weights) and
-Nash-EMA-PG's alternative with `sampling.Adapters(ema)` (pi's rows and the EMA's in one pass).
+decode samples the mixture with `sampling.ADAPTERS_OFF` (pi's and mu's rows in one pass over the base weights)
+and an extra tree with `sampling.Adapters(tree)` (pi's rows and the tree's in one pass).
 
-The mutable part of the state (step, rng, policy, opt_state, ema) is donated; the reference and the judge's
-parameters are a separate, non-donated argument `frozen`. A `host_oracle` judge (any Python callable) cannot be
-traced, so its stage compiles the pieces of `phases` (the rollout, any lookahead rounds, the update) and calls
-the oracle between them.
+The mutable state (step, rng, policy, opt_state, extra trees) is donated; the frozen inputs (`Frozen`: the
+reference, the judge's parameters, a LoRA base) are a separate, non-donated argument. A `host_oracle` judge (any
+Python callable) cannot be traced, so its stage compiles the pieces of `phases` and runs them with the same
+`run_phases`, the oracle called between them (`nash_lm.train.scoring.call_host_oracle`).
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import jax
@@ -47,12 +49,13 @@ from nash_lm.models import lora
 from nash_lm.train import algorithms, losses, schedules
 from nash_lm.train.scoring import (Judge, judge_pair, pair_rewards, response_logprobs, sample_pair,
                                   sequence_reward)
-from nash_lm.train.state import TrainState
+from nash_lm.train.state import Frozen, TrainState
 
 scope = jax.named_scope
 
-__all__ = ["Judge", "PolicyHParams", "eval_judge", "eval_policy", "eval_policy_metrics", "eval_policy_rollout",
-           "accumulate_gradients", "judge_step", "phases", "policy_step", "rollout", "score", "sft_step", "update"]
+__all__ = ["Frozen", "Judge", "PolicyHParams", "eval_judge", "eval_policy", "eval_policy_metrics",
+           "eval_policy_rollout", "accumulate_gradients", "judge_step", "phases", "policy_step", "rollout",
+           "bound_phases", "run_phases", "score", "sft_step", "update"]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -92,10 +95,9 @@ def accumulate_gradients(loss_fn, params, data, microbatches: int = 1):
     return jax.tree.map(lambda a: a / m, acc)
 
 
-def _apply_gradients(tx, mut: TrainState, loss_fn, rng, ema_decay=None, data=None, microbatches: int = 1):
+def _apply_gradients(tx, mut: TrainState, loss_fn, rng, data=None, microbatches: int = 1):
     """value_and_grad of `loss_fn(params)` (or, with `data`, of `loss_fn(params, data)` accumulated over
-    `microbatches`, see `accumulate_gradients`), one optimizer update and the EMA update; returns (state,
-    metrics)."""
+    `microbatches`, see `accumulate_gradients`) and one optimizer update; returns (state, metrics)."""
     with scope("policy_grad"):
         if data is None:
             (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(mut.policy)
@@ -105,13 +107,9 @@ def _apply_gradients(tx, mut: TrainState, loss_fn, rng, ema_decay=None, data=Non
     with scope("optimizer_update"):
         updates, opt_state = tx.update(grads, mut.opt_state, mut.policy)
         policy = optax.apply_updates(mut.policy, updates)
-    ema = mut.ema
-    if ema is not None:
-        with scope("ema_update"):
-            ema = optax.incremental_update(policy, ema, step_size=1.0 - ema_decay)
     metrics = {**metrics, "loss": loss, "grad_norm": grad_norm,
                "finite": jnp.isfinite(loss) & jnp.isfinite(grad_norm)}
-    new = mut.replace(step=mut.step + 1, rng=rng, policy=policy, opt_state=opt_state, ema=ema)
+    new = mut.replace(step=mut.step + 1, rng=rng, policy=policy, opt_state=opt_state)
     return new, metrics
 
 
@@ -119,11 +117,11 @@ def _apply_gradients(tx, mut: TrainState, loss_fn, rng, ema_decay=None, data=Non
 # SFT and judge training
 
 
-def sft_step(graphdef, tx, prompt_loss_weight: float, mut: TrainState, frozen, batch):
+def sft_step(graphdef, tx, prompt_loss_weight: float, mut: TrainState, frozen: Frozen, batch):
     """Teacher forcing on the response; with `prompt_loss_weight` w > 0 the loss is NLL(response) + w NLL(prompt)
     (per-token means; the prompt's own tokens after the first, so the model also learns the prompts' language).
-    With LoRA, `frozen`'s first tree is the base the trained adapters are joined with."""
-    base = None if frozen is None else frozen[0]
+    With LoRA, `frozen.base` is the base the trained adapters are joined with."""
+    base = frozen.base
     prompt, pmask, response, rmask = batch["prompt"], batch["prompt_mask"], batch["response"], batch["response_mask"]
 
     def loss_fn(params):
@@ -155,21 +153,21 @@ def judge_loss(kind: str, graphdef, params, batch, label):
     return losses.bradley_terry_loss(r1, r2, label)
 
 
-def judge_step(kind: str, labels: str, graphdef, tx, mut: TrainState, frozen, batch):
-    """One step of the preference or reward loss. With LoRA, `frozen`'s first tree is the judge's frozen base
-    (its backbone) the trained adapters and head are joined with."""
-    base = None if frozen is None else frozen[0]
+def judge_step(kind: str, labels: str, graphdef, tx, mut: TrainState, frozen: Frozen, batch):
+    """One step of the preference or reward loss. With LoRA, `frozen.base` is the judge's frozen base (its
+    backbone) the trained adapters and head are joined with."""
+    base = frozen.base
     label = batch["label"] if labels == "soft" else batch["hard_label"]
     return _apply_gradients(tx, mut, lambda p: judge_loss(kind, graphdef, _policy(p, base), batch, label), mut.rng)
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Policy optimisation: Nash-MD-PG (+ self-play, best response), Nash-EMA-PG, RLHF, online IPO, IPO-MD
+# Policy optimisation: every algorithm of `nash_lm.train.algorithms` with role 'policy'
 
 
 @dataclasses.dataclass(frozen=True)
 class PolicyHParams:
-    algorithm: str
+    algorithm: algorithms.Algorithm  # its record (a registered name is looked up)
     tau: float
     beta: float = 0.0
     ema_decay: float = 0.0
@@ -183,6 +181,15 @@ class PolicyHParams:
     missing_eos_penalty: float = 0.0
     eos_id: int = EOS_ID  # the tokenizer's end of sequence (the sampler stops there) and padding
     pad_id: int = PAD_ID
+    own: tuple = ()  # ((field, value), ...): the algorithm's other numeric fields (`get`)
+
+    def __post_init__(self):
+        if isinstance(self.algorithm, str):
+            object.__setattr__(self, "algorithm", algorithms.get(self.algorithm))
+
+    def get(self, field: str):
+        """One of the algorithm's own numeric fields (`own`)."""
+        return dict(self.own)[field]
 
     def at(self, step) -> "PolicyHParams":
         """These hyper-parameters at `step` (a traced int): beta and tau from their schedules (then cleared, so
@@ -208,86 +215,112 @@ def penalize_missing_eos(hp: PolicyHParams, judged, samples):
     if not c:
         return judged
     judged = judged - c * missing_eos(samples["y"], samples["y_mask"], hp.eos_id)
-    if algorithms.get(hp.algorithm).judged == "pair":
+    if hp.algorithm.judged == "pair":
         judged = judged + c * missing_eos(samples["y2"], samples["y2_mask"], hp.eos_id)
     return judged
 
 
-def rollout(hp: PolicyHParams, graphdef, mut: TrainState, frozen, batch):
-    """Steps 1-3: `(rng', samples)` with samples {y, y_mask[, y2, y2_mask]}; no gradient flows through them."""
+def rollout(hp: PolicyHParams, graphdef, mut: TrainState, frozen: Frozen, batch):
+    """`(rng', samples)` with samples {y, y_mask[, y2, y2_mask]}; no gradient flows through them."""
     hp = hp.at(mut.step)
-    ref, _ = frozen
     rng, k_y, k_y2 = jax.random.split(mut.rng, 3)
-    policy, ema = _policy(mut.policy, ref), mut.ema
-    if lora.is_adapters(mut.policy):  # LoRA: mu (adapters off) and the EMA (its adapters) run in pi's pass
-        ref = sampling.ADAPTERS_OFF
-        ema = None if ema is None else sampling.Adapters(ema)
+    ref = frozen.ref
+    policy, extras = _policy(mut.policy, ref), mut.extras()
+    if lora.is_adapters(mut.policy):  # LoRA: mu (adapters off) and the extra trees (their adapters) in pi's pass
+        ref, extras = sampling.ADAPTERS_OFF, {k: sampling.Adapters(v) for k, v in extras.items()}
     with scope("sample_y_y2"), sampling.decode_layout(graphdef, hp.decode_rules) as to_decode:
-        policy, ref, ema = to_decode(policy), to_decode(ref), to_decode(ema)  # once, before the decode
-        samples = algorithms.get(hp.algorithm).sample(hp, graphdef, policy, ref, ema, batch, (k_y, k_y2))
+        trees = algorithms.Trees(to_decode(policy), to_decode(ref),  # once, before the decode
+                                 **{k: to_decode(v) for k, v in extras.items()})
+        samples = hp.algorithm.sample(hp, graphdef, trees, batch, (k_y, k_y2))
     samples = jax.lax.stop_gradient(samples)
     return rng, samples
 
 
-def score(hp: PolicyHParams, judge: Judge, frozen, batch, samples):
-    """Step 4: P(y > y') `[B]` (or the reward r(y) of an algorithm judged by reward), inside the compiled step."""
-    _, judge_params = frozen
+def judge_arrays(hp: PolicyHParams, batch, samples, xp=jnp) -> dict:
+    """{prompt, prompt_mask, y, y_mask, y2, y2_mask} of the algorithm's judged pairs, the M pairs stacked along
+    the batch (M B rows; `xp` jnp inside a compiled step, numpy for a host oracle)."""
+    pairs = hp.algorithm.judged_pairs(hp)
+    rows = lambda x: xp.concatenate([x] * len(pairs)) if len(pairs) > 1 else x
+    cat = lambda key, i: (samples[f"{pairs[0][i]}{key}"] if len(pairs) == 1
+                          else xp.concatenate([samples[f"{p[i]}{key}"] for p in pairs]))
+    return {"prompt": rows(batch["prompt"]), "prompt_mask": rows(batch["prompt_mask"]), "y": cat("", 0),
+            "y_mask": cat("_mask", 0), "y2": cat("", 1), "y2_mask": cat("_mask", 1)}
+
+
+def unstack_judged(hp: PolicyHParams, judged, xp=jnp):
+    """The judgments of `judge_arrays`' M B rows as `[B]` (one pair) or `[B, M]`."""
+    m = len(hp.algorithm.judged_pairs(hp))
+    return judged if m == 1 else xp.transpose(judged.reshape((m, -1)))
+
+
+def score(hp: PolicyHParams, judge: Judge, frozen: Frozen, batch, samples):
+    """The judgment inside the compiled step: P(y > y') of the algorithm's pairs (`[B]`, or `[B, M]`), the
+    reward r(y) of an algorithm judged by reward, or the labels of an algorithm on labelled pairs."""
+    alg = hp.algorithm
+    if alg.judged == "label":
+        return samples["label"]
     with scope("judge"):
-        if algorithms.get(hp.algorithm).judged == "reward":
-            return sequence_reward(judge.graphdef, judge_params, batch["prompt"], batch["prompt_mask"],
+        if alg.judged == "reward":
+            return sequence_reward(judge.graphdef, frozen.judge, batch["prompt"], batch["prompt_mask"],
                                    samples["y"], samples["y_mask"])
-        return judge_pair(judge, judge_params, batch["prompt"], batch["prompt_mask"], samples["y"],
-                          samples["y_mask"], samples["y2"], samples["y2_mask"])
+        a = judge_arrays(hp, batch, samples)
+        return unstack_judged(hp, judge_pair(judge, frozen.judge, a["prompt"], a["prompt_mask"], a["y"],
+                                             a["y_mask"], a["y2"], a["y2_mask"]))
 
 
-def _loss_and_data(hp: PolicyHParams, graphdef, frozen, batch, samples, judged):
+def _loss_and_data(hp: PolicyHParams, graphdef, extras: dict, frozen: Frozen, batch, samples, judged):
     """(loss_fn(params, data) -> (loss, metrics), data): `data` holds the per-example arrays the loss reads (the
-    prompt, the scored responses with their mu log-probs, the judgment), so that `accumulate_gradients` can split
-    them into microbatches."""
-    alg = algorithms.get(hp.algorithm)
+    prompt, the scored responses with their log-probs under the algorithm's `against` trees, the judgment), so
+    that `accumulate_gradients` can split them into microbatches."""
+    alg = hp.algorithm
     if hp.microbatches > 1 and alg.batch_coupled:
         raise ValueError(f"microbatches={hp.microbatches}: the {alg.name} loss couples the examples of a batch "
                          f"(e.g. a leave-one-out baseline) and needs microbatches=1")
-    ref, _ = frozen
+    ref = frozen.ref
+    against = {"ref": ref, **{k: _policy(v, ref) for k, v in extras.items()}}
     judged = penalize_missing_eos(hp, jax.lax.stop_gradient(judged), samples)
     prompt, pmask = batch["prompt"], batch["prompt_mask"]
     t = hp.temperature
     data = {"prompt": prompt, "pmask": pmask, "judged": judged}
     with scope("ref_logprobs"):
-        for r in alg.scored:
+        for r in alg.responses(hp):
             data[r], data[f"{r}_mask"] = samples[r], samples[f"{r}_mask"]
-            data[f"ref_{r}"] = response_logprobs(graphdef, ref, prompt, pmask, samples[r], samples[f"{r}_mask"], t)[0]
+            for tree in alg.against:
+                data[f"{tree}_{r}"] = response_logprobs(graphdef, against[tree], prompt, pmask, samples[r],
+                                                        samples[f"{r}_mask"], t)[0]
     data = jax.lax.stop_gradient(data)
 
     def loss_fn(params, d):
         params = _policy(params, ref)
         lp = {r: response_logprobs(graphdef, params, d["prompt"], d["pmask"], d[r], d[f"{r}_mask"], t)[0]
-              for r in alg.scored}
-        return alg.loss(hp, lp, {r: d[f"ref_{r}"] for r in alg.scored}, d, d["judged"])
+              for r in alg.responses(hp)}
+        return alg.loss(hp, lp, d)
 
     return loss_fn, data
 
 
-def lookahead(hp: PolicyHParams, graphdef, tx, mut: TrainState, frozen, batch, samples, judged, rng):
+def lookahead(hp: PolicyHParams, graphdef, tx, mut: TrainState, frozen: Frozen, batch, samples, judged, rng):
     """An extragradient round: the provisional step theta' = theta_t - lr grad L(theta_t; samples) (the optimizer
     applied to the current state, its new state discarded), then `(rng', samples')` drawn with theta' in place of
     theta_t. The update that follows takes its gradient at theta_t on samples' (mirror prox)."""
     hp = hp.at(mut.step)
     with scope("lookahead_grad"):
-        loss_fn, data = _loss_and_data(hp, graphdef, frozen, batch, samples, judged)
+        loss_fn, data = _loss_and_data(hp, graphdef, mut.extras(), frozen, batch, samples, judged)
         (_, _), grads = accumulate_gradients(loss_fn, mut.policy, data, hp.microbatches)
         updates, _ = tx.update(grads, mut.opt_state, mut.policy)
         provisional = optax.apply_updates(mut.policy, updates)
     return rollout(hp, graphdef, mut.replace(rng=rng, policy=provisional), frozen, batch)
 
 
-def update(hp: PolicyHParams, graphdef, tx, mut: TrainState, frozen, batch, samples, judged, rng):
-    """Steps 5-7: reference log-probs, the algorithm's loss, gradients, optimizer and EMA updates."""
+def update(hp: PolicyHParams, graphdef, tx, mut: TrainState, frozen: Frozen, batch, samples, judged, rng):
+    """Log-probs under the `against` trees, the algorithm's loss, gradients, the optimizer, then the algorithm's
+    `advance` of the extra trees."""
     scheduled = bool(hp.beta_schedule or hp.tau_schedule)
     hp = hp.at(mut.step)
-    loss_fn, data = _loss_and_data(hp, graphdef, frozen, batch, samples, judged)
-    new, metrics = _apply_gradients(tx, mut, loss_fn, rng, hp.ema_decay if mut.ema is not None else None,
-                                    data=data, microbatches=hp.microbatches)
+    loss_fn, data = _loss_and_data(hp, graphdef, mut.extras(), frozen, batch, samples, judged)
+    new, metrics = _apply_gradients(tx, mut, loss_fn, rng, data=data, microbatches=hp.microbatches)
+    if hp.algorithm.advance is not None:
+        new = hp.algorithm.advance(hp, mut, new)
     metrics["response_len"] = jnp.mean(jnp.sum(samples["y_mask"], axis=-1))
     metrics["missing_eos_rate"] = jnp.mean(missing_eos(samples["y"], samples["y_mask"], hp.eos_id))
     if scheduled:
@@ -299,27 +332,48 @@ def phases(hp: PolicyHParams) -> tuple:
     """The step's pieces between two judge calls: `rollout(hp, graphdef, mut, frozen, batch)`, then each
     `f(hp, graphdef, tx, mut, frozen, batch, samples, judged, rng)`: the algorithm's lookahead rounds (returning
     `(rng, samples)`) and `update` (returning `(state, metrics)`)."""
-    return (rollout,) + (lookahead,) * algorithms.get(hp.algorithm).lookahead + (update,)
+    return (rollout,) + (lookahead,) * hp.algorithm.lookahead + (update,)
 
 
-def policy_step(hp: PolicyHParams, graphdef, judge: Judge, tx, mut: TrainState, frozen, batch):
+def bound_phases(hp: PolicyHParams, graphdef, tx) -> list:
+    """`phases(hp)` with (hp, graphdef[, tx]) bound: the pieces `run_phases` runs (traced, or each compiled)."""
+    first, *rest = phases(hp)
+    return [functools.partial(first, hp, graphdef)] + [functools.partial(f, hp, graphdef, tx) for f in rest]
+
+
+def run_phases(pieces, judged, mut: TrainState, frozen: Frozen, batch, barrier=lambda trees: trees):
+    """The one phase loop, for the compiled step and the host-oracle path alike: `pieces` are `bound_phases`
+    (traced functions, or their compiled programs), `judged(frozen, batch, samples)`
+    the judge between them (`score` traced, or a host oracle), and `barrier` what separates a decode from what
+    reads weights after it (inside one compiled step: `jax.lax.optimization_barrier`)."""
+    first, *middle, last = pieces
+    rng, samples = first(mut, frozen, batch)
+    samples, mut, frozen = barrier((samples, mut, frozen))
+    for piece in middle:
+        rng, samples = piece(mut, frozen, batch, samples, judged(frozen, batch, samples), rng)
+        samples, mut, frozen = barrier((samples, mut, frozen))
+    return last(mut, frozen, batch, samples, judged(frozen, batch, samples), rng)
+
+
+def policy_step(hp: PolicyHParams, graphdef, judge: Judge, tx, mut: TrainState, frozen: Frozen, batch):
     """The whole policy-optimisation step (rollout, judge, [lookahead, judge,] update) as one function, for one
     jax.jit."""
     # The judge and the update read their weights after each decode: XLA:TPU would otherwise overlap their
     # (training-layout) gathers with the decode loop's compute, inside the loop, at every token.
-    barrier = jax.lax.optimization_barrier
-    first, *middle, last = phases(hp)
-    rng, samples = first(hp, graphdef, mut, frozen, batch)
-    samples, mut, frozen = barrier((samples, mut, frozen))
-    for phase in middle:
-        rng, samples = phase(hp, graphdef, tx, mut, frozen, batch, samples, score(hp, judge, frozen, batch, samples),
-                             rng)
-        samples, mut, frozen = barrier((samples, mut, frozen))
-    return last(hp, graphdef, tx, mut, frozen, batch, samples, score(hp, judge, frozen, batch, samples), rng)
+    return run_phases(bound_phases(hp, graphdef, tx), functools.partial(score, hp, judge), mut, frozen, batch,
+                      barrier=jax.lax.optimization_barrier)
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Evaluations (no donation, fixed keys: they never touch the training trajectory)
+
+
+def eval_labelled(hp: PolicyHParams, graphdef, params, frozen: Frozen, batch):
+    """An algorithm on labelled pairs (DPO, offline IPO), evaluated by its loss and metrics on held-out pairs."""
+    samples = hp.algorithm.sample(hp, graphdef, None, batch, None)
+    loss_fn, data = _loss_and_data(hp, graphdef, {}, frozen, batch, samples, score(hp, None, frozen, batch, samples))
+    loss, metrics = loss_fn(params, data)
+    return {"loss": loss, **metrics}
 
 
 def eval_sft(graphdef, params, batch):
