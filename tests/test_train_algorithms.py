@@ -1,7 +1,7 @@
 """The policy algorithms of issue 24 as stages of the `train` job (`python -m nash_lm.main`, configs/tiny.py's
 stages outside the default pipeline): each trains (with and without LoRA), its extra trees (the anchor, the
-magnet, ONPO's predictor) are checkpointed and restored (a resumed stage ends on the uninterrupted one's parameters), and bad
-settings are one-line errors with exit code 2 and nothing written.
+magnet, ONPO's predictor) are checkpointed and restored (a resumed stage ends on the uninterrupted one's
+parameters), and bad settings are one-line errors with exit code 2 and nothing written.
 
 The subprocesses run on 2 host devices with XLA's CPU backend optimisations off (short compiles; results still
 bitwise deterministic)."""
@@ -59,8 +59,8 @@ def test_each_stage_trains_and_moves_the_policy(workdir, name):
 @pytest.mark.parametrize("name", ["inpo", "inpo_lora", "mpo", "onpo"])
 def test_resume_restores_the_extra_trees(workdir, tmp_path, name):
     """Cut after the step-2 checkpoint, while the anchor (refreshed at step 3; ONPO's at step 4) and MPO's magnet
-    (reset at step 3) still differ from the policy: the resumed stage ends on the uninterrupted parameters only if they were
-    restored."""
+    (reset at step 3) still differ from the policy: the resumed stage ends on the uninterrupted parameters only if
+    they were restored."""
     wd = str(tmp_path / "wd")
     shutil.copytree(workdir, wd)
     stage = os.path.join(wd, "stages", name)
