@@ -17,9 +17,9 @@ enumeration on a softmax table, that the two minimisers are `games`' `optimistic
 step from a state with pi_bar_t != pi_t.
 
 Source: the rule above is the optimistic (predictor-corrector) mirror descent that `games`' `optimistic` runs
-and the project's notes attribute to ONPO; the paper's text could not be checked here (not in the stored
-sources), so its own loss, its sampling (the paper's experiments, like INPO's, may pick best-versus-worst of K
-samples) and its schedule are not verified: this module is verified against the tabular counterpart only.
+and docs/math.md attributes to ONPO; the paper's text could not be consulted when this was written, so its own
+loss, its sampling (its experiments, like INPO's, may pick best-versus-worst of K samples) and its round schedule
+are not checked: this module is verified against the tabular counterpart only.
 
 Choices:
 - The state keeps pi_t as `anchor` and the predictor pi_bar as `predictor` (`keeps=('anchor', 'predictor')`,
