@@ -208,3 +208,48 @@ def test_sppo_loss_minimiser_is_the_multiplicative_weights_step_to_third_order(k
         gaps.append(np.abs(np.log(got) - np.log(mwu)).max())
         assert gaps[-1] < eta ** 3
     assert 6.0 < gaps[0] / gaps[1] < 10.0, gaps
+
+
+@pytest.mark.parametrize("tau,eta_inv", [(0.1, 1.0), (0.5, 2.0)])
+def test_onpo_round_is_the_games_optimistic_step(tau, eta_inv):
+    """A round of ONPO is two minimisations of INPO's loss anchored at pi_t: on pairs from the predictor pi_bar_t
+    (giving pi_bar_{t+1}), then on pairs from that minimiser (giving pi_{t+1}). From a state with
+    pi_bar_t != pi_t, the two exact minimisers equal the predictor and the policy of one step of `games`'
+    `optimistic` (eta = 1/eta_inv) run from that state."""
+    from nash_lm.train.algorithms import onpo
+    from nash_lm.train.step import PolicyHParams
+
+    alg = onpo.ALGORITHMS[0]
+    P, mu, pi_t = _game(5)
+    pred_t = np.random.default_rng(7).dirichlet(np.full(N, 2.0))  # the predictor pi_bar_t, not pi_t
+    hp = PolicyHParams(algorithm=alg, tau=tau, own=(("eta_inv", eta_inv), ("half_every", 1)))
+
+    def half_step(opponent):
+        y, y2, w = _pairs(opponent, opponent)
+        ones = jnp.ones((len(y), 1))
+        d = {"ref_y": _col(np.log(mu)[y]), "ref_y2": _col(np.log(mu)[y2]),
+             "anchor_y": _col(np.log(pi_t)[y]), "anchor_y2": _col(np.log(pi_t)[y2]),
+             "y_mask": ones, "y2_mask": ones, "judged": jnp.asarray(P[y, y2])}
+
+        def expected(theta):
+            lp = jax.nn.log_softmax(theta)
+            per_pair = jax.vmap(lambda i: alg.loss(hp, {"y": lp[y][i][None, None], "y2": lp[y2][i][None, None]},
+                                                   jax.tree.map(lambda a: a[i][None], d))[0])(jnp.arange(len(y)))
+            return jnp.sum(jnp.asarray(w) * per_pair)
+
+        return _minimise(expected, np.log(pi_t))
+
+    pred_next = half_step(pred_t)
+    pi_next = half_step(pred_next)
+
+    with jax.enable_x64(True):
+        log = lambda p: jnp.log(jnp.asarray(p))[None]  # one context
+        g = games.Arrays(jnp.asarray(P - 0.5)[None], log(mu), jnp.asarray(tau, jnp.float64))
+        want = games.ALGORITHMS["optimistic"].step({"logp": log(pi_t), "pred": log(pred_t)}, 0, g,
+                                                   {"eta": 1.0 / eta_inv})
+        want_pred, want_pi = np.exp(np.asarray(want["pred"]))[0], np.exp(np.asarray(want["logp"]))[0]
+    np.testing.assert_allclose(pred_next, want_pred, atol=1e-8)
+    np.testing.assert_allclose(pi_next, want_pi, atol=1e-8)
+    # the optimistic step is not INPO's: the opponent matters (pi_bar_t differs from pi_t), and the round moves
+    inpo_step = _one_step("inpo", P, mu, tau, pi_t, eta_inv=eta_inv)
+    assert np.abs(want_pred - inpo_step).max() > 1e-3 and np.abs(want_pi - pi_t).max() > 1e-2

@@ -1,7 +1,7 @@
 """The policy algorithms of issue 24 as stages of the `train` job (`python -m nash_lm.main`, configs/tiny.py's
 stages outside the default pipeline): each trains (with and without LoRA), its extra trees (the anchor, the
-magnet) are checkpointed and restored (a resumed stage ends on the uninterrupted one's parameters), and bad
-settings are one-line errors with exit code 2 and nothing written.
+magnet, ONPO's predictor) are checkpointed and restored (a resumed stage ends on the uninterrupted one's
+parameters), and bad settings are one-line errors with exit code 2 and nothing written.
 
 The subprocesses run on 2 host devices with XLA's CPU backend optimisations off (short compiles; results still
 bitwise deterministic)."""
@@ -15,7 +15,7 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "configs", "tiny.py")
-STAGES = ["inpo", "inpo_lora", "dpo", "offline_ipo", "dpo_lora", "sppo", "mpo"]
+STAGES = ["inpo", "inpo_lora", "dpo", "offline_ipo", "dpo_lora", "sppo", "mpo", "onpo"]
 PIPELINE = ",".join(["sft", "pm"] + STAGES)
 ENV = {
     **os.environ,
@@ -56,11 +56,11 @@ def test_each_stage_trains_and_moves_the_policy(workdir, name):
         assert done["eval"]["loss"] > 0 and 0.0 <= done["eval"]["accuracy"] <= 1.0
 
 
-@pytest.mark.parametrize("name", ["inpo", "inpo_lora", "mpo"])
+@pytest.mark.parametrize("name", ["inpo", "inpo_lora", "mpo", "onpo"])
 def test_resume_restores_the_extra_trees(workdir, tmp_path, name):
-    """Cut after the step-2 checkpoint, while the anchor (refreshed at step 3) and MPO's magnet (reset at step 3)
-    still differ from the policy: the resumed stage ends on the uninterrupted parameters only if they were
-    restored."""
+    """Cut after the step-2 checkpoint, while the anchor (refreshed at step 3; ONPO's at step 4) and MPO's magnet
+    (reset at step 3) still differ from the policy: the resumed stage ends on the uninterrupted parameters only if
+    they were restored."""
     wd = str(tmp_path / "wd")
     shutil.copytree(workdir, wd)
     stage = os.path.join(wd, "stages", name)
@@ -83,10 +83,11 @@ def test_resume_restores_the_extra_trees(workdir, tmp_path, name):
     ("--config.stages.dpo.anchor_every=2", "anchor_every"),
     ("--config.stages.sppo.samples=1", "config.stages.sppo.samples: SPPO estimates win rates from K >= 2 samples"),
     ("--config.stages.mpo.reset_every=0", "config.stages.mpo.reset_every: the magnet's reset period must be > 0"),
+    ("--config.stages.onpo.half_every=0", "config.stages.onpo.half_every: must be >= 1"),
 ])
 def test_bad_settings_exit_2_with_one_line_and_write_nothing(tmp_path, override, needle):
     workdir = str(tmp_path / "bad")
-    proc = _run(workdir, override, pipeline="sft,pm,nash_md,inpo,dpo,sppo,mpo", timeout=300)
+    proc = _run(workdir, override, pipeline="sft,pm,nash_md,inpo,dpo,sppo,mpo,onpo", timeout=300)
     assert proc.returncode == 2, proc.stderr[-2000:]
     lines = [x for x in proc.stderr.strip().splitlines() if x.strip()]
     assert len(lines) == 1 and needle in lines[0], proc.stderr

@@ -1,12 +1,13 @@
 """The train state and its shardings.
 
-`TrainState(step, rng, policy, opt_state, ema, anchor, magnet)` is one pytree: everything a training step
-updates, which the compiled step donates and a checkpoint stores (and a resume restores). The extra trees
-`ema`, `anchor` and `magnet` are the ones an algorithm `keeps` (`nash_lm.train.algorithms.base.Algorithm`; each
-a copy of the policy at step 0, updated by the algorithm's `advance`), None otherwise, so a state without them
-is the same pytree as before they existed. `policy` and the extra trees have the same structure and are placed
-by the *same* sharding tree (from `nash_lm.parallel.param_shardings`); the optimizer state's parameter-shaped
-parts (Adam moments) reuse it too and its scalars (counts) are replicated.
+`TrainState(step, rng, policy, opt_state, ema, anchor, magnet, predictor)` is one pytree: everything a training
+step updates, which the compiled step donates and a checkpoint stores (and a resume restores). The extra trees
+`ema`, `anchor`, `magnet` and `predictor` are the ones an algorithm `keeps`
+(`nash_lm.train.algorithms.base.Algorithm`; each a copy of the policy at step 0, updated by the algorithm's
+`advance`), None otherwise, so a state without them is the same pytree as before they existed. `policy` and
+the extra trees have the same structure and are placed by the *same* sharding tree (from
+`nash_lm.parallel.param_shardings`); the optimizer state's parameter-shaped parts (Adam moments) reuse it too
+and its scalars (counts) are replicated.
 
 The frozen inputs are not part of it: the step functions of `nash_lm.train.step` take them as a separate,
 never donated argument, the typed record `Frozen` (the reference mu, the judge's parameters, a LoRA base), and
@@ -32,13 +33,14 @@ class TrainState:
     ema: Any = None  # EMA of the policy parameters (Nash-EMA-PG), else None
     anchor: Any = None  # pi_t, the policy at the start of the current round (INPO, SPPO), else None
     magnet: Any = None  # the magnet of magnetic mirror descent (MPO), else None
+    predictor: Any = None  # the optimistic predictor pi_bar (ONPO), else None
 
     def extras(self) -> dict:
         """{name: tree} of the extra trees this state keeps."""
         return {k: getattr(self, k) for k in EXTRA_TREES if getattr(self, k) is not None}
 
 
-EXTRA_TREES = ("ema", "anchor", "magnet")
+EXTRA_TREES = ("ema", "anchor", "magnet", "predictor")
 
 
 class Frozen(NamedTuple):

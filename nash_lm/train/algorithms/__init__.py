@@ -12,16 +12,17 @@ loss, the extra state kept and its update rule, the decode passes for the FLOPs)
     offline      dpo, offline_ipo (fixed labelled pairs, no judge)
     sppo         sppo (multiplicative weights learnt by regression on K-sample win rates; rounds with an anchor)
     mpo          mpo (magnetic mirror descent learnt by INPO's loss; an anchor and a periodically reset magnet)
+    onpo         onpo (optimistic mirror descent: a predictor half-step and a policy half-step, each INPO's loss)
 
 Nothing outside this package branches on an algorithm's name. `REGISTRY` maps names to records; `get(name)`;
 `step_flops` is the analytic FLOPs of one step of a stage, from its record.
 """
 from __future__ import annotations
 
-from nash_lm.train.algorithms import inpo, ipo, mpo, nash_md_pg, offline, rlhf, sppo, supervised
+from nash_lm.train.algorithms import inpo, ipo, mpo, nash_md_pg, offline, onpo, rlhf, sppo, supervised
 from nash_lm.train.algorithms.base import EXTRA_TREES, POLICY_FIELDS, Algorithm, Trees
 
-FAMILIES = (supervised, nash_md_pg, rlhf, ipo, inpo, offline, sppo, mpo)
+FAMILIES = (supervised, nash_md_pg, rlhf, ipo, inpo, offline, sppo, mpo, onpo)
 
 REGISTRY: dict[str, Algorithm] = {a.name: a for family in FAMILIES for a in family.ALGORITHMS}
 

@@ -20,9 +20,9 @@ An `Algorithm` says everything the rest of the code needs to know about an algor
     those responses the loss reads as constants ('ref' = mu, 'anchor', 'magnet', ...), under `<tree>_<response>`;
   - `loss(hp, logp, data) -> (loss, metrics)`: `logp` {response: [B, N]} under pi_theta (differentiable), `data`
     the per-example arrays (the responses and masks, the judgment `judged`, the `against` log-probs);
-  - `keeps`: the extra trees of the train state (`nash_lm.train.state.TrainState`: 'ema', 'anchor', 'magnet'),
-    each a copy of the policy at step 0, and `advance(hp, before, after) -> after`: their update after the
-    optimizer step (`before`/`after` the state before and after it);
+  - `keeps`: the extra trees of the train state (`nash_lm.train.state.TrainState`: 'ema', 'anchor', 'magnet',
+    'predictor'), each a copy of the policy at step 0, and `advance(hp, before, after) -> after`: their update
+    after the optimizer step (`before`/`after` the state before and after it);
   - `lookahead` (extragradient rounds: how many times the step takes a provisional gradient step from theta_t
     and samples again from it before the real update), `batch_coupled` (its loss couples the examples of a
     batch, so gradients cannot be accumulated over microbatches) and `passes` (the prefills and decode passes
@@ -55,9 +55,8 @@ class Trees(NamedTuple):
     ref: Any  # mu (with LoRA: `sampling.ADAPTERS_OFF`, mu run in pi's pass over the base)
     ema: Any = None  # the EMA of the policy (with LoRA: `sampling.Adapters(ema)`)
     anchor: Any = None  # pi_t, the policy at the start of the current round
-    magnet: Any = None
-
-
+    magnet: Any = None  # MPO's magnet
+    predictor: Any = None  # ONPO's optimistic predictor pi_bar
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

@@ -81,12 +81,17 @@ def refresh_every(field: str):
     return advance
 
 
-def _check(st, where):
-    positive_tau(st, where, "INPO (the weight tau/eta_inv on mu)")
+def check_step(st, where, name: str = "INPO"):
+    """The rules on INPO's step (tau, its schedule, eta_inv), shared by the algorithms learnt with its loss."""
+    positive_tau(st, where, f"{name} (the weight tau/eta_inv on mu)")
     if st.tau_schedule:
-        fail(where("tau_schedule"), "INPO takes a constant tau (its loss weights mu by tau/eta_inv)")
+        fail(where("tau_schedule"), f"{name} takes a constant tau (its loss weights mu by tau/eta_inv)")
     if not st.eta_inv >= st.tau:
         fail(where("eta_inv"), f"must be >= tau = {st.tau} (the weight 1 - tau/eta_inv on pi_t is in [0, 1))")
+
+
+def _check(st, where):
+    check_step(st, where)
     if st.anchor_every < 1:
         fail(where("anchor_every"), f"must be >= 1 (the round length in optimizer steps), got {st.anchor_every}")
 
