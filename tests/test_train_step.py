@@ -179,7 +179,7 @@ def test_sft_prompt_loss_against_a_numpy_reference():
                                rtol=2e-5)
 
     zeros = jax.tree.map(jnp.zeros_like, params)  # every logit 0: the uniform distribution over V tokens
-    _, metrics = step(state_lib.init_state(zeros, tx, 0), None, batch)
+    _, metrics = step(state_lib.init_state(zeros, tx, 0), step_lib.Frozen(), batch)
     np.testing.assert_allclose(float(metrics["loss"]), (1 + w) * np.log(CFG.vocab_size), rtol=1e-6)
 
 
