@@ -36,6 +36,9 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable, Mapping, NamedTuple
 
+import jax
+import jax.numpy as jnp
+
 from nash_lm.train import schedules
 from nash_lm.train.state import EXTRA_TREES  # the train state's optional trees (`Algorithm.keeps`)
 
@@ -107,6 +110,12 @@ POLICY_FIELDS = dict(
     tau_schedule="",  # tau over the steps ('' constant; nash_lm.train.schedules)
     missing_eos_penalty=0.0,  # subtracted from a completion's preference (or reward) when it has no EOS
 )
+
+
+def reset_to_policy(now, tree, policy):
+    """An extra tree's refresh in an `advance` rule: `policy` where the traced condition `now` holds, else `tree`
+    (kept inside the compiled step: a select, no host round trip)."""
+    return jax.tree.map(lambda t, p: jnp.where(now, p, t), tree, policy)
 
 
 def beta_of(st) -> float:

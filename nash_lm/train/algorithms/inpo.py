@@ -38,7 +38,7 @@ import jax
 import jax.numpy as jnp
 
 from nash_lm.train import scoring
-from nash_lm.train.algorithms.base import POLICY_FIELDS, Algorithm, fail, positive_tau
+from nash_lm.train.algorithms.base import POLICY_FIELDS, Algorithm, fail, positive_tau, reset_to_policy
 from nash_lm.train.losses.common import masked_sum
 
 
@@ -74,9 +74,7 @@ def sample_from_anchor(hp, graphdef, trees, batch, keys):
 def refresh_every(field: str):
     """An `advance` rule: the anchor becomes the updated policy after every `field` optimizer steps."""
     def advance(hp, before, after):
-        refresh = after.step % hp.get(field) == 0
-        anchor = jax.tree.map(lambda a, p: jnp.where(refresh, p, a), before.anchor, after.policy)
-        return after.replace(anchor=anchor)
+        return after.replace(anchor=reset_to_policy(after.step % hp.get(field) == 0, before.anchor, after.policy))
 
     return advance
 

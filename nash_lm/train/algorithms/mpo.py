@@ -27,10 +27,7 @@ Config fields: `eta` (> 0), `alpha` (> 0), `anchor_every` (>= 1), `reset_every` 
 """
 from __future__ import annotations
 
-import jax
-import jax.numpy as jnp
-
-from nash_lm.train.algorithms.base import POLICY_FIELDS, Algorithm, fail
+from nash_lm.train.algorithms.base import POLICY_FIELDS, Algorithm, fail, reset_to_policy
 from nash_lm.train.algorithms.inpo import inpo_loss, refresh_every, sample_from_anchor
 
 
@@ -47,9 +44,8 @@ def _loss(hp, logp, d):
 def _advance(hp, before, after):
     """The anchor as INPO's; the magnet reset to the updated policy after every `reset_every` steps."""
     after = refresh_every("anchor_every")(hp, before, after)
-    reset = after.step % hp.get("reset_every") == 0
-    magnet = jax.tree.map(lambda m, p: jnp.where(reset, p, m), before.magnet, after.policy)
-    return after.replace(magnet=magnet)
+    return after.replace(magnet=reset_to_policy(after.step % hp.get("reset_every") == 0, before.magnet,
+                                                after.policy))
 
 
 def _check(st, where):

@@ -40,11 +40,8 @@ and the common policy fields. Judges: a preference or reward model, or an oracle
 """
 from __future__ import annotations
 
-import jax
-import jax.numpy as jnp
-
 from nash_lm.train import scoring
-from nash_lm.train.algorithms.base import POLICY_FIELDS, Algorithm, fail
+from nash_lm.train.algorithms.base import POLICY_FIELDS, Algorithm, fail, reset_to_policy
 from nash_lm.train.algorithms.inpo import check_step, inpo_loss
 
 
@@ -58,8 +55,8 @@ def _advance(hp, before, after):
     pi_t <- policy (n = half_every)."""
     n = hp.get("half_every")
     phase = after.step % (2 * n)
-    pick = lambda now, tree: jax.tree.map(lambda a, p: jnp.where(now, p, a), getattr(before, tree), after.policy)
-    return after.replace(predictor=pick(phase == n, "predictor"), anchor=pick(phase == 0, "anchor"))
+    return after.replace(predictor=reset_to_policy(phase == n, before.predictor, after.policy),
+                         anchor=reset_to_policy(phase == 0, before.anchor, after.policy))
 
 
 def _check(st, where):
