@@ -146,21 +146,27 @@ def _write_errors(path: str):
 
 
 class _BackgroundSaveErrors(logging_lib.Filter):
-    """Drops orbax's error records that carry a traceback (`logging.exception` in its save threads, and again
-    when the main thread waits for them): the same exception is raised in the main thread by the next save or
-    wait (or the restore), where it becomes one line."""
+    """Drops orbax's error records that carry a traceback: `logging.exception` in its save threads (and again
+    when the main thread waits for them), and asyncio's "Task exception was never retrieved" for orbax's write
+    coroutines that failed beside the one whose error was raised (logged whenever such a task is collected,
+    often at interpreter exit, after the one line). The same failure is raised in the main thread by the next
+    save or wait (or the restore), where it becomes one line."""
 
     def filter(self, record) -> bool:
-        return not (record.levelno >= logging_lib.ERROR and record.exc_info and "orbax" in record.pathname)
+        if record.levelno < logging_lib.ERROR or not record.exc_info:
+            return True
+        if record.name == "asyncio":
+            return "orbax" not in record.getMessage()
+        return "orbax" not in record.pathname
 
 
 _FILTER = _BackgroundSaveErrors()
 
 
 def _quiet_background_errors() -> None:
-    logger = logging.get_absl_logger()
-    if _FILTER not in logger.filters:
-        logger.addFilter(_FILTER)
+    for logger in (logging.get_absl_logger(), logging_lib.getLogger("asyncio")):
+        if _FILTER not in logger.filters:
+            logger.addFilter(_FILTER)
 
 
 def _quiet_abandoned_reads() -> None:
