@@ -6,7 +6,7 @@
 
     SmolLM2 -> sft (mu: SFT on the docstring corpus, prompts through the chat template) -> pairs from mu labelled by
     the rater -> pm (preference model) + rm (reward model), both from the SFT model's backbone -> md1 (Nash-MD-PG,
-    beta 0.125), sp (self-play), rlhf (on rm) -> the tournament on held-out prompts under the docstring rater, with
+    beta 0.125), sp (self-play), rlhf (on rm), inpo (INPO) -> the tournament on held-out prompts under the docstring rater, with
     the untouched SmolLM2 ("smollm2") as an entrant.
 
 Sized for a CPU (short responses, few steps, a subset of the corpus). On a GPU or TPU run it larger with overrides
@@ -67,6 +67,8 @@ def get_config():
     t.stages.md1 = stage("nash_md_pg", beta=0.125, **policy)
     t.stages.sp = stage("nash_md_pg", beta=0.0, **policy)
     t.stages.rlhf = stage("rlhf", **{**policy, "judge": "rm", "tau": 0.05})
-    t.pipeline = "sft,pm,rm,md1,sp,rlhf"
+    # INPO (registry defaults: eta_inv 1, rounds of 10 steps), the strongest-on-paper of the newer algorithms
+    t.stages.inpo = stage("inpo", eta_inv=1.0, anchor_every=10, **policy)
+    t.pipeline = "sft,pm,rm,md1,sp,rlhf,inpo"
     c.train = t
     return c

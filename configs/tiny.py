@@ -57,7 +57,7 @@ def get_config():
     c.stages.rm_lora = stage("reward", **judge_lora, **lora)
     c.stages.nash_ema_lora = stage("nash_ema_pg", judge="pm_lora", tau=0.1, ema_decay=0.9, **policy, **lora)
     # The algorithms of nash_lm/train/algorithms/ beyond the default pipeline (tests/test_train_algorithms.py):
-    #   --config.pipeline=sft,pm,inpo,inpo_lora,dpo,offline_ipo,dpo_lora,sppo,mpo,onpo
+    #   --config.pipeline=sft,pm,nash_md,inpo,inpo_lora,dpo,offline_ipo,dpo_lora,sppo,mpo,onpo,exploiter
     c.stages.inpo = stage("inpo", judge="pm", tau=0.1, eta_inv=1.0, anchor_every=3, **policy)
     c.stages.inpo_lora = stage("inpo", judge="pm", tau=0.1, eta_inv=1.0, anchor_every=3, **policy, **lora)
     # offline DPO / IPO on the synthetic labelled pairs (the judges' data), reference = the SFT model
@@ -71,5 +71,7 @@ def get_config():
     c.stages.mpo = stage("mpo", judge="pm", eta=1.0, alpha=0.1, anchor_every=3, reset_every=3, **policy)
     # ONPO (an anchor and a predictor in the state; 4 steps = one round of two 2-step halves)
     c.stages.onpo = stage("onpo", judge="pm", tau=0.1, eta_inv=1.0, half_every=2, **policy)
+    # an exploiter of nash_md: starts from it and trains against it (frozen), KL-regularised to sft
+    c.stages.exploiter = stage("exploiter", init="nash_md", judge="pm", tau=0.1, **policy)
     c.pipeline = "sft,pm,rm,nash_md,self_play,best_response,nash_ema,rlhf,ipo,ipo_md,nash_md_oracle"
     return c

@@ -37,6 +37,7 @@ JOBS = {
     "token_game": "nash_lm.tasks.pipeline:run_token_game",
     "docstrings": "nash_lm.tasks.pipeline:run_docstrings",
     "docstrings_online": "nash_lm.tasks.online_lm:run_online_lm",
+    "docstrings_study": "nash_lm.tasks.study:run",
 }
 
 CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a configs/*.py file.", lock_config=True)

@@ -160,6 +160,32 @@ def test_majority_vote_and_condorcet_cycle():
     assert r(["x"], [d1], [d2], references=[REF], sources=[SRC + " foo"])[0] == 1.0
 
 
+def test_cycle_rate_equals_a_hand_count():
+    """Five summaries of the reference "alpha beta gamma delta": by the criteria (rouge, length distance,
+    faithfulness to the source) X = (2/3, 4, 1/2), Y = V = (1/4, 0, 1/4), Z = (0, 2, 1), W = (1, 0, 1).
+    Rouge orders X > Y > Z, length Y > Z > X, faithfulness Z > X > Y: the majority is the cycle X > Y > Z > X
+    (and X > V > Z > X); W beats every other on two criteria or more; Y and V are identical (a tie). Of the
+    C(5, 3) = 10 triples, by hand exactly two are cyclic: {X, Y, Z} and {X, V, Z}."""
+    ref, src = "alpha beta gamma delta", "alpha beta gamma delta epsilon zeta eta theta"
+    X, Y, Z, W = "alpha beta gamma delta q1 q2 q3 q4", "alpha w1 w2 w3", "epsilon zeta", ref
+    r = rater_lib.Rater(noise=0.2)
+    assert [round(r.scores(t, ref, src)["rouge"], 6) for t in (X, Y, Z, W)] == [round(2 / 3, 6), 0.25, 0.0, 1.0]
+    assert [r.scores(t, ref, src)["length"] for t in (X, Y, Z, W)] == [4, 0, 2, 0]
+    assert [r.scores(t, ref, src)["faithfulness"] for t in (X, Y, Z, W)] == [0.5, 0.25, 1.0, 1.0]
+    assert r.cycles([X, Y, Z, W, Y], ref, src) == (2, 10)
+    assert r.cycles([X, Y, Z], ref, src) == (1, 1)
+    assert r.cycles([X, Z, Y], ref, src) == (1, 1)  # the other orientation
+    assert r.cycles([X, Y, W, W], ref, src) == (0, 4)
+    assert r.cycles([X, Y], ref, src) == (0, 0)
+    # the counter alone on a matrix whose cycles are known: the 5-cycle tournament 0>1>2>3>4>0 with 0>2, 1>3,
+    # 2>4, 3>0, 4>1 (each beats the next two) has 5 cyclic triples of its 10
+    v = np.full((5, 5), 0.5)
+    for a in range(5):
+        for d in (1, 2):
+            v[a, (a + d) % 5], v[(a + d) % 5, a] = 1.0, 0.0
+    assert rater_lib.cycle_count(v) == 5
+
+
 def test_antisymmetry_and_lookup(corpus):
     r = rater_lib.Rater(corpus[:50], noise=0.15)
     prompts = [e["prompt"] for e in corpus[:20]]

@@ -15,8 +15,8 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "configs", "tiny.py")
-STAGES = ["inpo", "inpo_lora", "dpo", "offline_ipo", "dpo_lora", "sppo", "mpo", "onpo"]
-PIPELINE = ",".join(["sft", "pm"] + STAGES)
+STAGES = ["inpo", "inpo_lora", "dpo", "offline_ipo", "dpo_lora", "sppo", "mpo", "onpo", "exploiter"]
+PIPELINE = ",".join(["sft", "pm", "nash_md"] + STAGES)  # the exploiter exploits nash_md
 ENV = {
     **os.environ,
     "XLA_FLAGS": "--xla_force_host_platform_device_count=2 --xla_backend_optimization_level=0 "
@@ -56,11 +56,11 @@ def test_each_stage_trains_and_moves_the_policy(workdir, name):
         assert done["eval"]["loss"] > 0 and 0.0 <= done["eval"]["accuracy"] <= 1.0
 
 
-@pytest.mark.parametrize("name", ["inpo", "inpo_lora", "mpo", "onpo"])
+@pytest.mark.parametrize("name", ["inpo", "inpo_lora", "mpo", "onpo", "exploiter"])
 def test_resume_restores_the_extra_trees(workdir, tmp_path, name):
-    """Cut after the step-2 checkpoint, while the anchor (refreshed at step 3; ONPO's at step 4) and MPO's magnet
-    (reset at step 3) still differ from the policy: the resumed stage ends on the uninterrupted parameters only if
-    they were restored."""
+    """Cut after the step-2 checkpoint, while the anchor (refreshed at step 3; ONPO's at step 4; the exploiter's
+    target never) and MPO's magnet (reset at step 3) still differ from the policy: the resumed stage ends on the
+    uninterrupted parameters only if they were restored (a target re-copied from the step-2 policy would not)."""
     wd = str(tmp_path / "wd")
     shutil.copytree(workdir, wd)
     stage = os.path.join(wd, "stages", name)
@@ -70,7 +70,7 @@ def test_resume_restores_the_extra_trees(workdir, tmp_path, name):
             shutil.rmtree(full)
         elif os.path.exists(full):
             os.remove(full)
-    proc = _run(wd, pipeline=f"sft,pm,{name}")
+    proc = _run(wd, pipeline=f"sft,pm,nash_md,{name}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert _done(wd, name)["policy_params_sha256"] == _done(workdir, name)["policy_params_sha256"]
 
@@ -84,10 +84,12 @@ def test_resume_restores_the_extra_trees(workdir, tmp_path, name):
     ("--config.stages.sppo.samples=1", "config.stages.sppo.samples: SPPO estimates win rates from K >= 2 samples"),
     ("--config.stages.mpo.reset_every=0", "config.stages.mpo.reset_every: the magnet's reset period must be > 0"),
     ("--config.stages.onpo.half_every=0", "config.stages.onpo.half_every: must be >= 1"),
+    ("--config.stages.exploiter.init=sft", "config.stages.exploiter.init: 'sft': name the policy stage to exploit"),
 ])
 def test_bad_settings_exit_2_with_one_line_and_write_nothing(tmp_path, override, needle):
     workdir = str(tmp_path / "bad")
-    proc = _run(workdir, override, pipeline="sft,pm,nash_md,inpo,dpo,sppo,mpo,onpo", timeout=300)
+    proc = _run(workdir, override, pipeline="sft,pm,nash_md,inpo,dpo,sppo,mpo,onpo,exploiter",
+                timeout=300)
     assert proc.returncode == 2, proc.stderr[-2000:]
     lines = [x for x in proc.stderr.strip().splitlines() if x.strip()]
     assert len(lines) == 1 and needle in lines[0], proc.stderr

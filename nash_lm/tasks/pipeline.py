@@ -274,12 +274,32 @@ def run_docstrings(config, workdir: str) -> dict:
                             progress=True)
     paths = tournament.save(result, os.path.join(pipe.workdir, "tournament"))
     print(tournament.markdown(result), flush=True)
+    mu_label = task.labels.get("sft", "sft") if "labels" in task else "sft"
+    cycles = mu_cycles(judge, result.samples[mu_label], test_ex) if mu_label in result.samples else None
+    if cycles:
+        print(f"[docstrings] rater cycles among mu's samples: {cycles['cyclic']} of {cycles['triples']} triples "
+              f"({cycles['rate']:.4f})", flush=True)
     summary = {"status": "complete", "wall_time_s": time.time() - t0,
                "corpus": {s: len(v) for s, v in d.splits.items()}, "tokenizer": d.tokenizer.path,
-               "tournament": result.to_json(), "files": paths,
+               "tournament": result.to_json(), "files": paths, "mu_cycles": cycles,
                "stages": {k: v.get("eval", {}) for k, v in results.items()}, "stack": stack.versions()}
     distributed.write_json(os.path.join(pipe.workdir, "summary.json"), summary)
     return summary
+
+
+def mu_cycles(rater: rater_lib.Rater, samples: list, examples: list) -> dict:
+    """How non-transitive the rater is on mu's tournament samples: for each prompt, the cyclic triples of the
+    noiseless majority among its samples (`Rater.cycles`); `samples` is the tournament's list for mu (samples
+    per prompt consecutive blocks of len(examples), prompt-major within a block)."""
+    n = len(examples)
+    k = len(samples) // n
+    cyclic = triples = 0
+    for i, ex in enumerate(examples):
+        src = ex.get("source", ex["prompt"] + " " + ex["response"])
+        c, t = rater.cycles([samples[s * n + i] for s in range(k)], ex["response"], src)
+        cyclic, triples = cyclic + c, triples + t
+    return {"cyclic": cyclic, "triples": triples, "rate": cyclic / triples if triples else 0.0, "prompts": n,
+            "samples_per_prompt": k}
 
 
 # ----------------------------------------------------------------------------------------------------------
