@@ -249,3 +249,30 @@ def test_compiled_stationary_points_match_the_numpy_iteration_and_prop_5_2():
     # Calandriello et al. Prop. 5.2: the sequence mixture of the stationary point is pi*_{tau/(1-beta)}
     target = games.nash_equilibrium(game.P, game.mu, tau / (1 - beta))
     np.testing.assert_allclose(ours["opponent"], target, atol=1e-9)
+
+
+def test_ipo_fit_population_optimum_is_the_best_response_to_mu_and_matches_scipy():
+    """Offline IPO on a tabular policy: on the population of pairs from mu weighted by P, the fit is the closed
+    form g = (P(y > mu) - 1/2)/tau + const (IPO's optimum, the tau-regularised best response to mu); on sampled
+    counts it is the minimiser of the IPO loss that scipy finds from scratch."""
+    from scipy.optimize import minimize
+
+    rng = np.random.default_rng(3)
+    n, tau = 7, 0.3
+    P = pop.persona_preference(rng.normal(size=(3, n)), "order")
+    mu = rng.dirichlet(np.ones(n))
+    g = pop.ipo_fit(mu[:, None] * mu[None, :] * P, tau)
+    closed = (P @ mu - 0.5) / tau
+    np.testing.assert_allclose(g - g.mean(), closed - closed.mean(), atol=1e-10)
+    pi = pop.ipo_policy(mu, g)
+    br = mu * np.exp(P @ mu / tau)
+    np.testing.assert_allclose(pi, br / br.sum(), atol=1e-12)
+
+    C = pop.sample_pair_counts(P, mu, 300, rng)
+    C[:, 6] = C[6, :] = 0.0  # a response never compared stays at 0
+    loss = lambda x: np.sum(C * (x[:, None] - x[None, :] - 1 / (2 * tau)) ** 2)
+    ref = minimize(loss, np.zeros(n), method="BFGS", options={"gtol": 1e-10}).x
+    got = pop.ipo_fit(C, tau)
+    assert got[6] == pytest.approx(0.0, abs=1e-12)
+    np.testing.assert_allclose(got[:6] - got[:6].mean(), ref[:6] - ref[:6].mean(), atol=1e-6)
+    assert loss(got) <= loss(ref) + 1e-9

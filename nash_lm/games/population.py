@@ -19,6 +19,13 @@ several).
   BT).
 - `sample_pair_counts(P, w, n, rng)`: RLHF's data: n pairs from w x w labelled by Bernoulli(P), as win counts.
 - `rlhf_policy(mu, r, c)`: the maximiser of E_pi[r] - c KL(pi || mu), pi proportional to mu exp(r / c).
+- `ipo_fit(C, tau)`: offline IPO (Azar et al. 2023) on a tabular policy: the log-ratio g = log(pi/mu) minimising
+  sum_{a,b} C[a, b] (g_a - g_b - 1/(2 tau))^2 (C[a, b]: how often a beat b). Its normal equations are a graph
+  Laplacian system, L g = (wins - losses) / (2 tau) with L the Laplacian of C + C^T; the minimum-norm solution
+  (each connected set of compared responses centred, a response never compared at 0). With the population
+  C = (mu mu^T) * P it is g = (P(y > mu) - 1/2) / tau + const: IPO's optimum pi ∝ mu exp(P(y > mu) / tau),
+  the tau-regularised best response to mu. (DPO on a tabular policy is the standard RLHF route: its minimiser
+  is pi ∝ mu exp(r/beta) with r the Bradley-Terry fit of the same pairs, Rafailov et al. 2023, Sec. 4.)
 """
 from __future__ import annotations
 
@@ -133,5 +140,25 @@ def rlhf_policy(mu, r, c: float) -> np.ndarray:
     if not c > 0:
         raise ValueError(f"c: RLHF's KL coefficient must be > 0, got {c}")
     z = np.log(np.asarray(mu, np.float64)) + np.asarray(r, np.float64) / c
+    z = np.exp(z - z.max(-1, keepdims=True))
+    return z / z.sum(-1, keepdims=True)
+
+
+def ipo_fit(C, tau: float) -> np.ndarray:
+    """Offline IPO's tabular log-ratio g [n] (see the module docstring): min-norm least squares."""
+    if not tau > 0:
+        raise ValueError(f"tau: IPO's regularisation must be > 0, got {tau}")
+    C = np.asarray(C, np.float64)
+    if C.ndim != 2 or C.shape[0] != C.shape[1] or C.min() < 0:
+        raise ValueError(f"C: expected a non-negative [n, n] matrix, got shape {list(C.shape)}")
+    M = C + C.T
+    lap = np.diag(M.sum(1)) - M
+    rhs = (C.sum(1) - C.sum(0)) / (2.0 * tau)
+    return np.linalg.lstsq(lap, rhs, rcond=None)[0]
+
+
+def ipo_policy(mu, g) -> np.ndarray:
+    """pi = mu exp(g) / Z (per row when mu, g are [X, n])."""
+    z = np.log(np.asarray(mu, np.float64)) + np.asarray(g, np.float64)
     z = np.exp(z - z.max(-1, keepdims=True))
     return z / z.sum(-1, keepdims=True)

@@ -26,6 +26,10 @@ and trains on it (all exact, float64):
   Bernoulli(P), a tabular Bradley-Terry reward model fitted by maximum likelihood with an L2 penalty
   `rlhf.l2`, then the exact maximiser of the KL-regularised objective the policy gradient ascends,
   pi = mu exp(r/c)), for c = k tau over `rlhf.c_over_tau`;
+- offline IPO on the same pairs (`ipo_pairs[c=k tau]`: `population.ipo_fit` of the sampled win counts with IPO's
+  tau = c) and its population counterpart (`ipo_exact[c=k tau]`: the same fit on mu x mu weighted by P, i.e.
+  pi ∝ mu exp(P(y > mu)/c)); DPO on the same pairs is `rlhf_pairs` (on a tabular policy DPO's minimiser is the
+  standard route's pi ∝ mu exp(r/c) with DPO's beta = c and the same L2 penalty on the implicit reward);
 - (small sizes) the exact stationary points of Nash-MD-PG with the sequence- and with the token-level mixture
   (`stationary_point`) at every beta: the equilibrium each mixture leads to.
 
@@ -57,6 +61,8 @@ from nash_lm.games import core, population
 from nash_lm.tasks import token_game as tg
 
 STRUCTURES = ("persona_orders", "persona_bt", "bradley_terry", "rps", "dice", "random")
+# the reward- and pair-based baselines, each at every c = k tau of `rlhf.c_over_tau`
+BASELINES = ("rlhf_exact", "rlhf_pairs", "ipo_exact", "ipo_pairs")
 TOKEN_PG = "nash_md_pg_token"
 
 
@@ -314,6 +320,14 @@ def run_cell(config, size: str, structure: str, seed: int, tau: float) -> dict:
         for route, r in (("rlhf_exact", r_exact), ("rlhf_pairs", r_pairs)):
             key = f"{route}[c={float(k):g}tau]"
             policies[key] = population.rlhf_policy(mu, r, c)
+            meta[key] = {"algorithm": route, "hyper": {"c": c, "c_over_tau": float(k)}}
+    # offline IPO: on the same sampled pairs, and on the population of pairs from mu weighted by P
+    pop = [mu[x][:, None] * mu[x][None, :] * P[x] for x in range(X)]
+    for k in config.rlhf.c_over_tau:
+        c = float(k) * tau
+        for route, counts_of in (("ipo_exact", pop), ("ipo_pairs", counts)):
+            key = f"{route}[c={float(k):g}tau]"
+            policies[key] = population.ipo_policy(mu, np.stack([population.ipo_fit(C, c) for C in counts_of]))
             meta[key] = {"algorithm": route, "hyper": {"c": c, "c_over_tau": float(k)}}
     rlhf_data = {"reward_exact": r_exact.tolist(), "reward_pairs": r_pairs.tolist(),
                  "n_pairs": int(config.rlhf.n_pairs), "l2": float(config.rlhf.l2)}

@@ -12,6 +12,7 @@ from collections import defaultdict
 import numpy as np
 
 from nash_lm import distributed
+from nash_lm.tasks.exact_benchmark import BASELINES
 
 # The Nash side of the contrast: exact Nash-MD on the full class (converges to pi*_tau), and the language-model
 # Nash-MD-PG (token-level mixture) at the paper's best beta after the configured number of gradient steps.
@@ -59,7 +60,7 @@ def summarise(result: dict) -> dict:
             g["policies"][n] = {m: _agg([c["policies"][n][m] for c in cells])
                                 for m in ("duality_gap", "kl_pi_star_vs_pi", "win_vs_pi_star", "win_vs_mu")}
         # RLHF's sweep of c: which c has the smallest duality gap, per route (per seed, then the mean)
-        for route in ("rlhf_exact", "rlhf_pairs"):
+        for route in BASELINES:
             rl = [n for n in names if n.startswith(route)]
             best = [min(rl, key=lambda n: c["policies"][n]["duality_gap"]) for c in cells]
             mean_best = min(rl, key=lambda n: g["policies"][n]["duality_gap"]["mean"])
@@ -67,7 +68,7 @@ def summarise(result: dict) -> dict:
         # the contrast: each Nash policy against RLHF at its best c (by mean duality gap), both routes
         contrast = {}
         for nash in (n for n in NASH_CONTRASTS if n in names):
-            for route in ("rlhf_exact", "rlhf_pairs"):
+            for route in BASELINES:
                 rb = g[f"{route}_best"]["by_mean"]
                 contrast[f"{nash} vs {route}"] = {
                     "nash": nash, "rlhf": rb,
@@ -218,7 +219,7 @@ def figures(summary: dict, outdir: str) -> list:
     fig, ax = plt.subplots(figsize=(max(8, 1.1 * len(keys)), 4.8))
     series = [(n, {k: n for k in keys}) for n in NASH_CONTRASTS]
     series += [(f"{route} at its best c", {k: groups[k][f"{route}_best"]["by_mean"] for k in keys})
-               for route in ("rlhf_exact", "rlhf_pairs")]
+               for route in BASELINES]
     width = 0.8 / len(series)
     cmap = plt.get_cmap("tab10").colors
     for j, (label, pick) in enumerate(series):
