@@ -75,14 +75,14 @@ def _sample_mixture(hp, graphdef, trees, batch, keys):
     return scoring.sample_pair(graphdef, trees.policy, batch, keys, hp, mix_params=trees.ref, beta=hp.beta)
 
 
-def _sample_ema(hp, graphdef, trees, batch, keys):
-    """y ~ pi_theta, y' ~ the EMA policy, one decode loop."""
-    return scoring.sample_pair(graphdef, trees.policy, batch, keys, hp, mix_params=trees.ema, beta=1.0)
+def _sample_against(tree: str):
+    """A sampler: y ~ pi_theta, y' ~ the state's extra tree `tree` (the EMA policy; the exploiter's target, the
+    anchor), one decode loop."""
+    def sample(hp, graphdef, trees, batch, keys):
+        return scoring.sample_pair(graphdef, trees.policy, batch, keys, hp, mix_params=getattr(trees, tree),
+                                   beta=1.0)
 
-
-def _sample_target(hp, graphdef, trees, batch, keys):
-    """y ~ pi_theta, y' ~ pi_target (the anchor: the policy at step 0, never refreshed), one decode loop."""
-    return scoring.sample_pair(graphdef, trees.policy, batch, keys, hp, mix_params=trees.anchor, beta=1.0)
+    return sample
 
 
 def _check_exploiter(st, where):
@@ -110,8 +110,8 @@ ALGORITHMS = (
               **_COMMON),
     # Nash-EMA-PG: y ~ pi_theta, y' ~ the EMA of past parameters
     Algorithm("nash_ema_pg", fields=dict(POLICY_FIELDS, tau=0.1, ema_decay=0.999), keeps=("ema",),
-              advance=_advance_ema, sample=_sample_ema, passes=lambda st: (2, 2), **_COMMON),
+              advance=_advance_ema, sample=_sample_against("ema"), passes=lambda st: (2, 2), **_COMMON),
     # exploiter: y ~ pi_theta, y' ~ pi_target (the stage's init, kept frozen as the anchor)
     Algorithm("exploiter", fields=dict(POLICY_FIELDS, tau=0.1), keeps=("anchor",), check=_check_exploiter,
-              sample=_sample_target, passes=lambda st: (2, 2), **_COMMON),
+              sample=_sample_against("anchor"), passes=lambda st: (2, 2), **_COMMON),
 )
