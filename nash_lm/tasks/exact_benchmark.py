@@ -61,8 +61,6 @@ from nash_lm.games import core, population
 from nash_lm.tasks import token_game as tg
 
 STRUCTURES = ("persona_orders", "persona_bt", "bradley_terry", "rps", "dice", "random")
-# the reward- and pair-based baselines, each at every c = k tau of `rlhf.c_over_tau`
-BASELINES = ("rlhf_exact", "rlhf_pairs", "ipo_exact", "ipo_pairs")
 TOKEN_PG = "nash_md_pg_token"
 
 

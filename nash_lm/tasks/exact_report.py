@@ -12,11 +12,12 @@ from collections import defaultdict
 import numpy as np
 
 from nash_lm import distributed
-from nash_lm.tasks.exact_benchmark import BASELINES
 
 # The Nash side of the contrast: exact Nash-MD on the full class (converges to pi*_tau), and the language-model
 # Nash-MD-PG (token-level mixture) at the paper's best beta after the configured number of gradient steps.
 NASH_CONTRASTS = ("nash_md", "nash_md_pg_token[beta=0.125]")
+# the reward- and pair-based baselines of each cell (`exact_benchmark.run_cell`), each at every c = k tau
+BASELINES = ("rlhf_exact", "rlhf_pairs", "ipo_exact", "ipo_pairs")
 
 
 FLOOR = 1e-9  # log-scale figures draw smaller gaps at this value
