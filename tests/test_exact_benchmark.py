@@ -264,7 +264,7 @@ def test_ipo_fit_population_optimum_is_the_best_response_to_mu_and_matches_scipy
     g = pop.ipo_fit(mu[:, None] * mu[None, :] * P, tau)
     closed = (P @ mu - 0.5) / tau
     np.testing.assert_allclose(g - g.mean(), closed - closed.mean(), atol=1e-10)
-    pi = pop.ipo_policy(mu, g)
+    pi = pop.rlhf_policy(mu, g, 1.0)
     br = mu * np.exp(P @ mu / tau)
     np.testing.assert_allclose(pi, br / br.sum(), atol=1e-12)
 

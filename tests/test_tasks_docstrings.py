@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
+from nash_lm.games import population
 from nash_lm.tasks import docstrings, rater as rater_lib
 
 FAKE_MODULE = textwrap.dedent('''
@@ -177,13 +178,13 @@ def test_cycle_rate_equals_a_hand_count():
     assert r.cycles([X, Z, Y], ref, src) == (1, 1)  # the other orientation
     assert r.cycles([X, Y, W, W], ref, src) == (0, 4)
     assert r.cycles([X, Y], ref, src) == (0, 0)
-    # the counter alone on a matrix whose cycles are known: the 5-cycle tournament 0>1>2>3>4>0 with 0>2, 1>3,
+    # the shared counter alone on a matrix whose cycles are known: the 5-cycle tournament 0>1>2>3>4>0 with 0>2, 1>3,
     # 2>4, 3>0, 4>1 (each beats the next two) has 5 cyclic triples of its 10
     v = np.full((5, 5), 0.5)
     for a in range(5):
         for d in (1, 2):
             v[a, (a + d) % 5], v[(a + d) % 5, a] = 1.0, 0.0
-    assert rater_lib.cycle_count(v) == 5
+    assert population.cyclic_triples(v) == 5
 
 
 def test_antisymmetry_and_lookup(corpus):

@@ -10,7 +10,7 @@ several).
   P(y > y') = (1/K) sum_k P_k(y > y'). Antisymmetric by construction; with K >= 3 disagreeing total orders it
   has Condorcet cycles.
 - `bradley_terry_preference(scores)`: P(y > y') = sigmoid(s(y) - s(y')), the one structure RLHF is right for.
-- `cycle_rate(P, sample)`: the share of cyclic triples of the strict majority relation (P > 1/2) among the
+- `cycle_rate(P, sample)` (`cyclic_triples(P)`, their count): the share of cyclic triples of the strict majority relation (P > 1/2) among the
   triples of distinct responses of `sample`.
 - `bt_fit(C, l2)`: the BT reward maximising sum_{a,b} C[a, b] log sigmoid(r_a - r_b) - l2/2 |r|^2 (C[a, b] = how
   often, or with what weight, a beat b), by Newton's method on the concave log-likelihood.
@@ -68,11 +68,15 @@ def cycle_rate(P, sample=None) -> float:
     idx = np.arange(P.shape[0]) if sample is None else np.unique(np.asarray(sample))
     if len(idx) < 3:
         raise ValueError(f"sample: need at least 3 distinct responses, got {len(idx)}")
-    W = (P[np.ix_(idx, idx)] > 0.5).astype(np.int64)  # W[a, b] = 1: a beats b
     m = len(idx)
+    return float(cyclic_triples(P[np.ix_(idx, idx)]) / (m * (m - 1) * (m - 2) // 6))
+
+
+def cyclic_triples(P) -> int:
+    """How many triples of an [m, m] preference matrix are cyclic under its strict majority (P > 1/2)."""
+    W = (np.asarray(P, np.float64) > 0.5).astype(np.int64)  # W[a, b] = 1: a beats b
     # Each cyclic triple is counted 3 times by trace(W^3) (once per starting vertex); a transitive triple never.
-    cyclic = np.trace(W @ W @ W) // 3
-    return float(cyclic / (m * (m - 1) * (m - 2) // 6))
+    return int(np.trace(W @ W @ W) // 3)
 
 
 def bt_fit(C, l2: float = 0.0, *, tol: float = 1e-12, max_iter: int = 100) -> np.ndarray:
@@ -136,7 +140,8 @@ def sample_pair_counts(P, w, n_pairs: int, rng: np.random.Generator) -> np.ndarr
 
 
 def rlhf_policy(mu, r, c: float) -> np.ndarray:
-    """argmax_pi E_pi[r] - c KL(pi || mu) = mu exp(r / c) / Z (per row when mu, r are [X, n])."""
+    """argmax_pi E_pi[r] - c KL(pi || mu) = mu exp(r / c) / Z (per row when mu, r are [X, n]); with c = 1 and
+    r = IPO's log-ratio g (`ipo_fit`), IPO's policy mu exp(g) / Z."""
     if not c > 0:
         raise ValueError(f"c: RLHF's KL coefficient must be > 0, got {c}")
     z = np.log(np.asarray(mu, np.float64)) + np.asarray(r, np.float64) / c
@@ -155,10 +160,3 @@ def ipo_fit(C, tau: float) -> np.ndarray:
     lap = np.diag(M.sum(1)) - M
     rhs = (C.sum(1) - C.sum(0)) / (2.0 * tau)
     return np.linalg.lstsq(lap, rhs, rcond=None)[0]
-
-
-def ipo_policy(mu, g) -> np.ndarray:
-    """pi = mu exp(g) / Z (per row when mu, g are [X, n])."""
-    z = np.log(np.asarray(mu, np.float64)) + np.asarray(g, np.float64)
-    z = np.exp(z - z.max(-1, keepdims=True))
-    return z / z.sum(-1, keepdims=True)

@@ -325,7 +325,7 @@ def run_cell(config, size: str, structure: str, seed: int, tau: float) -> dict:
         c = float(k) * tau
         for route, counts_of in (("ipo_exact", pop), ("ipo_pairs", counts)):
             key = f"{route}[c={float(k):g}tau]"
-            policies[key] = population.ipo_policy(mu, np.stack([population.ipo_fit(C, c) for C in counts_of]))
+            policies[key] = population.rlhf_policy(mu, np.stack([population.ipo_fit(C, c) for C in counts_of]), 1.0)
             meta[key] = {"algorithm": route, "hyper": {"c": c, "c_over_tau": float(k)}}
     rlhf_data = {"reward_exact": r_exact.tolist(), "reward_pairs": r_pairs.tolist(),
                  "n_pairs": int(config.rlhf.n_pairs), "l2": float(config.rlhf.l2)}

@@ -18,10 +18,11 @@ non-transitive preference. Label noise flips the verdict with probability `noise
 votes. Prompts are looked up in the examples given at construction (or pass `references=` and `sources=`).
 `token_oracle(rater, fmt, examples)` adapts it to the training loop's host-oracle signature on token arrays.
 
-How non-transitive the panel is on a set of responses (e.g. samples from mu for one prompt): `cycle_count` takes
-the noiseless verdicts between every two of m responses and counts the triples {a, b, c} whose three strict
-majority verdicts form a cycle (a > b > c > a, or the reverse); `Rater.cycles(responses, reference, source)`
-returns (cyclic triples, all triples). A verdict of 1/2 (a tie, or two identical responses) breaks a cycle.
+How non-transitive the panel is on a set of responses (e.g. samples from mu for one prompt):
+`Rater.cycles(responses, reference, source)` takes the noiseless verdicts between every two of m responses and
+returns (cyclic triples, all triples), a triple {a, b, c} being cyclic when its three strict verdicts form a cycle
+(a > b > c > a, or the reverse; counted by `nash_lm.games.population.cyclic_triples`). A verdict of 1/2 (a tie,
+or two identical responses) breaks a cycle.
 """
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ from typing import Sequence
 
 import numpy as np
 
+from nash_lm.games import population
 from nash_lm.tasks.docstrings import words
 
 CRITERIA = ("rouge", "length", "faithfulness")
@@ -114,7 +116,7 @@ class Rater:
             got = self.verdict([""] * len(i), [responses[a] for a in i], [responses[b] for b in j],
                                references=[reference] * len(i), sources=[source] * len(i))
             v[i, j], v[j, i] = got, 1.0 - got
-        return cycle_count(v), m * (m - 1) * (m - 2) // 6
+        return population.cyclic_triples(v), m * (m - 1) * (m - 2) // 6
 
     def __call__(self, prompts, ys, y2s, **kw) -> np.ndarray:
         """P(y > y' | x) = noise + (1 - 2 noise) v, float64 [B]."""
@@ -124,16 +126,6 @@ class Rater:
         """0/1 labels drawn from P (1: y preferred), float32 [B]."""
         p = self(prompts, ys, y2s, **kw)
         return (self._rng.uniform(size=p.shape) < p).astype(np.float32)
-
-
-def cycle_count(verdict: np.ndarray) -> int:
-    """Triples {a, b, c} of an [m, m] verdict matrix (v[a, b] = 1: a beats b; 1/2: a tie) whose strict verdicts
-    form a directed cycle."""
-    beats = np.asarray(verdict) == 1.0
-    # a > b > c > a over ordered triples counts each cyclic triple three times (once per starting point); the
-    # reverse orientation is the same count read from the other end
-    paths = beats.astype(np.int64) @ beats.astype(np.int64)  # paths[a, c] = #b with a > b > c
-    return int(np.sum(paths * beats.T)) // 3
 
 
 def token_oracle(rater: Rater, fmt, examples: Sequence[dict]):

@@ -194,9 +194,11 @@ def write(result: dict, workdir: str, study) -> None:
     text = markdown(result)
     distributed.write_json(os.path.join(workdir, "study.json"), result)
     distributed.write_text(os.path.join(workdir, "study.md"), text)
-    figure(result, os.path.join(workdir, "docstrings_study.png"))
+    png = os.path.join(workdir, "docstrings_study.png")
+    figure(result, png)
     if study.get("figures_dir", ""):
-        figure(result, os.path.join(study.figures_dir, "docstrings_study.png"))
+        with open(png, "rb") as f:
+            distributed.write_bytes(os.path.join(study.figures_dir, "docstrings_study.png"), f.read())
     if study.get("results_dir", ""):
         distributed.write_json(os.path.join(study.results_dir, "docstrings_study.json"), result)
         distributed.write_text(os.path.join(study.results_dir, "docstrings_study.md"), text)
